@@ -1,0 +1,52 @@
+"""Convolutional image classifiers."""
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from flaxcnn.models.layers import Conv, max_pool_2x2
+
+
+class SeedCNN(nn.Module):
+    """The classic Keras MNIST CNN, layer for layer (54,410 parameters on 28x28x1).
+
+    Conv2D(32, 3x3, 'valid', relu) -> MaxPool(2) -> Flatten -> Dense(num_classes); Keras's
+    glorot-uniform kernels and zero biases. Returns logits: the softmax is in the loss.
+    """
+
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        del train  # No dropout or batch norm here.
+        init = nn.initializers.glorot_uniform()
+        x = nn.relu(Conv(32, (3, 3), padding="VALID", kernel_init=init)(x))
+        x = max_pool_2x2(x)
+        x = x.reshape(x.shape[0], -1)
+        return nn.Dense(self.num_classes, kernel_init=init)(x)
+
+
+class CNN(nn.Module):
+    """A stronger classifier: three stages of two 3x3 convolutions with batch norm and
+    relu, each followed by 2x2 max-pooling, then dropout and a dense layer.
+
+    `width` sets the channels of the first stage (doubled at each stage); `dtype` is the
+    compute dtype (parameters stay float32).
+    """
+
+    num_classes: int = 10
+    width: int = 32
+    dropout_rate: float = 0.3
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        for stage in range(3):
+            for _ in range(2):
+                x = Conv(self.width * 2**stage, use_bias=False, dtype=self.dtype)(x)
+                x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(x)
+                x = nn.relu(x)
+            x = max_pool_2x2(x)
+        x = x.reshape(x.shape[0], -1)
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
