@@ -10,7 +10,7 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     # Data: any tfds image-classification dataset; splits in tfds's slicing syntax.
     config.dataset = "embedded_mnist"
-    config.data_dir = None  # None: $TFDS_DATA_DIR, else ~/tensorflow_datasets.
+    config.data_dir = ml_collections.config_dict.placeholder(str)  # None: $TFDS_DATA_DIR.
     config.train_split = "train[:90%]"  # Keras's validation_split=0.1 ...
     config.validation_split = "train[90%:]"  # ... keeps the last 10% of train.
     config.test_split = "test"
@@ -20,6 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Optimisation.
     config.optimizer = "adam"
     config.learning_rate = 1e-3
+    config.lr_schedule = "constant"  # Or "cosine": decays to 0 over the run.
     config.batch_size = 32
     config.num_epochs = 5
     config.num_train_steps = -1  # > 0 overrides num_epochs.

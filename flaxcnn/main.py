@@ -1,5 +1,6 @@
 """Command line: `python -m flaxcnn.main --workdir DIR [--config FILE] [--config.key=value]`."""
 
+import logging as pylogging
 import os
 import sys
 
@@ -10,25 +11,41 @@ from ml_collections import config_flags
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "default_config.py")
 
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
+flags.DEFINE_bool("verbose", False, "Show tracebacks of errors and every library's log lines.")
 flags.mark_flag_as_required("workdir")
 config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file.", lock_config=True)
 FLAGS = flags.FLAGS
+
+
+def _quiet_libraries(record: pylogging.LogRecord) -> bool:
+    """Keeps orbax's and tfds's per-save chatter out of the log (warnings still pass)."""
+    noisy = ("/orbax/", "/tensorflow_datasets/")
+    return record.levelno >= pylogging.WARNING or not any(p in record.pathname for p in noisy)
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     import tensorflow as tf
+    import tensorflow_datasets as tfds
 
     tf.config.set_visible_devices([], "GPU")  # tf.data only: leave the accelerators to JAX.
-    from flaxcnn import train
+    if not FLAGS.verbose:
+        logging.get_absl_handler().addFilter(_quiet_libraries)
+        tfds.disable_progress_bar()
+    from flaxcnn import input_pipeline, train
 
     logging.info("JAX %s on %s: %s", jax.__version__, jax.default_backend(), jax.devices())
-    results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    try:
+        results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except (ValueError, input_pipeline.DataError, FloatingPointError) as e:
+        if FLAGS.verbose:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(
         f"test accuracy {results['test_accuracy']:.4f} "
-        f"({results['num_test_examples']} examples), loss {results['test_loss']:.4f}",
-        file=sys.stdout,
+        f"({results['num_test_examples']} examples), loss {results['test_loss']:.4f}"
     )
 
 

@@ -10,6 +10,10 @@ from flax import linen as nn
 from flax.training import train_state
 
 OPTIMIZERS = {"adam": optax.adam, "adamw": optax.adamw, "sgd": optax.sgd}
+SCHEDULES = {
+    "constant": lambda lr, steps: optax.constant_schedule(lr),
+    "cosine": lambda lr, steps: optax.cosine_decay_schedule(lr, steps),
+}
 
 
 class TrainState(train_state.TrainState):
@@ -24,13 +28,19 @@ class TrainState(train_state.TrainState):
         return {"params": self.params}
 
 
-def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """The optax optimizer named by `config.optimizer` at `config.learning_rate`."""
-    if config.optimizer not in OPTIMIZERS:
-        raise ValueError(
-            f"unknown optimizer {config.optimizer!r}; valid: {', '.join(sorted(OPTIMIZERS))}"
-        )
-    return OPTIMIZERS[config.optimizer](config.learning_rate)
+def _lookup(table: dict, kind: str, name: str):
+    if name not in table:
+        raise ValueError(f"unknown {kind} {name!r}; valid: {', '.join(sorted(table))}")
+    return table[name]
+
+
+def create_optimizer(
+    config: ml_collections.ConfigDict, total_steps: int
+) -> optax.GradientTransformation:
+    """`config.optimizer` with `config.learning_rate` following `config.lr_schedule`."""
+    schedule = _lookup(SCHEDULES, "schedule", config.lr_schedule)
+    optimizer = _lookup(OPTIMIZERS, "optimizer", config.optimizer)
+    return optimizer(schedule(config.learning_rate, total_steps))
 
 
 def create_train_state(

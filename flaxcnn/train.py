@@ -91,7 +91,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         total_steps = config.num_epochs * steps_per_epoch
 
     model = create_model(config.model, num_classes=train_split.num_classes, **config.model_kwargs)
-    tx = create_optimizer(config)
+    tx = create_optimizer(config, total_steps)
     init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
     init = functools.partial(create_train_state, model, tx, input_shape=train_split.image_shape)
     state = jax.jit(init, out_shardings=sharding.replicated(mesh))(init_rng)

@@ -1,5 +1,7 @@
 """Convolutional image classifiers."""
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -27,23 +29,23 @@ class SeedCNN(nn.Module):
 
 
 class CNN(nn.Module):
-    """A stronger classifier: three stages of two 3x3 convolutions with batch norm and
-    relu, each followed by 2x2 max-pooling, then dropout and a dense layer.
+    """A stronger classifier: stages of two 3x3 convolutions with batch norm and relu, each
+    stage ending in 2x2 max-pooling, then dropout and a dense layer.
 
-    `width` sets the channels of the first stage (doubled at each stage); `dtype` is the
-    compute dtype (parameters stay float32).
+    `widths` gives each stage's channels; `dtype` is the compute dtype (parameters and
+    batch statistics stay float32).
     """
 
     num_classes: int = 10
-    width: int = 32
+    widths: Sequence[int] = (32, 64)
     dropout_rate: float = 0.3
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        for stage in range(3):
+        for width in self.widths:
             for _ in range(2):
-                x = Conv(self.width * 2**stage, use_bias=False, dtype=self.dtype)(x)
+                x = Conv(width, use_bias=False, dtype=self.dtype)(x)
                 x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(x)
                 x = nn.relu(x)
             x = max_pool_2x2(x)

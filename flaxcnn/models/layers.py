@@ -1,9 +1,9 @@
-"""Convolution and pooling written as matrix products and reshapes.
+"""Convolution and pooling in forms that XLA compiles to fast code on CPUs and GPUs alike.
 
-XLA:CPU runs `lax.conv`'s weight gradient and `reduce_window` max-pooling's gradient
-(select-and-scatter) many times slower than a matmul of the same size. Building the
-3x3 patches explicitly turns the convolution and both of its gradients into matmuls, and
-a reshape-and-max pools with a cheap gradient; on GPUs both lower to the same fast kernels.
+XLA:CPU runs `reduce_window` max-pooling's gradient (select-and-scatter) and the weight
+gradient of a convolution over few input channels many times slower than a matmul of the
+same size. A reshape-and-max pools with a cheap gradient, and on narrow inputs (the image
+itself) building the 3x3 patches explicitly makes the convolution and its gradient matmuls.
 Parameters keep Flax's `nn.Conv` names and layout, so checkpoints and counts are unchanged.
 """
 
@@ -12,6 +12,11 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+
+
+# Patches of at most this many values (3x3 over 3 channels) go through a matmul; wider
+# inputs make patch tensors too large to win, and go through `lax.conv`.
+MAX_PATCH_SIZE = 27
 
 
 def extract_patches(x: jax.Array, kernel_size: tuple[int, int], padding: str) -> jax.Array:
@@ -43,8 +48,14 @@ class Conv(nn.Module):
             "kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features), jnp.float32
         )
         dtype = self.dtype or x.dtype
-        patches = extract_patches(x.astype(dtype), self.kernel_size, self.padding)
-        y = patches @ kernel.reshape(-1, self.features).astype(dtype)
+        x, kernel = x.astype(dtype), kernel.astype(dtype)
+        if kh * kw * x.shape[-1] <= MAX_PATCH_SIZE:
+            patches = extract_patches(x, self.kernel_size, self.padding)
+            y = patches @ kernel.reshape(-1, self.features)
+        else:
+            y = jax.lax.conv_general_dilated(
+                x, kernel, (1, 1), self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(dtype)
         return y

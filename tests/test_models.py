@@ -1,0 +1,30 @@
+import jax
+import jax.numpy as jnp
+import pytest
+
+from flaxcnn.models import MODELS, create_model
+
+
+def count(params) -> int:
+    return sum(x.size for x in jax.tree.leaves(params))
+
+
+def test_seed_cnn_has_the_keras_parameter_count():
+    variables = create_model("SeedCNN").init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    assert count(variables["params"]) == 54_410  # Keras's model.summary() total.
+    kernel = variables["params"]["Conv_0"]["kernel"]
+    assert kernel.shape == (3, 3, 1, 32)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("shape", [(28, 28, 1), (32, 32, 3)])
+def test_models_return_float32_logits(name, shape):
+    model = create_model(name, num_classes=7)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, *shape)))
+    logits = model.apply(variables, jnp.zeros((5, *shape)))
+    assert logits.shape == (5, 7) and logits.dtype == jnp.float32
+
+
+def test_unknown_model_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="unknown model 'Resnet'; valid: CNN, SeedCNN"):
+        create_model("Resnet")
