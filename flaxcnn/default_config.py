@@ -1,6 +1,6 @@
 """Default config: the Keras MNIST CNN on the embedded offline MNIST subset.
 
-    python -m flaxcnn.main --workdir runs/default
+python -m flaxcnn.main --workdir runs/default
 """
 
 import ml_collections

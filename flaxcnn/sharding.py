@@ -8,9 +8,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 def create_mesh() -> Mesh:
     """A one-axis mesh over every device of every process. The axis is `Auto`: the steps
     are written for one device and XLA partitions them (GSPMD)."""
-    return jax.make_mesh(
-        (jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,)
-    )
+    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -26,6 +24,5 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
     """Assembles this process's slice of a global batch into arrays sharded over the mesh."""
     sharding = batch_sharding(mesh)
     return {
-        key: jax.make_array_from_process_local_data(sharding, value)
-        for key, value in batch.items()
+        key: jax.make_array_from_process_local_data(sharding, value) for key, value in batch.items()
     }

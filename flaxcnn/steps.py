@@ -26,6 +26,15 @@ def classification_metrics(logits: jax.Array, labels: jax.Array, weights: jax.Ar
     }
 
 
+def num_microbatches(batch_size: int, microbatch_size: int) -> int:
+    """The fewest equal microbatches of at most `microbatch_size` (0: one) the batch splits into."""
+    if microbatch_size <= 0:
+        return 1
+    return next(
+        n for n in range(-(-batch_size // microbatch_size), batch_size + 1) if batch_size % n == 0
+    )
+
+
 def _microbatches(x: jax.Array, num: int) -> jax.Array:
     """(B, ...) -> (num, B // num, ...), microbatch i holding examples i, i + num, ...
 
@@ -41,7 +50,7 @@ def train_step(
 
     `rng` is the run's key; the step folds in `state.step`, so each step draws fresh
     dropout noise and a resumed run draws the same noise. With `microbatch_size` smaller
-    than the batch, gradients are summed over microbatches: the same update
+    than the batch, gradients are summed over equal microbatches: the same update
     (up to summation order; batch norm then sees microbatch statistics) with a working set
     that stays in cache, which is several times faster on CPUs.
     """
@@ -63,7 +72,7 @@ def train_step(
         grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
         return grads, metrics, batch_stats
 
-    num_micro = batch_size // microbatch_size if 0 < microbatch_size < batch_size else 1
+    num_micro = num_microbatches(batch_size, microbatch_size)
     micro_rngs = jax.random.split(rng, num_micro) if num_micro > 1 else [rng]
     grads, metrics, batch_stats = None, None, state.batch_stats
     # Unrolled rather than a lax.scan: XLA:CPU runs convolutions inside loops far slower.

@@ -176,7 +176,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     jax.block_until_ready(state)
     train_time = time.perf_counter() - train_start
 
-    test_metrics, test_count = evaluate(eval_fn, state, splits["test"], config.eval_batch_size, mesh)
+    test_metrics, test_count = evaluate(
+        eval_fn, state, splits["test"], config.eval_batch_size, mesh
+    )
     checkpointer.close()
     writer.close()
     results = {
@@ -193,7 +195,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         plot_curves(os.path.join(workdir, METRICS_FILE), os.path.join(workdir, "curves.png"))
         write_json_atomically(results_path, results)
     logging.info(
-        "test accuracy %.4f, loss %.4f on %d examples", results["test_accuracy"],
-        results["test_loss"], test_count,
+        "test accuracy %.4f, loss %.4f on %d examples",
+        results["test_accuracy"],
+        results["test_loss"],
+        test_count,
     )
     return results

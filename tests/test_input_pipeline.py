@@ -17,7 +17,7 @@ def test_embedded_dataset_prepares_offline_with_the_right_splits(data_dir):
     batch = next(input_pipeline.train_batches(s, 64, seed=0, epoch=0))
     assert batch["image"].shape == (64, 28, 28, 1) and batch["image"].dtype == np.float32
     assert batch["label"].dtype == np.int32 and set(batch["label"]) <= set(range(10))
-    assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+    assert batch["image"].min() >= 0.0 and batch["image"].max() <= 1.0
     assert batch["image"].max() == 1.0  # Real digits: scaled from 255.
 
 

@@ -31,7 +31,9 @@ def make_batch(size=16, seed=0):
 
 
 def max_abs_diff(a, b) -> float:
-    return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return max(
+        float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
 
 
 @pytest.mark.parametrize("name", ["SeedCNN", "CNN"])
@@ -76,6 +78,14 @@ def test_microbatches_give_the_full_batch_update():
     assert max_abs_diff(full_state.opt_state, micro_state.opt_state) < 1e-6
     np.testing.assert_allclose(full_metrics["loss"], micro_metrics["loss"], rtol=1e-5)
     assert float(micro_metrics["count"]) == 32
+
+
+@pytest.mark.parametrize(
+    "batch, micro, expected",
+    [(32, 0, 1), (32, 32, 1), (32, 64, 1), (128, 32, 4), (300, 32, 10), (7, 2, 7)],
+)
+def test_num_microbatches_splits_evenly(batch, micro, expected):
+    assert steps.num_microbatches(batch, micro) == expected
 
 
 def test_batch_stats_update_in_training_only():

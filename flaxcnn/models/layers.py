@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-
 # Patches of at most this many values (3x3 over 3 channels) go through a matmul; wider
 # inputs make patch tensors too large to win, and go through `lax.conv`.
 MAX_PATCH_SIZE = 27

@@ -1,0 +1,25 @@
+"""Accuracy on the full 10,000-image MNIST test split (slow: run with `pytest -m slow`)."""
+
+import importlib.util
+
+import pytest
+from conftest import REPO
+
+from flaxcnn import train
+
+
+def load_config(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, target", [("seed_keras", 0.983), ("cnn_mnist", 0.992)])
+def test_config_reaches_its_accuracy(name, target, shared_tfds, tmp_path):
+    config = load_config(name)
+    config.data_dir = shared_tfds
+    results = train.train_and_evaluate(config, str(tmp_path))
+    assert results["num_test_examples"] == 10_000
+    assert results["test_accuracy"] >= target

@@ -1,0 +1,129 @@
+"""End to end: the training loop in-process and the command line in a subprocess."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, tiny_config
+
+from flaxcnn import train
+from flaxcnn.writers import read_metrics
+
+
+def test_run_writes_everything_and_resumes(data_dir, tmp_path):
+    workdir = str(tmp_path / "run")
+    config = tiny_config(data_dir, num_train_steps=8)
+    results = train.train_and_evaluate(config, workdir)
+    for name in ("config.json", "metrics.jsonl", "curves.png", "results.json"):
+        assert os.path.getsize(os.path.join(workdir, name)) > 0, name
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
+    assert os.listdir(os.path.join(workdir, "checkpoints")) == ["8"]
+    assert results["num_test_examples"] == 2000 and results["steps"] == 8
+    assert 0 <= results["test_accuracy"] <= 1
+    with open(os.path.join(workdir, "results.json")) as f:
+        assert json.load(f) == results
+    records = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    assert [r["step"] for r in records if r["split"] == "train"] == [4, 8]
+    assert [r["split"] for r in records if r["step"] == 8] == ["train", "validation"]
+
+    # More steps on the same workdir: resumes at step 8 instead of restarting.
+    resumed = train.train_and_evaluate(tiny_config(data_dir, num_train_steps=12), workdir)
+    assert resumed["steps"] == 12 and resumed["steps_this_run"] == 4
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints")), key=int) == ["8", "12"]
+    steps = [r["step"] for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))]
+    assert steps == sorted(steps) and steps[-1] == 12
+
+    # A finished run only re-reports.
+    again = train.train_and_evaluate(tiny_config(data_dir, num_train_steps=12), workdir)
+    assert again == resumed
+
+
+def test_resume_drops_metrics_logged_after_the_last_checkpoint(data_dir, tmp_path):
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(tiny_config(data_dir, num_train_steps=8), workdir)
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:  # As if it crashed at 10.
+        f.write(json.dumps({"step": 10, "split": "train", "loss": 9.9, "accuracy": 0.0}) + "\n")
+    os.remove(os.path.join(workdir, "results.json"))
+    train.train_and_evaluate(tiny_config(data_dir, num_train_steps=12), workdir)
+    losses = {r["step"]: r["loss"] for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))}
+    assert 9.9 not in losses.values() and max(losses) == 12
+
+
+def test_epochs_checkpoint_validate_and_count_every_test_example(data_dir, tmp_path):
+    # 1000 examples of validation as "train": 3 steps of 300 an epoch, 2 epochs.
+    config = tiny_config(
+        data_dir,
+        num_train_steps=-1,
+        num_epochs=2,
+        batch_size=300,
+        train_split="train[90%:]",
+        test_split="test[:1234]",
+        eval_batch_size=500,
+    )
+    results = train.train_and_evaluate(config, str(tmp_path))
+    assert results["steps"] == 6 and results["num_test_examples"] == 1234
+    records = read_metrics(str(tmp_path / "metrics.jsonl"))
+    assert [r["step"] for r in records if r["split"] == "validation"] == [3, 6]
+    assert sorted(os.listdir(tmp_path / "checkpoints"), key=int) == ["3", "6"]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"model": "Nope"}, "unknown model 'Nope'; valid: CNN, SeedCNN"),
+        ({"optimizer": "adagrad"}, "unknown optimizer 'adagrad'; valid: adam, adamw, sgd"),
+        ({"learning_rate": 0.0}, "config.learning_rate must be positive"),
+        ({"batch_size": 20000}, "larger than the 9000 training examples"),
+    ],
+)
+def test_bad_settings_are_value_errors(data_dir, tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        train.train_and_evaluate(tiny_config(data_dir, **overrides), str(tmp_path))
+
+
+def run_cli(*args, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "JAX_PLATFORMS": "cpu"}
+    return subprocess.run(
+        [sys.executable, "-m", "flaxcnn.main", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+        **kwargs,
+    )
+
+
+def test_cli_overrides_reach_the_run(data_dir, tmp_path):
+    workdir = tmp_path / "cli"
+    result = run_cli(
+        f"--workdir={workdir}",
+        "--config=configs/seed_keras.py",
+        f"--config.data_dir={data_dir}",
+        "--config.dataset=embedded_mnist",
+        "--config.num_train_steps=5",
+        "--config.batch_size=16",
+        "--config.learning_rate=0.002",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "test accuracy" in result.stdout
+    config = json.loads((workdir / "config.json").read_text())
+    assert (config["batch_size"], config["learning_rate"], config["num_train_steps"]) == (
+        16,
+        0.002,
+        5,
+    )
+    assert json.loads((workdir / "results.json").read_text())["steps"] == 5
+
+
+def test_cli_bad_input_is_one_line_and_exit_code_2(data_dir, tmp_path):
+    result = run_cli(
+        f"--workdir={tmp_path}", "--config.model=Nope", f"--config.data_dir={data_dir}"
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: unknown model 'Nope'; valid: CNN, SeedCNN"
+    )
+    assert "Traceback" not in result.stderr
