@@ -1,4 +1,5 @@
-"""tfds input: load and decode once, then seeded shuffle -> batch -> scale -> prefetch -> numpy.
+"""tfds input: read and decode each split once into memory (uint8), then per epoch a seeded
+shuffle -> batch -> scale to [0, 1] float32 -> numpy batches.
 
 The training order is a pure function of (seed, epoch), so a resumed run sees the same
 batches as an uninterrupted one. Evaluation batches are padded to a fixed size with a
@@ -12,7 +13,6 @@ from collections.abc import Iterator
 
 import jax
 import numpy as np
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
 import flaxcnn.datasets  # noqa: F401  (registers the project's own builders with tfds)
@@ -27,12 +27,19 @@ class DataError(ValueError):
 
 @dataclasses.dataclass
 class Split:
-    """One split, decoded and cached: (uint8 image, int label) examples."""
+    """One split, decoded into memory."""
 
-    examples: tf.data.Dataset
-    num_examples: int
-    image_shape: tuple[int, int, int]
+    images: np.ndarray  # (N, H, W, C) uint8
+    labels: np.ndarray  # (N,) int32
     num_classes: int
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.labels)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.images.shape[1:]
 
 
 def _network_reachable(timeout: float = 5.0) -> bool:
@@ -71,7 +78,7 @@ def get_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
 
 
 def load_split(name: str, split: str, data_dir: str | None = None) -> Split:
-    """Reads one split (tfds split syntax, e.g. 'train[:90%]') into an in-memory cache."""
+    """Reads and decodes one split (tfds split syntax, e.g. 'train[:90%]') into memory."""
     builder = get_builder(name, data_dir)
     try:
         image_key, label_key = builder.info.supervised_keys
@@ -81,16 +88,21 @@ def load_split(name: str, split: str, data_dir: str | None = None) -> Split:
     image_shape = builder.info.features[image_key].shape
     if None in image_shape:
         raise DataError(f"{name!r} has images of varying size {image_shape}")
-    examples = examples.map(lambda image, label: (image, tf.cast(label, tf.int32))).cache()
-    num_examples = int(examples.cardinality())
-    if num_examples < 0:  # Unknown (e.g. under tfds.testing.mock_data): count once.
-        num_examples = int(examples.reduce(0, lambda count, _: count + 1))
+    images, labels = [], []
+    for image_batch, label_batch in tfds.as_numpy(examples.batch(4096)):
+        images.append(image_batch)
+        labels.append(label_batch.astype(np.int32))
+    if not labels:
+        raise DataError(f"split {split!r} of {name!r} is empty")
     num_classes = builder.info.features[label_key].num_classes
-    return Split(examples, num_examples, tuple(image_shape), num_classes)
+    return Split(np.concatenate(images), np.concatenate(labels), num_classes)
 
 
-def _to_numpy_batch(images: tf.Tensor, labels: tf.Tensor) -> dict[str, tf.Tensor]:
-    return {"image": tf.cast(images, tf.float32) / 255.0, "label": labels}
+def _batch(split: Split, indices: np.ndarray) -> dict[str, np.ndarray]:
+    return {
+        "image": split.images[indices].astype(np.float32) / np.float32(255),
+        "label": split.labels[indices],
+    }
 
 
 def _process_slice(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -100,27 +112,27 @@ def _process_slice(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {key: value[start : start + per_process] for key, value in batch.items()}
 
 
+def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+    """The permutation of the examples that epoch `epoch` of a run seeded `seed` visits."""
+    return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
 def train_batches(
     split: Split, batch_size: int, seed: int, epoch: int, skip: int = 0
 ) -> Iterator[dict[str, np.ndarray]]:
     """The epoch's full batches of `batch_size` (global), in an order fixed by (seed, epoch),
     starting after `skip` batches. The last partial batch is dropped (a new one each epoch)."""
-    ds = split.examples.shuffle(
-        split.num_examples, seed=seed * 1_000_003 + epoch, reshuffle_each_iteration=False
-    )
-    ds = ds.batch(batch_size, drop_remainder=True).skip(skip)
-    ds = ds.map(_to_numpy_batch, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
-    for batch in tfds.as_numpy(ds):
-        yield _process_slice(batch)
+    order = epoch_order(split.num_examples, seed, epoch)
+    for start in range(skip * batch_size, split.num_examples - batch_size + 1, batch_size):
+        yield _process_slice(_batch(split, order[start : start + batch_size]))
 
 
 def eval_batches(split: Split, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     """Every example once, in batches padded to `batch_size` with `mask` False on padding."""
-    ds = split.examples.batch(batch_size).map(_to_numpy_batch).prefetch(tf.data.AUTOTUNE)
-    for batch in tfds.as_numpy(ds):
-        size = len(batch["label"])
-        batch = {key: _pad(value, batch_size) for key, value in batch.items()}
-        batch["mask"] = np.arange(batch_size) < size
+    for start in range(0, split.num_examples, batch_size):
+        indices = np.arange(start, min(start + batch_size, split.num_examples))
+        batch = {key: _pad(value, batch_size) for key, value in _batch(split, indices).items()}
+        batch["mask"] = np.arange(batch_size) < len(indices)
         yield _process_slice(batch)
 
 

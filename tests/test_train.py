@@ -1,10 +1,12 @@
 """End to end: the training loop in-process and the command line in a subprocess."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
 
+import jax
 import pytest
 from conftest import REPO, tiny_config
 
@@ -127,3 +129,25 @@ def test_cli_bad_input_is_one_line_and_exit_code_2(data_dir, tmp_path):
         "error: unknown model 'Nope'; valid: CNN, SeedCNN"
     )
     assert "Traceback" not in result.stderr
+
+
+def test_each_step_function_compiles_once(data_dir, tmp_path, caplog):
+    # 1000 training examples in batches of 300 (a partial last batch), validation every epoch,
+    # and a 1234-image test split (a padded last batch): still one compilation each.
+    config = tiny_config(
+        data_dir,
+        num_train_steps=-1,
+        num_epochs=2,
+        batch_size=300,
+        train_split="train[90%:]",
+        test_split="test[:1234]",
+    )
+    with jax.log_compiles(), caplog.at_level(logging.WARNING, logger="jax"):
+        train.train_and_evaluate(config, str(tmp_path))
+    compiled = [
+        r.getMessage().split(" ")[1]
+        for r in caplog.records
+        if r.getMessage().startswith("Compiling jit(")
+    ]
+    assert compiled.count("jit(train_step)") == 1
+    assert compiled.count("jit(eval_step)") == 1
