@@ -22,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.learning_rate = 1e-3
     config.lr_schedule = "constant"  # Or "cosine": decays to 0 over the run.
     config.batch_size = 32
-    config.num_epochs = 5
+    config.num_epochs = 10
     config.num_train_steps = -1  # > 0 overrides num_epochs.
     # Gradients are accumulated over microbatches of this many examples (0: whole batch).
     # Smaller working sets run several times faster on CPUs; -1 picks 32 on CPU, 0 elsewhere.
