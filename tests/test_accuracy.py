@@ -1,6 +1,7 @@
 """Accuracy on the full 10,000-image MNIST test split (slow: run with `pytest -m slow`)."""
 
 import importlib.util
+import json
 
 import pytest
 from conftest import REPO
@@ -21,5 +22,6 @@ def test_config_reaches_its_accuracy(name, target, shared_tfds, tmp_path):
     config = load_config(name)
     config.data_dir = shared_tfds
     results = train.train_and_evaluate(config, str(tmp_path))
+    print(name, json.dumps(results))
     assert results["num_test_examples"] == 10_000
     assert results["test_accuracy"] >= target
