@@ -53,18 +53,21 @@ def test_resume_drops_metrics_logged_after_the_last_checkpoint(data_dir, tmp_pat
     assert 9.9 not in losses.values() and max(losses) == 12
 
 
-def test_epochs_checkpoint_validate_and_count_every_test_example(data_dir, tmp_path):
-    # 1000 examples of validation as "train": 3 steps of 300 an epoch, 2 epochs.
-    config = tiny_config(
+def partial_batches_config(data_dir: str):
+    """2 epochs over 1000 examples (validation used as train) in batches of 300: 3 steps an
+    epoch and a dropped partial batch; a 1234-image test split ends in a padded batch."""
+    return tiny_config(
         data_dir,
         num_train_steps=-1,
         num_epochs=2,
         batch_size=300,
         train_split="train[90%:]",
         test_split="test[:1234]",
-        eval_batch_size=500,
     )
-    results = train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_epochs_checkpoint_validate_and_count_every_test_example(data_dir, tmp_path):
+    results = train.train_and_evaluate(partial_batches_config(data_dir), str(tmp_path))
     assert results["steps"] == 6 and results["num_test_examples"] == 1234
     records = read_metrics(str(tmp_path / "metrics.jsonl"))
     assert [r["step"] for r in records if r["split"] == "validation"] == [3, 6]
@@ -132,16 +135,7 @@ def test_cli_bad_input_is_one_line_and_exit_code_2(data_dir, tmp_path):
 
 
 def test_each_step_function_compiles_once(data_dir, tmp_path, caplog):
-    # 1000 training examples in batches of 300 (a partial last batch), validation every epoch,
-    # and a 1234-image test split (a padded last batch): still one compilation each.
-    config = tiny_config(
-        data_dir,
-        num_train_steps=-1,
-        num_epochs=2,
-        batch_size=300,
-        train_split="train[90%:]",
-        test_split="test[:1234]",
-    )
+    config = partial_batches_config(data_dir)  # Partial train and test batches: still one each.
     with jax.log_compiles(), caplog.at_level(logging.WARNING, logger="jax"):
         train.train_and_evaluate(config, str(tmp_path))
     compiled = [
