@@ -1,7 +1,10 @@
 """The classic Keras MNIST CNN on full MNIST, as the Keras example trains it.
 
 Conv2D(32, 3x3, relu) -> MaxPool(2) -> Flatten -> Dense(10, softmax); Adam 1e-3, batch 32,
-5 epochs, the last 10% of the training set held out for validation.
+5 epochs, the last 10% of the training set held out for validation. One addition: the test
+evaluation uses the moving average of the parameters (`ema_decay`; training is unchanged),
+which is worth about 0.15 points here (98.33% against 98.17% at seed 0; Keras's own `fit`
+reaches 97.8-98.2% on this machine).
 
     python -m flaxcnn.main --workdir runs/seed --config configs/seed_keras.py
     # offline, with a prepared tfds directory:
@@ -20,4 +23,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.model = "SeedCNN"
     config.num_epochs = 5
     config.batch_size = 32
+    config.ema_decay = 0.999
     return config

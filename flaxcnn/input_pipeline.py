@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 import flaxcnn.datasets  # noqa: F401  (registers the project's own builders with tfds)
+from flaxcnn.datasets import image_folder
 
 EMBEDDED = "embedded_mnist"
 NETWORK_PROBE = ("storage.googleapis.com", 443)
@@ -32,6 +33,7 @@ class Split:
     images: np.ndarray  # (N, H, W, C) uint8
     labels: np.ndarray  # (N,) int32
     num_classes: int
+    class_names: list[str] | None = None
 
     @property
     def num_examples(self) -> int:
@@ -62,6 +64,8 @@ def _network_reachable(timeout: float = 5.0) -> bool:
 def get_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
     """The tfds builder of `name`, prepared: offline for the embedded dataset, else downloaded
     if the network is there; fails fast with a clear message when it is not."""
+    if image_folder.is_folder_dataset(name):
+        raise DataError(f"{name!r} is an image folder, not a tfds dataset: use load_split")
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
@@ -77,8 +81,24 @@ def get_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
     return builder
 
 
-def load_split(name: str, split: str, data_dir: str | None = None) -> Split:
-    """Reads and decodes one split (tfds split syntax, e.g. 'train[:90%]') into memory."""
+def load_split(
+    name: str,
+    split: str,
+    data_dir: str | None = None,
+    image_size: tuple[int, int] | None = None,
+    color_mode: str | None = None,
+) -> Split:
+    """Reads and decodes one split (tfds split syntax, e.g. 'train[:90%]') into memory.
+
+    `name` is a tfds dataset or `folder:/path` (flaxcnn.datasets.image_folder). With
+    `image_size` (H, W) or `color_mode` ('grayscale', 'rgb'), images are resized or converted
+    as image folders are; folders default to 'rgb' at their images' own size."""
+    if image_folder.is_folder_dataset(name):
+        try:
+            images, labels, names = image_folder.load(name, split, image_size, color_mode)
+        except image_folder.FolderError as e:
+            raise DataError(str(e)) from None
+        return Split(images, labels, len(names), names)
     builder = get_builder(name, data_dir)
     try:
         image_key, label_key = builder.info.supervised_keys
@@ -94,8 +114,14 @@ def load_split(name: str, split: str, data_dir: str | None = None) -> Split:
         labels.append(label_batch.astype(np.int32))
     if not labels:
         raise DataError(f"split {split!r} of {name!r} is empty")
-    num_classes = builder.info.features[label_key].num_classes
-    return Split(np.concatenate(images), np.concatenate(labels), num_classes)
+    labels_feature = builder.info.features[label_key]
+    try:
+        images = image_folder.convert_images(np.concatenate(images), image_size, color_mode)
+    except image_folder.FolderError as e:
+        raise DataError(f"{name!r}: {e}") from None
+    return Split(
+        images, np.concatenate(labels), labels_feature.num_classes, list(labels_feature.names)
+    )
 
 
 def _batch(split: Split, indices: np.ndarray) -> dict[str, np.ndarray]:

@@ -1,4 +1,6 @@
-"""Training state: parameters, optimizer and batch-norm statistics in one pytree."""
+"""Training state and the optimisation recipe: parameters, optimizer, batch-norm statistics
+and an optional moving average of the parameters in one pytree; the optimizer, learning-rate
+schedule, gradient clipping and compute dtype built from the config."""
 
 from typing import Any
 
@@ -7,25 +9,92 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import linen as nn
+from flax import struct
 from flax.training import train_state
 
-OPTIMIZERS = {"adam": optax.adam, "adamw": optax.adamw, "sgd": optax.sgd}
+from flaxcnn.models import MODELS
+from flaxcnn.regularization import decay_mask
+
+# Each optimizer from (learning rate or schedule, weight decay). Only AdamW decays weights
+# (decoupled, kernels only: see flaxcnn.regularization); the others reject weight_decay > 0.
+OPTIMIZERS = {
+    "adam": lambda lr, weight_decay: optax.adam(lr),
+    "adamw": lambda lr, weight_decay: optax.adamw(lr, weight_decay=weight_decay, mask=decay_mask),
+    "sgd": lambda lr, weight_decay: optax.sgd(lr),
+}
+# Schedules that use `config.warmup_steps`, and the warm-up they take when it is 0.
+DEFAULT_WARMUP_FRACTION = {"warmup_cosine": 0.05, "onecycle": 0.3}
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _warmup(name: str, total_steps: int, warmup_steps: int) -> int:
+    return warmup_steps or max(1, round(DEFAULT_WARMUP_FRACTION[name] * total_steps))
+
+
+# Each schedule from (peak learning rate, total steps, warm-up steps).
 SCHEDULES = {
-    "constant": lambda lr, steps: optax.constant_schedule(lr),
-    "cosine": lambda lr, steps: optax.cosine_decay_schedule(lr, steps),
+    # The learning rate throughout.
+    "constant": lambda lr, steps, warmup: optax.constant_schedule(lr),
+    # From lr at step 0 down to 0 at the last step along half a cosine.
+    "cosine": lambda lr, steps, warmup: optax.cosine_decay_schedule(lr, steps),
+    # Linear from 0 to lr over the warm-up, then a cosine down to 0 at the last step.
+    "warmup_cosine": lambda lr, steps, warmup: optax.warmup_cosine_decay_schedule(
+        0.0, lr, _warmup("warmup_cosine", steps, warmup), steps
+    ),
+    # One cycle: cosine from lr/25 up to lr over the warm-up, then down to lr/25e4.
+    "onecycle": lambda lr, steps, warmup: optax.cosine_onecycle_schedule(
+        steps, lr, pct_start=_warmup("onecycle", steps, warmup) / steps
+    ),
 }
 
 
 class TrainState(train_state.TrainState):
-    """Flax's TrainState plus the model's `batch_stats` (empty for models without batch norm)."""
+    """Flax's TrainState plus the model's `batch_stats` (empty for models without batch norm)
+    and an exponential moving average of the parameters, `ema_params` (empty when
+    `ema_decay` is 0).
+
+    `ema_decay` is static (not a leaf): it comes from the config, is not checkpointed, and a
+    change recompiles the step. Each `apply_gradients` sets
+
+        ema <- d * ema + (1 - d) * new_params,   d = min(ema_decay, (1 + step) / (10 + step))
+
+    with `step` the count before the update. The warm-up in `d` (TensorFlow's
+    ExponentialMovingAverage with `num_updates`) keeps the average from being dominated by
+    the random initialisation early on: d is 0.1 at the first update, 0.9 at step 80 and
+    0.99 at step 890, then `ema_decay`.
+    """
 
     batch_stats: Any = None
+    ema_params: Any = None
+    ema_decay: float = struct.field(pytree_node=False, default=0.0)
+
+    def apply_gradients(self, *, grads: Any, **kwargs) -> "TrainState":
+        """One optimizer update, and the moving average of the parameters when it is on."""
+        new = super().apply_gradients(grads=grads, **kwargs)
+        if not self.ema_decay:
+            return new
+        step = jnp.asarray(self.step, jnp.float32)
+        decay = jnp.minimum(self.ema_decay, (1.0 + step) / (10.0 + step))
+        ema = jax.tree.map(
+            lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype),
+            self.ema_params,
+            new.params,
+        )
+        return new.replace(ema_params=ema)
 
     def variables(self) -> dict:
         """The variables `apply_fn` takes: params, and batch stats when the model has them."""
+        return self._with_batch_stats(self.params)
+
+    def eval_variables(self) -> dict:
+        """`variables()` with the moving average in place of the parameters when it is on:
+        what evaluation should use."""
+        return self._with_batch_stats(self.ema_params if self.ema_decay else self.params)
+
+    def _with_batch_stats(self, params: Any) -> dict:
         if self.batch_stats:
-            return {"params": self.params, "batch_stats": self.batch_stats}
-        return {"params": self.params}
+            return {"params": params, "batch_stats": self.batch_stats}
+        return {"params": params}
 
 
 def _lookup(table: dict, kind: str, name: str):
@@ -34,23 +103,90 @@ def _lookup(table: dict, kind: str, name: str):
     return table[name]
 
 
+def validate_optimization(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the first optimisation or precision setting that cannot work."""
+    _lookup(OPTIMIZERS, "optimizer", config.optimizer)
+    _lookup(SCHEDULES, "schedule", config.lr_schedule)
+    _lookup(COMPUTE_DTYPES, "compute_dtype", config.compute_dtype)
+    for key in ("l2", "weight_decay", "grad_clip_norm", "ema_decay", "warmup_steps"):
+        if not config[key] >= 0:  # Also catches NaN.
+            raise ValueError(f"config.{key} must be >= 0, got {config[key]}")
+    if config.ema_decay >= 1:
+        raise ValueError(f"config.ema_decay must be < 1 (0: off), got {config.ema_decay}")
+    if config.weight_decay and config.optimizer != "adamw":
+        raise ValueError(
+            f"config.weight_decay needs optimizer 'adamw' (got {config.optimizer!r}); "
+            "use config.l2 for an L2 penalty with other optimizers"
+        )
+    if config.warmup_steps and config.lr_schedule not in DEFAULT_WARMUP_FRACTION:
+        raise ValueError(
+            f"config.warmup_steps is used only by the schedules "
+            f"{', '.join(sorted(DEFAULT_WARMUP_FRACTION))}, not {config.lr_schedule!r}"
+        )
+
+
 def create_optimizer(
     config: ml_collections.ConfigDict, total_steps: int
 ) -> optax.GradientTransformation:
-    """`config.optimizer` with `config.learning_rate` following `config.lr_schedule`."""
-    schedule = _lookup(SCHEDULES, "schedule", config.lr_schedule)
-    optimizer = _lookup(OPTIMIZERS, "optimizer", config.optimizer)
-    return optimizer(schedule(config.learning_rate, total_steps))
+    """`config.optimizer` with `config.learning_rate` following `config.lr_schedule` over
+    `total_steps`, after clipping the gradients' global norm to `config.grad_clip_norm`
+    (0: no clipping)."""
+    validate_optimization(config)
+    if config.warmup_steps >= total_steps:
+        raise ValueError(
+            f"config.warmup_steps={config.warmup_steps} must be less than the "
+            f"{total_steps} training steps"
+        )
+    schedule = SCHEDULES[config.lr_schedule](config.learning_rate, total_steps, config.warmup_steps)
+    optimizer = OPTIMIZERS[config.optimizer](schedule, config.weight_decay)
+    if config.grad_clip_norm:
+        return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), optimizer)
+    return optimizer
+
+
+def compute_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
+    """The dtype `config.compute_dtype` names."""
+    return _lookup(COMPUTE_DTYPES, "compute_dtype", config.compute_dtype)
+
+
+def model_kwargs(config: ml_collections.ConfigDict) -> dict:
+    """`config.model_kwargs`, plus `dtype` when `config.compute_dtype` is not float32.
+
+    Parameters stay float32 whatever the compute dtype (the models cast them on use)."""
+    kwargs = dict(config.model_kwargs)
+    dtype = compute_dtype(config)
+    if dtype == jnp.float32:
+        return kwargs
+    if "dtype" in kwargs:
+        raise ValueError("set config.compute_dtype or config.model_kwargs.dtype, not both")
+    model = MODELS.get(config.model)
+    if model is not None and "dtype" not in model.__dataclass_fields__:
+        raise ValueError(
+            f"config.compute_dtype={config.compute_dtype!r} needs a model with a dtype "
+            f"setting; {config.model} has none"
+        )
+    return {**kwargs, "dtype": dtype}
 
 
 def create_train_state(
-    model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array, input_shape: tuple
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    rng: jax.Array,
+    input_shape: tuple,
+    ema_decay: float = 0.0,
 ) -> TrainState:
-    """Initialises the model on a dummy batch of `input_shape` (H, W, C)."""
+    """Initialises the model on a dummy batch of `input_shape` (H, W, C); with `ema_decay`
+    > 0 the moving average starts at the initial parameters."""
+    if not 0 <= ema_decay < 1:
+        raise ValueError(f"ema_decay must be in [0, 1) (0: off), got {ema_decay}")
     variables = model.init(rng, jnp.zeros((1, *input_shape), jnp.float32), train=False)
+    params = variables["params"]
     return TrainState.create(
         apply_fn=model.apply,
-        params=variables["params"],
+        params=params,
         tx=tx,
         batch_stats=variables.get("batch_stats", {}),
+        # A copy, so that donating the state never donates one buffer twice.
+        ema_params=jax.tree.map(jnp.copy, params) if ema_decay else {},
+        ema_decay=float(ema_decay),
     )

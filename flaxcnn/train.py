@@ -1,5 +1,5 @@
-"""The training loop: data, state, restore-or-init, jitted steps, validation, checkpoints,
-and the final test evaluation written to `results.json`."""
+"""The training loop, shared by every task: data, state, restore-or-init, compiled steps,
+validation, checkpoints, and the final test evaluation written to `results.json`."""
 
 import functools
 import json
@@ -12,20 +12,34 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from flaxcnn import input_pipeline, sharding, steps
+from flaxcnn import device_data, inference, input_pipeline, reports, sharding, tasks
 from flaxcnn.checkpointing import Checkpointer
-from flaxcnn.models import create_model
-from flaxcnn.state import TrainState, create_optimizer, create_train_state
+from flaxcnn.early_stopping import EarlyStopping
+from flaxcnn.models import MODELS
+from flaxcnn.preemption import StopOnSignal
+from flaxcnn.state import validate_optimization
 from flaxcnn.writers import METRICS_FILE, MetricWriter, Progress, plot_curves
 
 RESULTS_FILE = "results.json"
+EARLY_STOPPING_FILE = "early_stopping.json"
+BEST_CHECKPOINTS = "checkpoints_best"
+NUM_PICTURE_IMAGES = 32
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError naming the first setting that cannot work."""
+    """Raises ValueError naming the first setting that cannot work (before anything is
+    traced, so that the message stays one line)."""
+    tasks.get_task(config.task)
+    if config.model not in MODELS:
+        raise ValueError(f"unknown model {config.model!r}; valid: {', '.join(sorted(MODELS))}")
+    validate_optimization(config)
     for key in ("learning_rate", "batch_size", "eval_batch_size"):
         if not config[key] > 0:
             raise ValueError(f"config.{key} must be positive, got {config[key]}")
+    if not (config.steps_per_dispatch > 0 or config.steps_per_dispatch == -1):
+        raise ValueError(
+            f"config.steps_per_dispatch must be positive or -1, got {config.steps_per_dispatch}"
+        )
     if config.num_train_steps <= 0 and config.num_epochs <= 0:
         raise ValueError(f"config.num_epochs must be positive, got {config.num_epochs}")
     for key in ("batch_size", "eval_batch_size"):
@@ -35,20 +49,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             )
 
 
-def resolve_microbatch_size(config: ml_collections.ConfigDict) -> int:
-    """`config.microbatch_size`, with -1 resolved to 32 per device on CPUs and 0 elsewhere."""
-    if config.microbatch_size >= 0:
-        return config.microbatch_size
-    return 32 * jax.device_count() if jax.default_backend() == "cpu" else 0
-
-
 def batch_spec(
-    split: input_pipeline.Split, batch_size: int, mesh, with_mask: bool = False
+    image_shape: tuple, batch_size: int, mesh, with_mask: bool = False
 ) -> dict[str, jax.ShapeDtypeStruct]:
-    """The shapes, dtypes and sharding of the batches the pipeline yields for `split`."""
+    """The shapes, dtypes and sharding of the evaluation batches the pipeline yields."""
     data = sharding.batch_sharding(mesh)
     spec = {
-        "image": jax.ShapeDtypeStruct((batch_size, *split.image_shape), np.float32, sharding=data),
+        "image": jax.ShapeDtypeStruct((batch_size, *image_shape), np.float32, sharding=data),
         "label": jax.ShapeDtypeStruct((batch_size,), np.int32, sharding=data),
     }
     if with_mask:
@@ -65,33 +72,121 @@ def write_json_atomically(path: str, data: dict) -> None:
 
 
 def mean_metrics(batch_metrics: list[dict]) -> dict[str, float]:
-    """Sums per-batch metric sums on the host and divides by the example count."""
-    totals = jax.tree.map(lambda *xs: float(np.sum(xs)), *jax.device_get(batch_metrics))
+    """Sums metric sums (of batches, or stacked per step) on the host and divides them by
+    the example count; "skipped" (steps) stays a total."""
+    totals = jax.tree.map(
+        lambda *xs: float(sum(np.sum(x) for x in xs)), *jax.device_get(batch_metrics)
+    )
     count = totals.pop("count")
-    return {name: value / count for name, value in totals.items()}
+    return {
+        name: value if name == "skipped" else (value / count if count else float("nan"))
+        for name, value in totals.items()
+    }
 
 
-def evaluate(eval_fn, state: TrainState, split: input_pipeline.Split, batch_size: int, mesh):
-    """Loss and accuracy over every example of `split`, and the number of examples."""
+def first_nonfinite_step(step_metrics: list[dict], last_step: int) -> int:
+    """The step whose loss was first not finite, given the stacked per-step metrics of the
+    steps up to `last_step`."""
+    losses = np.concatenate([np.ravel(m["loss"]) for m in jax.device_get(step_metrics)])
+    return last_step - len(losses) + 1 + int(np.argmin(np.isfinite(losses)))
+
+
+def evaluate(eval_fn, state, split: input_pipeline.Split, batch_size: int, mesh, rng):
+    """The task's metrics over every example of `split`, and the number of examples."""
     batch_metrics = [
-        eval_fn(state, sharding.shard_batch(batch, mesh))
+        eval_fn(state, sharding.shard_batch(batch, mesh), rng)
         for batch in input_pipeline.eval_batches(split, batch_size)
     ]
     count = int(sum(float(m["count"]) for m in batch_metrics))
     return mean_metrics(batch_metrics), count
 
 
+def multi_step(train_step, state, data: device_data.DeviceSplit, indices: jax.Array, rng):
+    """`len(indices)` training steps in one dispatch, each on the batch `data[indices[i]]`,
+    with the per-step metrics stacked. `train_step` stays the pure single step."""
+    if len(indices) == 1:  # Not a loop of one: XLA:CPU runs convolutions in loops slowly.
+        state, metrics = train_step(state, device_data.gather_batch(data, indices[0]), rng)
+        return state, jax.tree.map(lambda m: m[None], metrics)
+
+    def body(state, batch_indices):
+        return train_step(state, device_data.gather_batch(data, batch_indices), rng)
+
+    return jax.lax.scan(body, state, indices)
+
+
+def resolve_steps_per_dispatch(requested: int, has_convolutions: bool) -> int:
+    """`config.steps_per_dispatch`, with -1 resolved to 16, or to 1 on CPUs for models with
+    `lax.conv` convolutions, which XLA:CPU runs many times slower inside a loop."""
+    if requested > 0:
+        return requested
+    return 1 if has_convolutions and jax.default_backend() == "cpu" else 16
+
+
+def compile_steps(task, config, state, data, mesh, image_shape, rng):
+    """The task's steps, compiled ahead of time for the shapes they see (so that another
+    shape is an error rather than a silent recompilation): `{k: fn}` running k training
+    steps per dispatch for k in (steps per dispatch, 1), and the evaluation step."""
+    replicated = sharding.replicated(mesh)
+    eval_spec = batch_spec(image_shape, config.eval_batch_size, mesh, with_mask=True)
+    eval_lowered = jax.jit(task.eval_step, out_shardings=replicated).lower(state, eval_spec, rng)
+    steps_per_dispatch = resolve_steps_per_dispatch(
+        config.steps_per_dispatch, "stablehlo.convolution" in eval_lowered.as_text()
+    )
+    train_step = functools.partial(task.train_step, **task.step_kwargs(config))
+    train_fns = {}
+    for k in sorted({steps_per_dispatch, 1}):
+        indices = jax.ShapeDtypeStruct(
+            (k, config.batch_size),
+            np.int32,
+            sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data")),
+        )
+        train_fns[k] = (
+            jax.jit(
+                functools.partial(multi_step, train_step),
+                donate_argnums=0,
+                out_shardings=replicated,
+            )
+            .lower(state, data, indices, rng)
+            .compile()
+        )
+    return train_fns, eval_lowered.compile()
+
+
+def load_early_stopping(config: ml_collections.ConfigDict, workdir: str, epoch: int):
+    """The early-stopping record of the run in `workdir` (forgetting epochs after `epoch`,
+    which a resumed run redoes), or a fresh one."""
+    path = os.path.join(workdir, EARLY_STOPPING_FILE)
+    history = []
+    if os.path.exists(path):
+        with open(path) as f:
+            history = EarlyStopping.from_dict(json.load(f)).history
+    stopper = EarlyStopping.from_config(config, history)
+    stopper.truncate_after(epoch)
+    return stopper
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains `config.model` on `config.dataset`, resuming from `workdir` if it holds a run,
-    and returns (and writes to `workdir/results.json`) the test metrics."""
+    """Trains `config.model` for `config.task` on `config.dataset`, resuming from `workdir`
+    if it holds a run, and returns (and writes to `workdir/results.json`) the test metrics.
+
+    With early stopping on, the best validation checkpoint is kept beside the newest ones
+    and the test evaluation uses it. SIGTERM or SIGINT saves a checkpoint of the current
+    step and raises `preemption.Interrupted`."""
     start_time = time.perf_counter()
     validate_config(config)
+    task = tasks.get_task(config.task)
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     mesh = sharding.create_mesh()
 
     splits = {
-        name: input_pipeline.load_split(config.dataset, config[f"{name}_split"], config.data_dir)
+        name: input_pipeline.load_split(
+            config.dataset,
+            config[f"{name}_split"],
+            config.data_dir,
+            config.image_size,
+            config.color_mode,
+        )
         for name in ("train", "validation", "test")
     }
     train_split = splits["train"]
@@ -105,19 +200,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if total_steps <= 0:
         total_steps = config.num_epochs * steps_per_epoch
 
-    model = create_model(config.model, num_classes=train_split.num_classes, **config.model_kwargs)
-    tx = create_optimizer(config, total_steps)
-    init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
-    init = functools.partial(create_train_state, model, tx, input_shape=train_split.image_shape)
-    state = jax.jit(init, out_shardings=sharding.replicated(mesh))(init_rng)
+    init_rng, step_rng, eval_rng = jax.random.split(jax.random.key(config.seed), 3)
+    create_state = functools.partial(
+        task.create_state,
+        config,
+        input_shape=train_split.image_shape,
+        num_classes=train_split.num_classes,
+        total_steps=total_steps,
+    )
+    state = jax.jit(create_state, out_shardings=sharding.replicated(mesh))(init_rng)
     checkpointer = Checkpointer(workdir, config.keep_checkpoints)
     state = checkpointer.restore_or(state)
     step = int(state.step)
     if step:
         logging.info("Resumed from the checkpoint at step %d.", step)
+    stopper = load_early_stopping(config, workdir, step // steps_per_epoch)
+    best_checkpointer = Checkpointer(workdir, 1, BEST_CHECKPOINTS) if stopper.enabled else None
 
     results_path = os.path.join(workdir, RESULTS_FILE)
-    if step >= total_steps and os.path.exists(results_path):
+    if (step >= total_steps or stopper.should_stop) and os.path.exists(results_path):
         checkpointer.close()
         with open(results_path) as f:
             results = json.load(f)
@@ -127,10 +228,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
+        # What a trained model needs to know of its data, so that it loads without it.
+        inference.write_dataset_info(
+            workdir,
+            inference.DatasetInfo(
+                tuple(train_split.image_shape),
+                train_split.num_classes,
+                train_split.class_names or reports.default_class_names(train_split.num_classes),
+            ),
+        )
         logging.info(
-            "%s: %s parameters; %d steps of %d examples (%d per epoch); %d devices.",
+            "%s/%s: %s parameters; %d steps of %d examples (%d per epoch); %d devices.",
+            config.task,
             config.model,
-            f"{sum(x.size for x in jax.tree.leaves(state.params)):,}",
+            f"{sum(x.size for x in jax.tree.leaves(getattr(state, 'params', {}))):,}",
             total_steps,
             config.batch_size,
             steps_per_epoch,
@@ -141,92 +252,127 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if step == 0:
         writer.write_hparams(config.to_json_best_effort(indent=2))
 
-    # Compiled ahead of time for the one batch shape each step sees: a batch of another
-    # shape is an error rather than a silent recompilation, and compile time is measured.
+    data = device_data.put_split(train_split, mesh)
     compile_start = time.perf_counter()
-    replicated = sharding.replicated(mesh)
-    train_fn = (
-        jax.jit(
-            functools.partial(steps.train_step, microbatch_size=resolve_microbatch_size(config)),
-            donate_argnums=0,
-            out_shardings=replicated,
-        )
-        .lower(state, batch_spec(train_split, config.batch_size, mesh), step_rng)
-        .compile()
+    train_fns, eval_fn = compile_steps(
+        task, config, state, data, mesh, train_split.image_shape, step_rng
     )
-    eval_spec = batch_spec(train_split, config.eval_batch_size, mesh, with_mask=True)
-    eval_fn = jax.jit(steps.eval_step, out_shardings=replicated).lower(state, eval_spec).compile()
     compile_time = time.perf_counter() - compile_start
+    picture_images = splits["validation"].images[:NUM_PICTURE_IMAGES].astype(np.float32) / 255
 
     progress = Progress(total_steps, step, config.batch_size, config.log_every_steps)
     train_start, first_step = time.perf_counter(), step
     pending = []  # Device-side metrics of the steps since the last log, fetched in one go.
-    while step < total_steps:
-        epoch, skip = divmod(step, steps_per_epoch)
-        for batch in input_pipeline.train_batches(
-            train_split, config.batch_size, config.seed, epoch, skip
-        ):
-            state, metrics = train_fn(state, sharding.shard_batch(batch, mesh), step_rng)
-            pending.append(metrics)
-            step += 1
-            if step % config.log_every_steps == 0 or step % steps_per_epoch == 0:
-                train_metrics = mean_metrics(pending)
-                pending = []
-                if not np.isfinite(train_metrics["loss"]):
-                    raise FloatingPointError(f"non-finite training loss at step {step}")
-                writer.write(step, "train", train_metrics)
-                progress.update(step, train_metrics)
-            if step >= total_steps:
-                break
-        if pending:
-            writer.write(step, "train", mean_metrics(pending))
-            pending = []
-        epoch_done = step // steps_per_epoch
-        if step % steps_per_epoch == 0 or step >= total_steps:
-            val_metrics, _ = evaluate(
-                eval_fn, state, splits["validation"], config.eval_batch_size, mesh
+    skipped = 0  # Steps with non-finite values skipped (config.skip_nonfinite).
+    with StopOnSignal() as stop:
+        while step < total_steps and not stopper.should_stop:
+            epoch, position = divmod(step, steps_per_epoch)
+            indices = device_data.epoch_indices(
+                train_split.num_examples, config.batch_size, config.seed, epoch
             )
-            writer.write(step, "validation", val_metrics)
-            logging.info(
-                "epoch %d step %d: validation loss %.4f accuracy %.4f",
-                epoch_done,
-                step,
-                val_metrics["loss"],
-                val_metrics["accuracy"],
-            )
-        if epoch_done % config.checkpoint_every_epochs == 0 or step >= total_steps:
-            checkpointer.save(state)
+            epoch_end = min(steps_per_epoch, position + total_steps - step)
+            while position < epoch_end:
+                # Several steps per dispatch, each dispatch ending at a log step or the end
+                # of the epoch; what is left over runs one step at a time. The choice is a
+                # function of the step alone, so a resumed run computes what an
+                # uninterrupted one does.
+                next_log = config.log_every_steps - step % config.log_every_steps
+                k = max(train_fns)
+                if min(epoch_end - position, next_log) < k:
+                    k = 1
+                chunk = device_data.shard_indices(indices[position : position + k], mesh)
+                state, metrics = train_fns[k](state, data, chunk, step_rng)
+                pending.append(metrics)
+                step, position = step + k, position + k
+                if step % config.log_every_steps == 0 or position == epoch_end:
+                    train_metrics = mean_metrics(pending)
+                    if not (config.skip_nonfinite or np.isfinite(train_metrics["loss"])):
+                        raise FloatingPointError(
+                            "non-finite training loss at step "
+                            f"{first_nonfinite_step(pending, step)} (the last checkpoint is "
+                            "kept; config.skip_nonfinite=True skips such steps)"
+                        )
+                    pending = []
+                    skipped += int(train_metrics.get("skipped", 0))
+                    writer.write(step, "train", train_metrics)
+                    progress.update(step, train_metrics)
+                if stop.should_stop():
+                    if pending:
+                        writer.write(step, "train", mean_metrics(pending))
+                    checkpointer.save(state)
+                    checkpointer.close()
+                    if best_checkpointer is not None:
+                        best_checkpointer.close()
+                    writer.close()
+                    raise stop.interrupted(step)
+            epoch_done = position == steps_per_epoch
+            if epoch_done or step >= total_steps:
+                val_metrics, _ = evaluate(
+                    eval_fn, state, splits["validation"], config.eval_batch_size, mesh, eval_rng
+                )
+                writer.write(step, "validation", val_metrics)
+                logging.info(
+                    "epoch %d step %d: validation %s",
+                    step // steps_per_epoch,
+                    step,
+                    " ".join(f"{k} {v:.4f}" for k, v in val_metrics.items()),
+                )
+                if is_main and hasattr(task, "write_pictures"):
+                    task.write_pictures(state, picture_images, eval_rng, workdir, step, writer)
+                if stopper.enabled:
+                    if stopper.update(step // steps_per_epoch, val_metrics[stopper.metric]):
+                        best_checkpointer.save(state)
+                    if is_main:
+                        write_json_atomically(
+                            os.path.join(workdir, EARLY_STOPPING_FILE), stopper.to_dict()
+                        )
+                    if stopper.should_stop:
+                        logging.info(
+                            "Early stop: validation %s last improved at epoch %d (%.4f).",
+                            stopper.metric,
+                            stopper.best_epoch,
+                            stopper.best_value,
+                        )
+            checkpoint_due = (step // steps_per_epoch) % config.checkpoint_every_epochs == 0
+            if checkpoint_due or step >= total_steps or stopper.should_stop:
+                checkpointer.save(state)
     progress.close()
     jax.block_until_ready(state)
     train_time = time.perf_counter() - train_start
-
-    test_metrics, test_count = evaluate(
-        eval_fn, state, splits["test"], config.eval_batch_size, mesh
-    )
     checkpointer.close()
+
+    if best_checkpointer is not None:
+        # The test evaluation (and what the run reports) uses the best validation state.
+        state = best_checkpointer.restore_or(state)
+        best_checkpointer.close()
+        logging.info("Testing the best checkpoint, of step %d.", int(state.step))
+    test_metrics, test_count = evaluate(
+        eval_fn, state, splits["test"], config.eval_batch_size, mesh, eval_rng
+    )
     writer.close()
+    steps_this_run = step - first_step
     results = {
-        "test_loss": test_metrics["loss"],
-        "test_accuracy": test_metrics["accuracy"],
+        **{f"test_{name}": value for name, value in test_metrics.items()},
         "num_test_examples": test_count,
         "steps": step,
-        "steps_this_run": step - first_step,
+        "tested_step": int(state.step),
+        "steps_this_run": steps_this_run,
         "compile_time_s": compile_time,
         "train_time_s": train_time,
-        "steps_per_s": (step - first_step) / train_time if train_time else 0.0,
-        "examples_per_s": (step - first_step) * config.batch_size / train_time
-        if train_time
-        else 0.0,
+        "steps_per_s": steps_this_run / train_time if train_time else 0.0,
+        "examples_per_s": steps_this_run * config.batch_size / train_time if train_time else 0.0,
+        "skipped_steps": skipped,
         "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "wall_time_s": time.perf_counter() - start_time,
     }
+    if hasattr(task, "extra_results"):
+        results.update(task.extra_results(state, config, workdir, splits["test"]))
+    results["wall_time_s"] = time.perf_counter() - start_time
     if is_main:
         plot_curves(os.path.join(workdir, METRICS_FILE), os.path.join(workdir, "curves.png"))
         write_json_atomically(results_path, results)
     logging.info(
-        "test accuracy %.4f, loss %.4f on %d examples",
-        results["test_accuracy"],
-        results["test_loss"],
+        "test %s on %d examples",
+        " ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()),
         test_count,
     )
     return results

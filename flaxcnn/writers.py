@@ -17,7 +17,8 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class MetricWriter:
-    """Appends `{"step", "split", metrics...}` records to JSONL and TensorBoard."""
+    """Appends `{"step", "split", "time" (Unix seconds), metrics...}` records to JSONL and
+    TensorBoard."""
 
     def __init__(self, workdir: str, enabled: bool = True):
         self.path = os.path.join(workdir, METRICS_FILE)
@@ -36,11 +37,19 @@ class MetricWriter:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, "split": split, **metrics}) + "\n")
+            record = {"step": step, "split": split, "time": time.time(), **metrics}
+            f.write(json.dumps(record) + "\n")
         with self.tensorboard.as_default(step=step):
             for name, value in metrics.items():
                 tf.summary.scalar(f"{split}/{name}", value)
         self.tensorboard.flush()
+
+    def write_image(self, step: int, name: str, image) -> None:
+        """An (H, W, C) uint8 image, to TensorBoard."""
+        if self.enabled:
+            with self.tensorboard.as_default(step=step):
+                tf.summary.image(name, image[None])
+            self.tensorboard.flush()
 
     def write_hparams(self, config_json: str) -> None:
         if self.enabled:
@@ -58,10 +67,12 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def plot_curves(metrics_path: str, out_path: str) -> None:
-    """Loss and accuracy of every split against step, one panel each."""
+    """Every metric of every split against step, one panel each."""
     records = read_metrics(metrics_path)
-    names = ("loss", "accuracy")
-    fig, axes = plt.subplots(1, len(names), figsize=(10, 4))
+    ignored = ("step", "split", "time")
+    names = list(dict.fromkeys(k for r in records for k in r if k not in ignored))
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
+    axes = axes[0]
     for ax, name in zip(axes, names):
         for split in ("train", "validation"):
             points = [(r["step"], r[name]) for r in records if r["split"] == split and name in r]
@@ -78,7 +89,7 @@ def plot_curves(metrics_path: str, out_path: str) -> None:
 
 class Progress:
     """Per-epoch progress: a tqdm bar on a terminal, a log line every `log_every` steps
-    elsewhere; both show loss, accuracy, examples/s and the ETA of the run."""
+    elsewhere; both show the first metrics, examples/s and the ETA of the run."""
 
     def __init__(self, total_steps: int, start_step: int, batch_size: int, log_every: int):
         self.total_steps, self.batch_size, self.log_every = total_steps, batch_size, log_every
@@ -93,11 +104,8 @@ class Progress:
         elapsed = time.perf_counter() - self.start_time
         steps_per_s = (step - self.start_step) / max(elapsed, 1e-9)
         eta = (self.total_steps - step) / max(steps_per_s, 1e-9)
-        fields = {
-            "loss": f"{metrics['loss']:.4f}",
-            "acc": f"{metrics['accuracy']:.4f}",
-            "ex/s": f"{steps_per_s * self.batch_size:,.0f}",
-        }
+        fields = {name: f"{value:.4f}" for name, value in list(metrics.items())[:3]}
+        fields["ex/s"] = f"{steps_per_s * self.batch_size:,.0f}"
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix(fields, refresh=False)

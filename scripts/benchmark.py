@@ -6,7 +6,10 @@ Each trainer runs in its own subprocess, one after the other in this one invocat
 full MNIST from ../shared/data (flaxcnn through tfds, the peers from the npz). Reported
 per trainer and batch size: examples/s of one training epoch of 54,000 images with its
 validation pass (median of the repeats; one-time compilation reported separately), pure step
-throughput on one in-memory batch, and peak memory (max RSS). Writes JSON and markdown.
+throughput on one in-memory batch, and peak memory (max RSS). Then time to accuracy: wall
+seconds from the start of a run until its test accuracy (checked every epoch) first reaches
+98.5%, for flaxcnn (`configs/seed_fast.py`) and Keras `fit` (batch 32 and 128, Adam 1e-3, up
+to 15 epochs). Writes JSON and markdown.
 """
 
 import argparse
@@ -21,9 +24,13 @@ import time
 
 import numpy as np
 
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(REPO, "..", "shared", "data")
 TRAINERS = ("flaxcnn", "keras-tf", "keras-jax", "torch")
-STEP_ITERS = 300
+STEP_ITERS = 320
+TARGET_ACCURACY = 0.985
+KERAS_MAX_EPOCHS = 15
+KERAS_TTA_BATCHES = (32, 128)
 
 
 def load_npz(path: str):
@@ -32,19 +39,25 @@ def load_npz(path: str):
     return x, data["y_train"].astype(np.int64)
 
 
+def flaxcnn_config(name: str, args, **overrides):
+    """`configs/<name>.py` on the shared tfds folder, with `overrides`."""
+    import importlib.util
+
+    path = os.path.join(REPO, "configs", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.update(data_dir=args.tfds, **overrides)
+    return config
+
+
 def bench_flaxcnn(args) -> dict:
-    import functools
-
     import jax
-    import optax
 
-    from flaxcnn import default_config, steps, train
-    from flaxcnn.models import create_model
-    from flaxcnn.state import create_train_state
+    from flaxcnn import device_data, input_pipeline, sharding, tasks, train
 
-    config = default_config.get_config()
-    config.update(dataset="mnist", data_dir=args.tfds, num_epochs=1, batch_size=args.batch_size)
-    config.log_every_steps = 10**9
+    config = flaxcnn_config("seed_keras", args, num_epochs=1, batch_size=args.batch_size)
     epochs, compiles = [], []
     for _ in range(args.repeats):
         with tempfile.TemporaryDirectory() as workdir:
@@ -52,31 +65,29 @@ def bench_flaxcnn(args) -> dict:
         epochs.append(results["examples_per_s"])
         compiles.append(results["compile_time_s"])
 
-    state = create_train_state(
-        create_model("SeedCNN"), optax.adam(1e-3), jax.random.key(0), (28, 28, 1)
-    )
-    micro = train.resolve_microbatch_size(config)
-    step = jax.jit(functools.partial(steps.train_step, microbatch_size=micro), donate_argnums=0)
-    x, y = load_npz(args.npz)
-    batch = {
-        "image": jax.device_put(x[: args.batch_size]),
-        "label": jax.device_put(y[: args.batch_size].astype(np.int32)),
-    }
+    # Step throughput: the run's own compiled multi-step function on one batch of indices.
+    split = input_pipeline.load_split(config.dataset, config.train_split, config.data_dir)
+    mesh = sharding.create_mesh()
+    task = tasks.get_task(config.task)
     rng = jax.random.key(0)
-    state, metrics = step(state, batch, rng)
+    state = task.create_state(config, rng, split.image_shape, split.num_classes, 10**6)
+    data = device_data.put_split(split, mesh)
+    train_fns, _ = train.compile_steps(task, config, state, data, mesh, split.image_shape, rng)
+    k = max(train_fns)
+    indices = device_data.epoch_indices(split.num_examples, args.batch_size, 0, 0)[:1]
+    chunk = device_data.shard_indices(np.repeat(indices, k, axis=0), mesh)
+    state, metrics = train_fns[k](state, data, chunk, rng)
     jax.block_until_ready(metrics)
     start = time.perf_counter()
-    for _ in range(STEP_ITERS):
-        state, metrics = step(state, batch, rng)
+    for _ in range(STEP_ITERS // k):
+        state, metrics = train_fns[k](state, data, chunk, rng)
     jax.block_until_ready(metrics)
-    step_rate = STEP_ITERS * args.batch_size / (time.perf_counter() - start)
+    step_rate = STEP_ITERS // k * k * args.batch_size / (time.perf_counter() - start)
     return {"epoch": epochs, "compile_s": statistics.median(compiles), "step": step_rate}
 
 
-def bench_keras(args) -> dict:
-    import keras
-
-    x, y = load_npz(args.npz)
+def keras_model(keras):
+    """The classic example's model, compiled as it compiles it."""
     model = keras.Sequential(
         [
             keras.Input((28, 28, 1)),
@@ -91,6 +102,14 @@ def bench_keras(args) -> dict:
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
+    return model
+
+
+def bench_keras(args) -> dict:
+    import keras
+
+    x, y = load_npz(args.npz)
+    model = keras_model(keras)
     times = []
 
     class Timer(keras.callbacks.Callback):
@@ -164,76 +183,90 @@ def bench_torch(args) -> dict:
     return {"epoch": epoch_rates, "compile_s": 0.0, "step": step_rate}
 
 
+def tta_flaxcnn(args) -> dict:
+    """Seconds from the call until the test accuracy first reaches the target, with the
+    test split as the run's per-epoch validation (`configs/seed_fast.py`)."""
+    from flaxcnn import train
+    from flaxcnn.writers import read_metrics
+
+    config = flaxcnn_config("seed_fast", args, validation_split="test")
+    with tempfile.TemporaryDirectory() as workdir:
+        start = time.time()
+        train.train_and_evaluate(config, workdir)
+        records = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    curve = [(r["time"] - start, r["accuracy"]) for r in records if r["split"] == "validation"]
+    return {"curve": curve}
+
+
+def tta_keras(args) -> dict:
+    """The same for Keras `fit` (batch `args.batch_size`, Adam 1e-3), testing every epoch."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    data = np.load(args.npz)
+    x, y = data["x_train"][..., None].astype("float32") / 255, data["y_train"]
+    x_test, y_test = data["x_test"][..., None].astype("float32") / 255, data["y_test"]
+    model = keras_model(keras)
+    curve = []
+    start = time.time()
+
+    class TestEveryEpoch(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            accuracy = model.evaluate(x_test, y_test, batch_size=1000, verbose=0)[1]
+            curve.append((time.time() - start, accuracy))
+            model.stop_training = accuracy >= TARGET_ACCURACY
+
+    model.fit(
+        x,
+        y,
+        batch_size=args.batch_size,
+        epochs=KERAS_MAX_EPOCHS,
+        validation_split=0.1,
+        verbose=0,
+        callbacks=[TestEveryEpoch()],
+    )
+    return {"curve": curve}
+
+
+WORKERS = {
+    "flaxcnn": bench_flaxcnn,
+    "keras-tf": bench_keras,
+    "keras-jax": bench_keras,
+    "torch": bench_torch,
+    "flaxcnn-tta": tta_flaxcnn,
+    "keras-tf-tta": tta_keras,
+}
+
+
 def worker(args) -> None:
     if args.worker.startswith("keras"):
         os.environ["KERAS_BACKEND"] = args.worker.split("-")[1].replace("tf", "tensorflow")
-    bench = {"flaxcnn": bench_flaxcnn, "torch": bench_torch}.get(args.worker, bench_keras)
-    result = bench(args)
-    result["epoch_median"] = statistics.median(result["epoch"])
+    result = WORKERS[args.worker](args)
     result["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument(
-        "--trainers", nargs="+", default=["flaxcnn", "keras-tf", "torch"], choices=TRAINERS
-    )
-    parser.add_argument("--npz", default=os.path.join(SHARED, "mnist", "mnist.npz"))
-    parser.add_argument("--tfds", default=os.path.join(SHARED, "tfds"))
-    parser.add_argument("--out", default="benchmark")
-    parser.add_argument("--worker", choices=TRAINERS, help=argparse.SUPPRESS)
-    parser.add_argument("--batch-size", type=int, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        return worker(args)
+def run_worker(name: str, batch_size: int, args) -> dict | None:
+    """Runs one worker in a fresh process; its result, or None (with the reason printed)."""
+    if name == "torch" and subprocess.run([sys.executable, "-c", "import torch"]).returncode:
+        print("torch is not installed: skipped (pip install torch==2.13.0)")
+        return None
+    cmd = [sys.executable, __file__, "--worker", name, "--batch-size", str(batch_size)]
+    cmd += ["--repeats", str(args.repeats), "--npz", args.npz, "--tfds", args.tfds]
+    env = {
+        **os.environ,
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
+    }
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        print(f"{name} at batch {batch_size} failed:\n{proc.stderr[-3000:]}")
+        return None
+    return json.loads(lines[-1][len("RESULT ") :])
 
-    rows = []
-    for batch_size in args.batch_sizes:
-        for trainer in args.trainers:
-            if (
-                trainer == "torch"
-                and subprocess.run(
-                    [sys.executable, "-c", "import torch"], capture_output=True
-                ).returncode
-            ):
-                print("torch is not installed: skipped (pip install torch==2.13.0)")
-                continue
-            cmd = [
-                sys.executable,
-                __file__,
-                "--worker",
-                trainer,
-                "--batch-size",
-                str(batch_size),
-                "--repeats",
-                str(args.repeats),
-                "--npz",
-                args.npz,
-                "--tfds",
-                args.tfds,
-            ]
-            env = {
-                **os.environ,
-                "TF_CPP_MIN_LOG_LEVEL": "3",
-                "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
-            }
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            if proc.returncode or not lines:
-                print(f"{trainer} at batch {batch_size} failed:\n{proc.stderr[-3000:]}")
-                continue
-            row = {"trainer": trainer, "batch_size": batch_size, **json.loads(lines[-1][7:])}
-            rows.append(row)
-            print(
-                f"{trainer:10s} batch {batch_size:4d}: epoch {row['epoch_median']:8,.0f} ex/s, "
-                f"step {row['step']:8,.0f} ex/s, compile {row['compile_s']:.2f} s, "
-                f"peak {row['peak_memory_mb']:,.0f} MB",
-                flush=True,
-            )
 
+def throughput_table(rows: list[dict]) -> list[str]:
     table = [
         "| trainer | batch | epoch ex/s (median) | flaxcnn / it | step ex/s | compile s "
         "| peak MB |",
@@ -249,12 +282,82 @@ def main() -> None:
             f"| {row['trainer']} | {row['batch_size']} | {row['epoch_median']:,.0f} | {ratio} "
             f"| {row['step']:,.0f} | {row['compile_s']:.2f} | {row['peak_memory_mb']:,.0f} |"
         )
+    return table
+
+
+def time_to_target(curve: list) -> float | None:
+    return next((t for t, accuracy in curve if accuracy >= TARGET_ACCURACY), None)
+
+
+def tta_table(rows: list[dict]) -> list[str]:
+    table = [
+        f"| trainer | settings | seconds to {TARGET_ACCURACY:.1%} test accuracy "
+        "| test accuracy by epoch |",
+        "| --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        seconds = time_to_target(row["curve"])
+        reached = f"{seconds:.1f}" if seconds else f"not in {row['curve'][-1][0]:.0f} s"
+        accuracies = " ".join(f"{a:.4f}" for _, a in row["curve"])
+        table.append(f"| {row['trainer']} | {row['settings']} | {reached} | {accuracies} |")
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--trainers", nargs="+", default=["flaxcnn", "keras-tf", "torch"], choices=TRAINERS
+    )
+    parser.add_argument(
+        "--time-to-accuracy",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"also time flaxcnn and Keras to {TARGET_ACCURACY:.1%} test accuracy",
+    )
+    parser.add_argument("--npz", default=os.path.join(SHARED, "mnist", "mnist.npz"))
+    parser.add_argument("--tfds", default=os.path.join(SHARED, "tfds"))
+    parser.add_argument("--out", default="benchmark")
+    parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
+    parser.add_argument("--batch-size", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+
+    rows = []
+    for batch_size in args.batch_sizes:
+        for trainer in args.trainers:
+            result = run_worker(trainer, batch_size, args)
+            if result is None:
+                continue
+            result["epoch_median"] = statistics.median(result["epoch"])
+            rows.append({"trainer": trainer, "batch_size": batch_size, **result})
+            print(
+                f"{trainer:10s} batch {batch_size:4d}: epoch {result['epoch_median']:8,.0f} ex/s,"
+                f" step {result['step']:8,.0f} ex/s, compile {result['compile_s']:.2f} s, "
+                f"peak {result['peak_memory_mb']:,.0f} MB",
+                flush=True,
+            )
+    report = ["## Throughput", "", *throughput_table(rows)]
+
+    tta_rows = []
+    if args.time_to_accuracy:
+        runs = [("flaxcnn-tta", 0, "configs/seed_fast.py")]
+        runs += [("keras-tf-tta", b, f"fit, batch {b}, Adam 1e-3") for b in KERAS_TTA_BATCHES]
+        for name, batch_size, settings in runs:
+            result = run_worker(name, batch_size, args)
+            if result is not None:
+                tta_rows.append({"trainer": name[:-4], "settings": settings, **result})
+                print(f"{name} {settings}: {time_to_target(result['curve'])} s", flush=True)
+        report += ["", "## Time to accuracy", "", *tta_table(tta_rows)]
+
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "benchmark.json"), "w") as f:
-        json.dump(rows, f, indent=2)
+        json.dump({"throughput": rows, "time_to_accuracy": tta_rows}, f, indent=2)
     with open(os.path.join(args.out, "benchmark.md"), "w") as f:
-        f.write("\n".join(table) + "\n")
-    print("\n".join(table))
+        f.write("\n".join(report) + "\n")
+    print("\n".join(report))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from flaxcnn.models import MODELS, create_model
+from flaxcnn.models import create_model
 
 
 def count(params) -> int:
@@ -16,9 +16,9 @@ def test_seed_cnn_has_the_keras_parameter_count():
     assert kernel.shape == (3, 3, 1, 32)
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", ["SeedCNN", "CNN", "RNN"])
 @pytest.mark.parametrize("shape", [(28, 28, 1), (32, 32, 3)])
-def test_models_return_float32_logits(name, shape):
+def test_classifiers_return_float32_logits(name, shape):
     model = create_model(name, num_classes=7)
     variables = model.init(jax.random.key(0), jnp.zeros((1, *shape)))
     logits = model.apply(variables, jnp.zeros((5, *shape)))
@@ -26,5 +26,5 @@ def test_models_return_float32_logits(name, shape):
 
 
 def test_unknown_model_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="unknown model 'Resnet'; valid: CNN, SeedCNN"):
+    with pytest.raises(ValueError, match="unknown model 'Resnet'; valid: CNN, ConvAutoencoder, "):
         create_model("Resnet")

@@ -8,9 +8,9 @@ import numpy as np
 import optax
 import pytest
 
-from flaxcnn import steps
 from flaxcnn.models import create_model
 from flaxcnn.state import create_train_state
+from flaxcnn.tasks import classification
 
 
 def make_state(name="SeedCNN"):
@@ -39,7 +39,7 @@ def max_abs_diff(a, b) -> float:
 @pytest.mark.parametrize("name", ["SeedCNN", "CNN"])
 def test_train_step_updates_params_and_returns_finite_metrics(name):
     state, batch = make_state(name), make_batch()
-    new_state, metrics = steps.train_step(state, batch, jax.random.key(1))
+    new_state, metrics = classification.train_step(state, batch, jax.random.key(1))
     assert int(new_state.step) == 1
     assert max_abs_diff(new_state.params, state.params) > 0
     assert jax.tree.map(jnp.shape, new_state.params) == jax.tree.map(jnp.shape, state.params)
@@ -52,8 +52,8 @@ def test_train_step_updates_params_and_returns_finite_metrics(name):
 @pytest.mark.parametrize("name", ["SeedCNN", "CNN"])
 def test_jit_equals_eager_and_same_rng_same_result(name):
     batch, rng = make_batch(), jax.random.key(1)
-    eager_state, eager_metrics = steps.train_step(make_state(name), batch, rng)
-    jitted = jax.jit(steps.train_step, donate_argnums=0)
+    eager_state, eager_metrics = classification.train_step(make_state(name), batch, rng)
+    jitted = jax.jit(classification.train_step, donate_argnums=0)
     state_a, metrics_a = jitted(make_state(name), batch, rng)
     state_b, metrics_b = jitted(make_state(name), batch, rng)
     assert max_abs_diff(state_a.params, state_b.params) == 0
@@ -64,15 +64,15 @@ def test_jit_equals_eager_and_same_rng_same_result(name):
 
 def test_dropout_noise_depends_on_rng():
     batch = make_batch()
-    state_a, _ = steps.train_step(make_state("CNN"), batch, jax.random.key(1))
-    state_b, _ = steps.train_step(make_state("CNN"), batch, jax.random.key(2))
+    state_a, _ = classification.train_step(make_state("CNN"), batch, jax.random.key(1))
+    state_b, _ = classification.train_step(make_state("CNN"), batch, jax.random.key(2))
     assert max_abs_diff(state_a.params, state_b.params) > 0
 
 
 def test_microbatches_give_the_full_batch_update():
     batch, rng = make_batch(32), jax.random.key(1)
-    full_state, full_metrics = steps.train_step(make_state(), batch, rng)
-    micro = functools.partial(steps.train_step, microbatch_size=8)
+    full_state, full_metrics = classification.train_step(make_state(), batch, rng)
+    micro = functools.partial(classification.train_step, microbatch_size=8)
     micro_state, micro_metrics = jax.jit(micro)(make_state(), batch, rng)
     assert max_abs_diff(full_state.params, micro_state.params) < 1e-6
     assert max_abs_diff(full_state.opt_state, micro_state.opt_state) < 1e-6
@@ -85,14 +85,14 @@ def test_microbatches_give_the_full_batch_update():
     [(32, 0, 1), (32, 32, 1), (32, 64, 1), (128, 32, 4), (300, 32, 10), (7, 2, 7)],
 )
 def test_num_microbatches_splits_evenly(batch, micro, expected):
-    assert steps.num_microbatches(batch, micro) == expected
+    assert classification.num_microbatches(batch, micro) == expected
 
 
 def test_batch_stats_update_in_training_only():
     state, batch = make_state("CNN"), make_batch()
-    trained, _ = steps.train_step(state, batch, jax.random.key(1))
+    trained, _ = classification.train_step(state, batch, jax.random.key(1))
     assert max_abs_diff(trained.batch_stats, state.batch_stats) > 0
-    steps.eval_step(trained, batch)  # Pure: nothing to compare but the returned metrics.
+    classification.eval_step(trained, batch)  # Pure: nothing to compare but the returned metrics.
     assert jax.tree.map(jnp.shape, trained.batch_stats) == jax.tree.map(
         jnp.shape, state.batch_stats
     )
@@ -100,10 +100,10 @@ def test_batch_stats_update_in_training_only():
 
 def test_eval_step_counts_only_masked_examples():
     state, batch = make_state(), make_batch(16)
-    full = jax.jit(steps.eval_step)(state, batch)
+    full = jax.jit(classification.eval_step)(state, batch)
     mask = jnp.arange(16) < 10
-    masked = jax.jit(steps.eval_step)(state, {**batch, "mask": mask})
-    first10 = steps.eval_step(state, jax.tree.map(lambda x: x[:10], batch))
+    masked = jax.jit(classification.eval_step)(state, {**batch, "mask": mask})
+    first10 = classification.eval_step(state, jax.tree.map(lambda x: x[:10], batch))
     assert float(full["count"]) == 16 and float(masked["count"]) == 10
     np.testing.assert_allclose(masked["loss"], first10["loss"], rtol=1e-5)
     np.testing.assert_allclose(masked["accuracy"], first10["accuracy"])

@@ -1,0 +1,56 @@
+"""The training split kept on the accelerator, and the batches gathered from it there.
+
+The split goes to every device once, as uint8 (full MNIST is 42 MB). Each epoch the host
+computes the example order (a pure function of seed and epoch, see
+`input_pipeline.epoch_order`) and sends only indices; the jitted step gathers its batch and
+scales it to [0, 1] float32 itself. That leaves no per-step host work but a dispatch, which
+is what lets several steps run per dispatch (`lax.scan`).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from flaxcnn import input_pipeline
+
+DeviceSplit = dict[str, jax.Array]
+
+
+def put_split(split: input_pipeline.Split, mesh: Mesh) -> DeviceSplit:
+    """The split's images (uint8) and labels, replicated on every device of the mesh.
+
+    Every process holds the whole split, so its local data is the global array."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return {
+        "image": jax.make_array_from_process_local_data(replicated, split.images),
+        "label": jax.make_array_from_process_local_data(replicated, split.labels),
+    }
+
+
+def epoch_indices(num_examples: int, batch_size: int, seed: int, epoch: int) -> np.ndarray:
+    """(steps_per_epoch, batch_size) example indices of the epoch's full batches; the last
+    partial batch is dropped (a different one each epoch)."""
+    order = input_pipeline.epoch_order(num_examples, seed, epoch)
+    steps = num_examples // batch_size
+    return order[: steps * batch_size].reshape(steps, batch_size).astype(np.int32)
+
+
+def shard_indices(indices: np.ndarray, mesh: Mesh) -> jax.Array:
+    """(steps, global_batch) indices as one array split over `data` along the batch axis;
+    each process passes its contiguous share of every batch, as the host pipeline does."""
+    per_process = indices.shape[1] // jax.process_count()
+    start = jax.process_index() * per_process
+    return jax.make_array_from_process_local_data(
+        NamedSharding(mesh, PartitionSpec(None, "data")),
+        indices[:, start : start + per_process],
+        indices.shape,
+    )
+
+
+def gather_batch(data: DeviceSplit, indices: jax.Array) -> dict[str, jax.Array]:
+    """The batch at `indices`, images scaled to [0, 1] float32, as the host pipeline makes it."""
+    return {
+        "image": data["image"][indices].astype(jnp.float32) / 255.0,
+        "label": data["label"][indices],
+    }

@@ -1,0 +1,271 @@
+"""A trained classifier outside the training loop: `load_run(workdir)` rebuilds the state the
+loop checkpointed (same config, same `create_state`) and restores the latest or best
+checkpoint into it; `Run.predict_proba` runs the model on images.
+
+The model's input shape, class count and class names come from `workdir/dataset_info.json`
+when the loop wrote one (`write_dataset_info`), else from the run's dataset (its tfds info,
+or the class folders of an image folder), which must then be reachable.
+"""
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from flaxcnn import input_pipeline
+from flaxcnn.checkpointing import Checkpointer
+from flaxcnn.datasets import image_folder
+
+CONFIG_FILE = "config.json"
+DATASET_INFO_FILE = "dataset_info.json"
+CHECKPOINTS = {"latest": "checkpoints", "best": "checkpoints_best"}
+PREDICT_BATCH_SIZE = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What a classifier needs to know of its data: input (H, W, C) and the classes."""
+
+    image_shape: tuple[int, int, int]
+    num_classes: int
+    class_names: list[str]
+
+
+def dataset_info(
+    name: str, data_dir: str | None = None, image_size=None, color_mode: str | None = None
+) -> DatasetInfo:
+    """The image shape and classes of dataset `name` (tfds or `folder:`), after the resizing
+    and colour conversion `image_size` and `color_mode` ask for, without reading its images."""
+    if image_folder.is_folder_dataset(name):
+        try:
+            shape, names = image_folder.folder_info(name, image_size, color_mode)
+        except image_folder.FolderError as e:
+            raise input_pipeline.DataError(str(e)) from None
+        return DatasetInfo(tuple(shape), len(names), names)
+    builder = input_pipeline.get_builder(name, data_dir)
+    image_key, label_key = builder.info.supervised_keys
+    height, width, num_channels = builder.info.features[image_key].shape
+    if image_size is not None:
+        height, width = image_folder.check_image_size(image_size)
+    if color_mode is not None:
+        num_channels = image_folder.channels(color_mode)
+    if None in (height, width, num_channels):
+        raise input_pipeline.DataError(f"{name!r} has images of varying size")
+    labels = builder.info.features[label_key]
+    return DatasetInfo((height, width, num_channels), labels.num_classes, list(labels.names))
+
+
+def write_dataset_info(workdir: str, info: DatasetInfo) -> None:
+    """Records `info` in the workdir, so that the run loads without its dataset."""
+    with open(os.path.join(workdir, DATASET_INFO_FILE), "w") as f:
+        json.dump(dataclasses.asdict(info), f, indent=2)
+
+
+def _tuples(value: Any) -> Any:
+    """JSON lists back to the tuples the config had (Flax modules must stay hashable)."""
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    return value
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The resolved config of the run in `workdir`, with defaults for keys added since."""
+    from flaxcnn import default_config
+
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise ValueError(f"{workdir} holds no training run: {CONFIG_FILE} is missing")
+    try:
+        with open(path) as f:
+            loaded = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+    config = ml_collections.ConfigDict(_tuples(loaded))
+    for key, value in default_config.get_config().items():
+        if key not in config:
+            config[key] = value
+    return config
+
+
+def checkpoint_dir(workdir: str, which: str) -> tuple[str, str]:
+    """(directory, which) of the checkpoints to restore: `best` falls back to `latest` when
+    the run has no best checkpoint."""
+    if which not in CHECKPOINTS:
+        raise ValueError(f"which must be one of {', '.join(CHECKPOINTS)}, not {which!r}")
+    if which == "best":
+        best = os.path.join(workdir, CHECKPOINTS["best"])
+        if _has_checkpoint(best):
+            return best, "best"
+        logging.info("No best checkpoint in %s; using the latest.", workdir)
+    return os.path.join(workdir, CHECKPOINTS["latest"]), "latest"
+
+
+def _has_checkpoint(directory: str) -> bool:
+    return os.path.isdir(directory) and any(
+        entry.isdigit() and os.path.isdir(os.path.join(directory, entry))
+        for entry in os.listdir(directory)
+    )
+
+
+def _restore(workdir: str, which: str, abstract_state: Any, keep: int) -> Any:
+    """The newest usable checkpoint of the `which` slot, restored as the loop restores it,
+    into a state laid out like `abstract_state` (shapes and dtypes) on the default device."""
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_state
+    )
+    checkpointer = Checkpointer(workdir, keep, CHECKPOINTS[which])
+    try:
+        return checkpointer.restore_or(abstract)
+    finally:
+        checkpointer.close()
+
+
+def eval_variables(state: Any) -> dict:
+    """The variables evaluation uses: the moving average of the parameters when the state
+    keeps one, else the parameters (and batch statistics)."""
+    if hasattr(state, "eval_variables"):
+        return state.eval_variables()
+    return state.variables()
+
+
+def to_model_input(images) -> np.ndarray:
+    """uint8 images (0..255) or float images in [0, 1] -> float32 in [0, 1], exactly as the
+    input pipeline scales its batches."""
+    images = np.asarray(images)
+    if images.dtype == np.uint8:
+        return images.astype(np.float32) / np.float32(255)
+    if not np.issubdtype(images.dtype, np.floating):
+        raise ValueError(f"images must be uint8 (0..255) or float in [0, 1], not {images.dtype}")
+    if images.size and (images.min() < 0 or images.max() > 1):
+        raise ValueError(
+            f"float images must be in [0, 1] (got {images.min():.3g}..{images.max():.3g}); "
+            "pass uint8 for 0..255"
+        )
+    return images.astype(np.float32)
+
+
+@dataclasses.dataclass
+class Run:
+    """A trained classifier restored from a workdir."""
+
+    workdir: str
+    config: ml_collections.ConfigDict
+    state: Any  # The restored training state, as the loop checkpointed it.
+    image_shape: tuple[int, int, int]
+    num_classes: int
+    class_names: list[str]
+    step: int
+    which: str  # The checkpoint restored: "latest" or "best".
+
+    def __post_init__(self):
+        apply_fn = self.state.apply_fn
+        self._probabilities = jax.jit(
+            lambda variables, x: jax.nn.softmax(apply_fn(variables, x, train=False), axis=-1)
+        )
+
+    @property
+    def apply_fn(self):
+        """The model's `apply(variables, images, train=False)`: logits."""
+        return self.state.apply_fn
+
+    @property
+    def variables(self) -> dict:
+        return eval_variables(self.state)
+
+    def predict_proba(self, images, batch_size: int = PREDICT_BATCH_SIZE) -> np.ndarray:
+        """Class probabilities (N, num_classes) of images (N, H, W, C), uint8 or float in
+        [0, 1] ((N, H, W) for one channel). Batches of `batch_size`; a smaller last batch is
+        padded to a power of two, so few shapes are ever compiled."""
+        images = to_model_input(images)
+        if images.ndim == 3 and self.image_shape[2] == 1:
+            images = images[..., None]
+        if images.shape[1:] != tuple(self.image_shape):
+            raise ValueError(
+                f"images of shape {images.shape[1:]} given; the model takes "
+                f"{tuple(self.image_shape)} (H, W, C)"
+            )
+        variables = self.variables
+        outputs = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            size = min(batch_size, 1 << (len(chunk) - 1).bit_length())
+            padded = np.pad(chunk, [(0, size - len(chunk))] + [(0, 0)] * 3)
+            outputs.append(np.asarray(self._probabilities(variables, padded))[: len(chunk)])
+        if not outputs:
+            return np.zeros((0, self.num_classes), np.float32)
+        return np.concatenate(outputs)
+
+
+def load_run(
+    workdir: str,
+    which: str = "latest",
+    *,
+    dataset: str | None = None,
+    data_dir: str | None = None,
+) -> Run:
+    """The classifier trained in `workdir`, restored from its latest checkpoint or its best
+    (`which="best"`, falling back to the latest when there is none). Without
+    `workdir/dataset_info.json`, the input shape and classes come from the run's dataset, or
+    from `dataset` / `data_dir` when given (a dataset moved since training)."""
+    from flaxcnn import tasks
+
+    config = load_config(workdir)
+    task = config.get("task", "classification")
+    if task != "classification":
+        raise ValueError(f"{workdir} holds a {task!r} run; only classifiers can be loaded")
+    directory, which = checkpoint_dir(workdir, which)
+    if not _has_checkpoint(directory):
+        raise ValueError(f"{workdir} has no checkpoint in {directory}")
+    info_path = os.path.join(workdir, DATASET_INFO_FILE)
+    if os.path.isfile(info_path):
+        with open(info_path) as f:
+            saved = json.load(f)
+        info = DatasetInfo(tuple(saved["image_shape"]), saved["num_classes"], saved["class_names"])
+    else:
+        info = dataset_info(
+            dataset or config.dataset,
+            data_dir or config.data_dir,
+            config.get("image_size"),
+            config.get("color_mode"),
+        )
+    # The schedule's length does not change the state's structure; any valid one will do.
+    steps = max(
+        config.num_train_steps,
+        max(int(s) for s in os.listdir(directory) if s.isdigit()),
+        config.get("warmup_steps", 0) + 1,
+        1,
+    )
+    # Only the state's structure is needed: traced, not run (an eager init compiles op by op).
+    abstract_state = jax.eval_shape(
+        lambda rng: tasks.get_task(task).create_state(
+            config, rng, info.image_shape, info.num_classes, steps
+        ),
+        jax.random.key(config.seed),
+    )
+    state = _restore(workdir, which, abstract_state, config.keep_checkpoints)
+    return Run(
+        workdir=workdir,
+        config=config,
+        state=state,
+        image_shape=tuple(info.image_shape),
+        num_classes=info.num_classes,
+        class_names=list(info.class_names),
+        step=int(state.step),
+        which=which,
+    )
+
+
+def top_k(probabilities: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, probabilities) of the k most probable classes of each row, most probable
+    first (ties: lower index first)."""
+    k = min(k, probabilities.shape[-1])
+    order = np.argsort(-probabilities, axis=-1, kind="stable")[..., :k]
+    return order, np.take_along_axis(probabilities, order, axis=-1)

@@ -1,0 +1,297 @@
+"""Generative adversarial training (DCGAN recipe) of `config.model` (a `DCGAN`).
+
+Each train step first updates the discriminator on a real batch and a generated one (binary
+cross-entropy), then the generator with the non-saturating loss -log D(G(z)) (it maximises
+log D(G(z)) rather than minimising log(1 - D(G(z))), whose gradient vanishes while the
+discriminator wins). Each update is a pure function of its own, touching only its network's
+parameters, batch statistics and optimizer state, so each can be tested alone.
+
+Both networks train with Adam (`config.optimizer` must be "adam") following
+`config.lr_schedule`. Config keys of this task, each optional (default in brackets):
+`adam_b1` (0.5, DCGAN's value: Adam's first-moment decay), `d_learning_rate` (the
+discriminator's learning rate; `learning_rate`), `score_samples` (0, off: how many samples
+`extra_results` scores) and `scorer_dir` (where the scoring classifier is kept; see
+flaxcnn.generative_metrics).
+"""
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import struct
+
+from flaxcnn import input_pipeline, pictures
+from flaxcnn.models import MODELS, create_model
+from flaxcnn.models.gan import DCGAN
+from flaxcnn.state import SCHEDULES, model_kwargs
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+DEFAULT_ADAM_B1 = 0.5
+SAMPLE_GRID_COLUMNS = 8
+NUM_PICTURE_SAMPLES = 64
+# The sample pictures' latents come from key(0) folded with this, whatever the run's seed, so
+# every epoch (and every run of a config) pictures the same latent vectors.
+_FIXED_LATENT_FOLD = 0x6A4
+
+
+class GANState(struct.PyTreeNode):
+    """Both networks' parameters and optimizer states, the generator's batch statistics, and
+    the step: every leaf an array, so the loop jits and checkpoints it whole."""
+
+    step: jax.Array
+    params: dict[str, Any]  # {"generator": ..., "discriminator": ...}
+    batch_stats: dict[str, Any]  # {"generator": ...}: the discriminator has none.
+    g_opt_state: optax.OptState
+    d_opt_state: optax.OptState
+    model: DCGAN = struct.field(pytree_node=False)
+    g_tx: optax.GradientTransformation = struct.field(pytree_node=False)
+    d_tx: optax.GradientTransformation = struct.field(pytree_node=False)
+
+
+def _optimizer(
+    config: ml_collections.ConfigDict, learning_rate: float, total_steps: int
+) -> optax.GradientTransformation:
+    """Adam with `learning_rate` following `config.lr_schedule`, and b1 = `config.adam_b1`."""
+    if config.optimizer != "adam":
+        raise ValueError(
+            f"task 'gan' trains with optimizer 'adam' (b1 from config.adam_b1), "
+            f"got {config.optimizer!r}"
+        )
+    if config.lr_schedule not in SCHEDULES:
+        raise ValueError(
+            f"unknown schedule {config.lr_schedule!r}; valid: {', '.join(sorted(SCHEDULES))}"
+        )
+    schedule = SCHEDULES[config.lr_schedule](
+        learning_rate, total_steps, config.get("warmup_steps", 0)
+    )
+    return optax.adam(schedule, b1=config.get("adam_b1", DEFAULT_ADAM_B1))
+
+
+def create_state(
+    config: ml_collections.ConfigDict,
+    rng: jax.Array,
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    total_steps: int,
+) -> GANState:
+    """`config.model` (a DCGAN) for images of `input_shape`, initialised, with an optimizer
+    each. `num_classes` is unused: the GAN ignores labels."""
+    del num_classes
+    model_class = MODELS.get(config.model)
+    if not (isinstance(model_class, type) and issubclass(model_class, DCGAN)):
+        raise ValueError(f"task 'gan' needs a GAN model (DCGAN), got {config.model!r}")
+    model = create_model(config.model, image_shape=tuple(input_shape), **model_kwargs(config))
+    variables = model.init(rng, jnp.zeros((1, model.latent_dim), jnp.float32), train=False)
+    params = variables["params"]
+    g_tx = _optimizer(config, config.learning_rate, total_steps)
+    d_tx = _optimizer(config, config.get("d_learning_rate", config.learning_rate), total_steps)
+    return GANState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables["batch_stats"],
+        g_opt_state=g_tx.init(params["generator"]),
+        d_opt_state=d_tx.init(params["discriminator"]),
+        model=model,
+        g_tx=g_tx,
+        d_tx=d_tx,
+    )
+
+
+def step_kwargs(config: ml_collections.ConfigDict) -> dict:
+    """`train_step`'s static settings: whether to skip non-finite updates."""
+    return {"skip_nonfinite": bool(config.get("skip_nonfinite", False))}
+
+
+def latents(state: GANState, rng: jax.Array, num: int) -> jax.Array:
+    """`num` standard-normal latent vectors of the generator's size."""
+    return jax.random.normal(rng, (num, state.model.latent_dim), jnp.float32)
+
+
+def fixed_latents(state: GANState, num: int = NUM_PICTURE_SAMPLES) -> jax.Array:
+    """The same `num` latent vectors for every epoch and run: comparable sample pictures."""
+    return latents(state, jax.random.fold_in(jax.random.key(0), _FIXED_LATENT_FOLD), num)
+
+
+def _generate(state: GANState, params: Any, z: jax.Array, train: bool):
+    """G(z), and in training mode (batch statistics) the updated batch statistics."""
+    variables = {"params": {"generator": params}, "batch_stats": state.batch_stats}
+    if not train:
+        return state.model.apply(variables, z, method=DCGAN.generate), state.batch_stats
+    images, updates = state.model.apply(
+        variables, z, train=True, method=DCGAN.generate, mutable=["batch_stats"]
+    )
+    return images, updates["batch_stats"]
+
+
+def _discriminate(state: GANState, params: Any, images: jax.Array) -> jax.Array:
+    return state.model.apply(
+        {"params": {"discriminator": params}}, images, method=DCGAN.discriminate
+    )
+
+
+def generate_from_latents(state: GANState, z: jax.Array) -> jax.Array:
+    """G(z) in evaluation mode (batch norm's running averages): (num, H, W, C) in [0, 1]."""
+    return _generate(state, state.params["generator"], z, train=False)[0]
+
+
+def generate(state: GANState, rng: jax.Array, num: int) -> jax.Array:
+    """`num` images (num, H, W, C) in [0, 1] from fresh latents drawn with `rng`."""
+    return generate_from_latents(state, latents(state, rng, num))
+
+
+def discriminator_losses(
+    real_logits: jax.Array, fake_logits: jax.Array, weights: jax.Array
+) -> Metrics:
+    """Summed per-example losses of both networks and D's mean probabilities, as sums.
+
+    d_loss: -log D(x) - log(1 - D(G(z))); g_loss (non-saturating): -log D(G(z)).
+    """
+    d_loss = optax.sigmoid_binary_cross_entropy(real_logits, jnp.ones_like(real_logits))
+    d_loss += optax.sigmoid_binary_cross_entropy(fake_logits, jnp.zeros_like(fake_logits))
+    g_loss = optax.sigmoid_binary_cross_entropy(fake_logits, jnp.ones_like(fake_logits))
+    return {
+        "d_loss": jnp.sum(d_loss * weights),
+        "g_loss": jnp.sum(g_loss * weights),
+        "d_real": jnp.sum(jax.nn.sigmoid(real_logits) * weights),
+        "d_fake": jnp.sum(jax.nn.sigmoid(fake_logits) * weights),
+        "count": jnp.sum(weights),
+    }
+
+
+def discriminator_update(state: GANState, batch: Batch, rng: jax.Array) -> tuple[GANState, Metrics]:
+    """One optimizer update of the discriminator on `batch` (real) and as many generated
+    images (from latents drawn with `rng`). The generator is applied in training mode, as in
+    its own update, but its batch statistics are not updated here."""
+    real = batch["image"]
+    fake, _ = _generate(state, state.params["generator"], latents(state, rng, len(real)), True)
+    fake = jax.lax.stop_gradient(fake)
+
+    def loss_fn(d_params):
+        metrics = discriminator_losses(
+            _discriminate(state, d_params, real),
+            _discriminate(state, d_params, fake),
+            jnp.ones(len(real), jnp.float32),
+        )
+        return metrics["d_loss"] / len(real), metrics
+
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params["discriminator"])
+    updates, d_opt_state = state.d_tx.update(
+        grads, state.d_opt_state, state.params["discriminator"]
+    )
+    d_params = optax.apply_updates(state.params["discriminator"], updates)
+    new_state = state.replace(
+        params={**state.params, "discriminator": d_params}, d_opt_state=d_opt_state
+    )
+    return new_state, {k: metrics[k] for k in ("d_loss", "d_real", "d_fake", "count")}
+
+
+def generator_update(state: GANState, rng: jax.Array, batch_size: int) -> tuple[GANState, Metrics]:
+    """One optimizer update of the generator on `batch_size` latents drawn with `rng`, with
+    the non-saturating loss -log D(G(z)); updates its batch statistics too."""
+    z = latents(state, rng, batch_size)
+
+    def loss_fn(g_params):
+        fake, batch_stats = _generate(state, g_params, z, train=True)
+        logits = _discriminate(state, state.params["discriminator"], fake)
+        loss = jnp.sum(optax.sigmoid_binary_cross_entropy(logits, jnp.ones_like(logits)))
+        return loss / batch_size, (loss, batch_stats)
+
+    grads, (g_loss, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params["generator"])
+    updates, g_opt_state = state.g_tx.update(grads, state.g_opt_state, state.params["generator"])
+    g_params = optax.apply_updates(state.params["generator"], updates)
+    new_state = state.replace(
+        params={**state.params, "generator": g_params},
+        batch_stats=batch_stats,
+        g_opt_state=g_opt_state,
+    )
+    return new_state, {"g_loss": g_loss}
+
+
+def train_step(
+    state: GANState, batch: Batch, rng: jax.Array, *, skip_nonfinite: bool = False
+) -> tuple[GANState, Metrics]:
+    """A discriminator update, then a generator update against the updated discriminator.
+
+    `rng` is the run's key; the step folds in `state.step`, so each step draws fresh latents
+    and a resumed run draws the same ones. Metrics are sums over the batch plus "count";
+    "loss" is the generator's loss (the one the loop watches and logs). With
+    `skip_nonfinite`, a step whose losses or new parameters are not finite leaves both
+    networks as they were (the step still counted) and is reported in "skipped" instead.
+    """
+    d_rng, g_rng = jax.random.split(jax.random.fold_in(rng, state.step))
+    new_state, metrics = discriminator_update(state, batch, d_rng)
+    new_state, g_metrics = generator_update(new_state, g_rng, batch["image"].shape[0])
+    metrics = {**metrics, **g_metrics, "loss": g_metrics["g_loss"]}
+    new_state = new_state.replace(step=state.step + 1)
+    if not skip_nonfinite:
+        return new_state, metrics
+    finite = jnp.isfinite(metrics["d_loss"]) & jnp.isfinite(metrics["g_loss"])
+    finite &= jnp.isfinite(optax.global_norm(new_state.params))
+    kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    metrics = jax.tree.map(lambda m: jnp.where(finite, m, 0.0), metrics)
+    metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
+    return kept.replace(step=new_state.step), metrics
+
+
+def eval_step(state: GANState, batch: Batch, rng: jax.Array | None = None) -> Metrics:
+    """Both losses and D's mean probabilities on `batch` (real) and one generated image per
+    example, summed over the examples whose `mask` is set. The generator runs in evaluation
+    mode; `rng` draws its latents (a fixed key when None)."""
+    if rng is None:
+        rng = jax.random.key(0)
+    real = batch["image"]
+    weights = batch.get("mask", jnp.ones(len(real), bool)).astype(jnp.float32)
+    fake = generate(state, rng, len(real))
+    metrics = discriminator_losses(
+        _discriminate(state, state.params["discriminator"], real),
+        _discriminate(state, state.params["discriminator"], fake),
+        weights,
+    )
+    return {**metrics, "loss": metrics["g_loss"]}
+
+
+_generate_jit = jax.jit(generate_from_latents)
+
+
+def sample_grid(state: GANState, num: int = NUM_PICTURE_SAMPLES) -> np.ndarray:
+    """The generator's images of the fixed latents, tiled: (H', W', C) uint8."""
+    images = np.asarray(jax.device_get(_generate_jit(state, fixed_latents(state, num))))
+    return pictures.image_grid(images, SAMPLE_GRID_COLUMNS)
+
+
+def write_pictures(
+    state: GANState, images: np.ndarray, rng: jax.Array, workdir: str, step: int, writer
+) -> None:
+    """Samples of the fixed latents: `workdir/pictures/samples_step{step}.png` and the
+    "samples" TensorBoard image. `images` and `rng` are unused: the samples depend only on
+    the generator, so epochs compare."""
+    del images, rng
+    grid = sample_grid(state)
+    pictures.save_png(grid, os.path.join(workdir, "pictures", f"samples_step{step}.png"))
+    writer.write_image(step, "samples", grid)
+
+
+def extra_results(
+    state: GANState,
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    test_split: input_pipeline.Split | None = None,
+) -> dict:
+    """Inception score and Frechet distance (to `test_split`) of `config.score_samples`
+    samples under the dataset's scoring classifier, trained once into `config.scorer_dir`
+    (see flaxcnn.generative_metrics); {} when `score_samples` is 0 or absent."""
+    del workdir
+    from flaxcnn import generative_metrics  # It imports the training loop, which imports us.
+
+    sample = jax.jit(generate, static_argnums=2)
+    return generative_metrics.evaluate_generator(
+        lambda rng, num: sample(state, rng, num),
+        config,
+        test_images=None if test_split is None else test_split.images,
+    )

@@ -1,0 +1,195 @@
+"""Data augmentation: identity when off, geometry against references, determinism, jit."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxcnn import augment, default_config
+
+ALL_ON = dict(rotation=15.0, translation=0.1, scale=0.1, noise=0.05)
+
+
+def random_images(batch=8, height=28, width=28, channels=1, seed=0):
+    rng = np.random.default_rng(seed)
+    return jnp.asarray(rng.random((batch, height, width, channels), np.float32))
+
+
+def blob_images(batch=4, size=28, centre=(13.0, 14.0), sigma=2.5):
+    """Gaussian blobs well inside the frame, so shifts of a few pixels lose no mass."""
+    rows, cols = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+    blob = np.exp(-((rows - centre[0]) ** 2 + (cols - centre[1]) ** 2) / (2 * sigma**2))
+    return jnp.asarray(np.broadcast_to(blob[None, :, :, None], (batch, size, size, 1)), jnp.float32)
+
+
+def centre_of_mass(images):
+    images = np.asarray(images)[..., 0]
+    rows, cols = np.meshgrid(*map(np.arange, images.shape[1:]), indexing="ij")
+    mass = images.sum(axis=(1, 2))
+    return np.stack(
+        [(images * rows).sum(axis=(1, 2)) / mass, (images * cols).sum(axis=(1, 2)) / mass], -1
+    )
+
+
+def test_all_strengths_zero_return_the_input_itself():
+    images = random_images()
+    assert augment.augment(images, jax.random.key(0)) is images
+    zeros = dict(rotation=0, translation=0, scale=0, noise=0)
+    assert augment.augment(images, jax.random.key(0), **zeros) is images
+    assert not augment.enabled(zeros) and augment.enabled({**zeros, "noise": 0.1})
+
+
+@pytest.mark.parametrize("name", augment.AUGMENTATIONS)
+def test_each_augmentation_alone_changes_the_images(name):
+    images = random_images()
+    out = augment.augment(images, jax.random.key(0), **{name: ALL_ON[name]})
+    assert float(jnp.max(jnp.abs(out - images))) > 0.05
+
+
+def test_turning_on_noise_keeps_the_geometric_draws():
+    images, rng = random_images(), jax.random.key(0)
+    geometric = augment.augment(images, rng, rotation=15.0, translation=2.0)
+    noisy = augment.augment(images, rng, rotation=15.0, translation=2.0, noise=0.01)
+    # Only the noise differs: small everywhere, not a different rotation or shift.
+    assert 0 < float(jnp.max(jnp.abs(noisy - geometric))) < 0.06
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_shapes_dtype_and_range_hold(channels):
+    images = random_images(channels=channels, height=20, width=24)
+    out = augment.augment(images, jax.random.key(0), **ALL_ON)
+    assert out.shape == images.shape and out.dtype == jnp.float32
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    assert float(jnp.max(jnp.abs(out - images))) > 0.1
+
+
+def test_same_key_same_output_different_keys_differ():
+    images = random_images()
+    a = augment.augment(images, jax.random.key(1), **ALL_ON)
+    b = augment.augment(images, jax.random.key(1), **ALL_ON)
+    c = augment.augment(images, jax.random.key(2), **ALL_ON)
+    np.testing.assert_array_equal(a, b)
+    assert float(jnp.max(jnp.abs(a - c))) > 0.1
+
+
+def test_images_of_a_batch_get_different_transforms():
+    images = jnp.broadcast_to(random_images(batch=1), (4, 28, 28, 1))
+    out = augment.augment(images, jax.random.key(0), rotation=30.0)
+    assert float(jnp.max(jnp.abs(out[0] - out[1]))) > 0.1
+
+
+def test_jit_equals_eager():
+    images, rng = random_images(), jax.random.key(3)
+    jitted = jax.jit(functools.partial(augment.augment, **ALL_ON))
+    np.testing.assert_allclose(
+        jitted(images, rng), augment.augment(images, rng, **ALL_ON), atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("angle, turns", [(90, 1), (180, 2), (-90, 3), (270, 3)])
+def test_rotation_by_quarter_turns_matches_np_rot90(angle, turns):
+    images = random_images(batch=2, channels=3)
+    rotated = augment.rotate(images, jnp.full((2,), angle))
+    expected = np.rot90(np.asarray(images), k=turns, axes=(1, 2))
+    np.testing.assert_allclose(rotated, expected, atol=1e-5)
+
+
+def test_rotation_by_zero_and_identity_matrices_are_exact():
+    images = random_images()
+    np.testing.assert_array_equal(augment.rotate(images, 0.0), images)
+    identity = jnp.broadcast_to(jnp.eye(2, 3), (8, 2, 3))
+    np.testing.assert_array_equal(augment.affine_transform(images, identity), images)
+
+
+def test_rotation_is_about_the_centre():
+    images = blob_images(centre=(13.5, 13.5))
+    rotated = augment.rotate(images, jnp.array([10.0, 45.0, 130.0, -70.0]))
+    np.testing.assert_allclose(centre_of_mass(rotated), 13.5, atol=1e-3)
+
+
+@pytest.mark.parametrize("shift", [(3.0, -2.0), (-1.5, 2.25), (0.0, 4.0)])
+def test_translation_moves_the_centre_of_mass_by_the_shift(shift):
+    images = blob_images()
+    moved = augment.translate(images, jnp.array(shift))
+    np.testing.assert_allclose(
+        centre_of_mass(moved) - centre_of_mass(images), np.broadcast_to(shift, (4, 2)), atol=1e-3
+    )
+
+
+def test_integer_translation_shifts_pixels_and_fills_zeros():
+    images = random_images(batch=1)
+    moved = np.asarray(augment.translate(images, jnp.array([2.0, -3.0])))[0, ..., 0]
+    source = np.asarray(images)[0, ..., 0]
+    np.testing.assert_allclose(moved[2:, :-3], source[:-2, 3:], atol=1e-6)
+    assert np.all(moved[:2] == 0) and np.all(moved[:, -3:] == 0)
+
+
+@pytest.mark.parametrize("translation, limit", [(3.0, 3.0), (0.1, 2.8)])
+def test_random_translation_stays_within_its_limit(translation, limit):
+    images = blob_images(batch=64)
+    moved = augment.augment(images, jax.random.key(0), translation=translation)
+    shifts = centre_of_mass(moved) - centre_of_mass(images)
+    assert np.all(np.abs(shifts) <= limit + 1e-3)
+    assert np.max(np.abs(shifts)) > 0.6 * limit  # The draws spread over the range.
+
+
+def test_zoom_scales_the_content_about_the_centre():
+    images = blob_images(centre=(13.5, 13.5), sigma=2.5)
+    matrices = augment.sampling_matrices(jnp.zeros(4), jnp.full((4,), 1.5), jnp.zeros((4, 2)))
+    zoomed = augment.affine_transform(images, matrices)
+    # A Gaussian blob zoomed by 1.5 is the blob with 1.5x its width (up to the bilinear
+    # interpolation's error, a few percent of the peak).
+    expected = blob_images(centre=(13.5, 13.5), sigma=1.5 * 2.5)
+    np.testing.assert_allclose(zoomed, expected, atol=0.04)
+    assert float(jnp.max(jnp.abs(zoomed - images))) > 0.2
+
+
+def test_noise_has_the_requested_standard_deviation():
+    images = jnp.full((16, 28, 28, 1), 0.5, jnp.float32)
+    out = augment.augment(images, jax.random.key(0), noise=0.05)
+    np.testing.assert_allclose(float(jnp.std(out)), 0.05, rtol=0.05)
+    np.testing.assert_allclose(float(jnp.mean(out)), 0.5, atol=0.005)
+
+
+def test_noise_is_clipped_to_the_unit_range():
+    images = jnp.concatenate([jnp.zeros((2, 8, 8, 1)), jnp.ones((2, 8, 8, 1))])
+    out = augment.augment(images, jax.random.key(0), noise=0.5)
+    assert float(out.min()) == 0.0 and float(out.max()) == 1.0
+
+
+def test_augment_batch_changes_images_and_keeps_labels_and_mask():
+    batch = {
+        "image": random_images(),
+        "label": jnp.arange(8, dtype=jnp.int32),
+        "mask": jnp.ones(8, bool),
+    }
+    out = jax.jit(functools.partial(augment.augment_batch, **ALL_ON))(batch, jax.random.key(0))
+    assert set(out) == set(batch)
+    np.testing.assert_array_equal(out["label"], batch["label"])
+    np.testing.assert_array_equal(out["mask"], batch["mask"])
+    assert float(jnp.max(jnp.abs(out["image"] - batch["image"]))) > 0.1
+
+
+def test_from_config_reads_the_strengths():
+    config = default_config.get_config()
+    assert augment.from_config(config) == dict.fromkeys(augment.AUGMENTATIONS, 0.0)
+    config.augment.rotation = 10.0
+    config.augment.noise = 0.1
+    strengths = augment.from_config(config)
+    assert strengths["rotation"] == 10.0 and strengths["noise"] == 0.1
+    assert augment.enabled(strengths)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [({"rotation": -1.0}, "rotation"), ({"noise": -0.1}, "noise"), ({"scale": 1.0}, "scale")],
+)
+def test_bad_strengths_raise_value_error(settings, message):
+    config = default_config.get_config()
+    config.augment.update(settings)
+    with pytest.raises(ValueError, match=message):
+        augment.from_config(config)
+    with pytest.raises(ValueError, match=message):
+        augment.augment(random_images(), jax.random.key(0), **settings)

@@ -1,0 +1,269 @@
+"""The DCGAN model and the GAN task's pure steps, on tiny networks."""
+
+import functools
+import importlib.util
+import json
+import os
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from PIL import Image
+
+from flaxcnn import default_config
+from flaxcnn.models import create_model
+from flaxcnn.models.gan import DCGAN, MIN_FEATURES_PER_PHASE, ConvTranspose2x
+from flaxcnn.tasks import gan
+
+TINY = dict(latent_dim=8, generator_widths=(8, 4), discriminator_widths=(4, 8))
+
+
+def count(params) -> int:
+    return sum(x.size for x in jax.tree.leaves(params))
+
+
+def max_abs_diff(a, b) -> float:
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    return max(
+        float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
+
+
+def tiny_config(**overrides):
+    config = default_config.get_config()
+    config.task = "gan"
+    config.model = "DCGAN"
+    config.model_kwargs.update(TINY)
+    config.learning_rate = 2e-3
+    config.adam_b1 = 0.5
+    config.update(overrides)
+    return config
+
+
+@functools.cache
+def _cached_state(shape, overrides):
+    config = tiny_config(**dict(overrides))
+    # Jitted, as the loop may: one compilation instead of many eager operations.
+    return jax.jit(lambda rng: gan.create_state(config, rng, shape, 10, 100))(jax.random.key(0))
+
+
+def make_state(shape=(28, 28, 1), **overrides):
+    """A fresh copy of one state per setting: its static parts (the optimizers) are the same
+    objects each time, so jitted steps compile once for all the tests."""
+    return jax.tree.map(jnp.copy, _cached_state(shape, tuple(sorted(overrides.items()))))
+
+
+def make_batch(size=8, shape=(28, 28, 1), seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "image": jnp.asarray(rng.random((size, *shape), np.float32)),
+        "label": jnp.asarray(rng.integers(0, 10, size), jnp.int32),
+    }
+
+
+@pytest.mark.parametrize("shape", [(28, 28, 1), (32, 32, 3), (30, 26, 2)])
+def test_generator_and_discriminator_shapes(shape):
+    model = DCGAN(shape, **TINY)
+    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8)))
+    generate = functools.partial(model.apply, method=DCGAN.generate)
+    images = jax.eval_shape(generate, variables, jnp.ones((3, 8)))
+    assert images.shape == (3, *shape) and images.dtype == jnp.float32
+    discriminate = functools.partial(model.apply, method=DCGAN.discriminate)
+    assert jax.eval_shape(discriminate, variables, images).shape == (3,)
+    assert set(variables["params"]) == {"generator", "discriminator"}
+    assert set(variables["batch_stats"]) == {"generator"}
+
+
+@pytest.mark.parametrize(
+    "shape, generator, discriminator",
+    # Generator: dense 64 -> 7x7x128 (8x8x128), no bias; BN; 4x4 transposed convs 128 -> 64
+    # (no bias), BN, 64 -> C. Discriminator: 4x4 stride-2 convs C -> 64 -> 128, dense -> 1.
+    [((28, 28, 1), 533_889, 138_561), ((32, 32, 3), 658_819, 142_529)],
+)
+def test_default_dcgan_parameter_counts(shape, generator, discriminator):
+    model = create_model("DCGAN", image_shape=shape)
+    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64)))
+    assert count(variables["params"]["generator"]) == generator
+    assert count(variables["params"]["discriminator"]) == discriminator
+    assert variables["params"]["generator"]["ConvTranspose_0"]["kernel"].shape == (4, 4, 128, 64)
+
+
+@pytest.mark.parametrize("features", [4, MIN_FEATURES_PER_PHASE])  # Both computations.
+def test_transposed_convolution_equals_flax_values_and_gradients(features):
+    x = jax.random.normal(jax.random.key(1), (2, 5, 6, 3))
+    reference = nn.ConvTranspose(features, (4, 4), strides=(2, 2))
+    variables = reference.init(jax.random.key(0), x)
+    variables = jax.tree.map(lambda v: v + 0.1, variables)  # A non-zero bias too.
+    ours = ConvTranspose2x(features)
+    assert jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x)) == jax.tree.map(
+        jnp.shape, variables
+    )
+    np.testing.assert_allclose(ours.apply(variables, x), reference.apply(variables, x), atol=1e-5)
+
+    def grads(module):
+        loss = lambda v, x: jnp.sum(jnp.sin(module.apply(v, x)))  # noqa: E731
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(variables, x)
+
+    assert max_abs_diff(grads(ours), grads(reference)) < 1e-4
+
+
+def test_state_is_a_pytree_of_arrays_with_a_step():
+    state = make_state()
+    assert int(state.step) == 0
+    assert all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(state))
+    assert set(state.params) == {"generator", "discriminator"}
+
+
+def test_bad_settings_raise_value_errors():
+    with pytest.raises(ValueError, match="needs a GAN model"):
+        gan.create_state(default_config.get_config(), jax.random.key(0), (28, 28, 1), 10, 10)
+    with pytest.raises(ValueError, match="optimizer 'adam'"):
+        make_state(optimizer="sgd")
+
+
+@pytest.fixture(scope="module")
+def eager_step():
+    """One train step run eagerly (op by op, slow), shared by the tests that need it."""
+    state, batch = make_state(), make_batch()
+    return state, batch, gan.train_step(state, batch, jax.random.key(1))
+
+
+def test_train_step_returns_finite_summed_metrics(eager_step):
+    state, _, (new_state, metrics) = eager_step
+    assert int(new_state.step) == 1
+    assert set(metrics) == {"d_loss", "g_loss", "d_real", "d_fake", "count", "loss"}
+    assert all(np.isfinite(float(v)) for v in metrics.values())
+    assert float(metrics["count"]) == 8
+    assert float(metrics["loss"]) == float(metrics["g_loss"])
+    assert 0 <= float(metrics["d_real"]) <= 8 and 0 <= float(metrics["d_fake"]) <= 8
+    # At initialisation D is near 1/2 everywhere: d_loss ~ 2 log 2, g_loss ~ log 2 a sample.
+    np.testing.assert_allclose(float(metrics["d_loss"]) / 8, 2 * np.log(2), rtol=0.2)
+    np.testing.assert_allclose(float(metrics["g_loss"]) / 8, np.log(2), rtol=0.2)
+
+
+def test_each_update_changes_only_its_own_network():
+    state, batch = make_state(), make_batch()
+    after_d, metrics = gan.discriminator_update(state, batch, jax.random.key(1))
+    assert max_abs_diff(after_d.params["generator"], state.params["generator"]) == 0
+    assert max_abs_diff(after_d.batch_stats, state.batch_stats) == 0
+    assert max_abs_diff(after_d.g_opt_state, state.g_opt_state) == 0
+    assert max_abs_diff(after_d.params["discriminator"], state.params["discriminator"]) > 0
+    assert set(metrics) == {"d_loss", "d_real", "d_fake", "count"}
+
+    after_g, metrics = gan.generator_update(state, jax.random.key(2), 8)
+    assert max_abs_diff(after_g.params["discriminator"], state.params["discriminator"]) == 0
+    assert max_abs_diff(after_g.d_opt_state, state.d_opt_state) == 0
+    assert max_abs_diff(after_g.params["generator"], state.params["generator"]) > 0
+    assert max_abs_diff(after_g.batch_stats, state.batch_stats) > 0  # Running averages move.
+    assert set(metrics) == {"g_loss"}
+
+
+def test_jit_equals_eager_and_same_rng_same_result(eager_step):
+    _, batch, (eager_state, eager_metrics) = eager_step
+    rng = jax.random.key(1)
+    jitted = jax.jit(gan.train_step, donate_argnums=0)
+    state_a, metrics_a = jitted(make_state(), batch, rng)
+    state_b, metrics_b = jitted(make_state(), batch, rng)
+    assert max_abs_diff(state_a, state_b) == 0
+    assert max_abs_diff(metrics_a, metrics_b) == 0
+    assert max_abs_diff(eager_state.params, state_a.params) < 1e-5
+    assert max_abs_diff(eager_state.batch_stats, state_a.batch_stats) < 1e-5
+    for name in eager_metrics:
+        np.testing.assert_allclose(eager_metrics[name], metrics_a[name], rtol=1e-5)
+    # Another key draws other latents, hence another update.
+    state_c, _ = jitted(make_state(), batch, jax.random.key(2))
+    assert max_abs_diff(state_a.params, state_c.params) > 0
+
+
+def test_discriminator_loss_falls_on_one_fixed_batch():
+    state, batch = make_state(), make_batch(16)
+    step = jax.jit(gan.train_step)
+    losses = []
+    for _ in range(30):
+        state, metrics = step(state, batch, jax.random.key(1))
+        losses.append(float(metrics["d_loss"]) / 16)
+    assert np.mean(losses[-5:]) < 0.8 * losses[0], losses
+
+
+def test_eval_step_honours_the_mask():
+    state = make_state()
+    batch = make_batch(6)
+    mask = jnp.array([True, True, True, False, False, False])
+    masked = gan.eval_step(state, {**batch, "mask": mask}, jax.random.key(3))
+    assert set(masked) == {"d_loss", "g_loss", "d_real", "d_fake", "count", "loss"}
+    assert float(masked["count"]) == 3
+    # The masked examples' values change nothing.
+    garbage = batch["image"].at[3:].set(1.0)
+    again = gan.eval_step(state, {**batch, "image": garbage, "mask": mask}, jax.random.key(3))
+    np.testing.assert_allclose(masked["d_loss"], again["d_loss"], rtol=1e-6)
+    np.testing.assert_allclose(masked["d_real"], again["d_real"], rtol=1e-6)
+    full = gan.eval_step(state, batch, jax.random.key(3))
+    assert float(full["count"]) == 6 and float(full["d_loss"]) > float(masked["d_loss"])
+
+
+def test_generate_is_pure():
+    state = make_state()
+    a = gan.generate(state, jax.random.key(5), 4)
+    assert a.shape == (4, 28, 28, 1)
+    assert float(a.min()) >= 0 and float(a.max()) <= 1  # A sigmoid's output.
+    assert max_abs_diff(a, gan.generate(state, jax.random.key(5), 4)) == 0
+    assert max_abs_diff(a, gan.generate(state, jax.random.key(6), 4)) > 0
+    assert gan.fixed_latents(state, 4).shape == (4, 8)
+
+
+class RecordingWriter:
+    def __init__(self):
+        self.images = []
+
+    def write_image(self, step, name, image):
+        self.images.append((step, name, image))
+
+
+def test_write_pictures_writes_a_png_and_a_tensorboard_image(tmp_path):
+    state, writer = make_state(), RecordingWriter()
+    gan.write_pictures(state, None, jax.random.key(0), str(tmp_path), 12, writer)
+    path = tmp_path / "pictures" / "samples_step12.png"
+    with Image.open(path) as png:
+        assert png.mode == "L"
+        picture = np.asarray(png)
+    [(step, name, grid)] = writer.images
+    assert (step, name) == (12, "samples") and grid.dtype == np.uint8
+    # 64 samples, 8 a row: 8 x 8 tiles of 28 pixels and 2-pixel separators.
+    assert grid.shape == (8 * 30 + 2, 8 * 30 + 2, 1)
+    np.testing.assert_array_equal(picture, grid[..., 0])
+    # The same fixed latents give the same picture again.
+    gan.write_pictures(state, None, jax.random.key(9), str(tmp_path), 13, writer)
+    np.testing.assert_array_equal(writer.images[1][2], grid)
+
+
+def test_state_round_trips_through_a_checkpoint(tmp_path):
+    from flaxcnn.checkpointing import Checkpointer
+
+    state, _ = gan.train_step(make_state(), make_batch(), jax.random.key(1))
+    checkpointer = Checkpointer(str(tmp_path), 1)
+    checkpointer.save(state)
+    checkpointer.close()
+    checkpointer = Checkpointer(str(tmp_path), 1)
+    restored = checkpointer.restore_or(make_state())
+    checkpointer.close()
+    assert int(restored.step) == 1
+    assert max_abs_diff(restored, state) == 0
+
+
+def test_extra_results_is_empty_when_scoring_is_off(tmp_path):
+    assert gan.extra_results(make_state(), tiny_config(score_samples=0), str(tmp_path)) == {}
+    assert not os.listdir(tmp_path)
+
+
+def test_gan_config_loads():
+    path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "gan_mnist.py"
+    spec = importlib.util.spec_from_file_location("gan_mnist", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    assert (config.task, config.model, config.adam_b1) == ("gan", "DCGAN", 0.5)
+    assert config.score_samples == 10_000
+    json.loads(config.to_json_best_effort())
