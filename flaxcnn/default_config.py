@@ -52,6 +52,10 @@ def get_config() -> ml_collections.ConfigDict:
     # step (False), or is skipped and counted in results.json's "skipped_steps" (True).
     config.skip_nonfinite = False
     config.seed = 0
+    # Generative tasks (vae, gan): how many samples to score at the end (0: none), and where
+    # the scoring classifier of each dataset is kept (trained on first use).
+    config.score_samples = 0
+    config.scorer_dir = "~/.cache/flaxcnn/scorers"
     # Evaluation, logging, checkpoints.
     # Small enough that a batch's activations stay in CPU caches (1000 ran 10x slower than
     # 100 on XLA:CPU); raise it on GPUs.

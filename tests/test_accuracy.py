@@ -18,7 +18,8 @@ def load_config(name: str):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "name, target", [("seed_keras", 0.983), ("seed_fast", 0.985), ("cnn_mnist", 0.992)]
+    "name, target",
+    [("seed_keras", 0.983), ("seed_fast", 0.985), ("cnn_mnist", 0.992), ("cnn_mnist_best", 0.996)],
 )
 def test_config_reaches_its_accuracy(name, target, shared_tfds, tmp_path):
     config = load_config(name)

@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from flaxcnn import generative_metrics, input_pipeline
 from flaxcnn.pictures import image_grid
 from flaxcnn.regularization import add_l2_gradient
 from flaxcnn.state import TrainState, create_optimizer, create_train_state
@@ -170,3 +171,17 @@ def write_pictures(
     samples = generate(state, jax.random.key(SAMPLE_PICTURE_SEED), NUM_SAMPLE_PICTURES)
     grid = image_grid(np.asarray(samples), SAMPLE_PICTURE_COLUMNS)
     save_picture(grid, "samples", workdir, step, writer)
+
+
+def extra_results(
+    state: TrainState,
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    test_split: input_pipeline.Split,
+) -> dict:
+    """Inception score and Frechet distance (to the test split) of `config.score_samples`
+    prior samples under the dataset's scoring classifier (flaxcnn.generative_metrics)."""
+    del workdir
+    return generative_metrics.evaluate_generator(
+        lambda rng, num: generate(state, rng, num), config, test_split.images
+    )
