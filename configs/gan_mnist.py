@@ -1,11 +1,16 @@
-"""A DCGAN on full MNIST: Adam 2e-4 with b1 0.5, batch 64, non-saturating generator loss.
+"""A DCGAN on full MNIST: Adam 2e-4 with b1 0.5, batch 64, 10 epochs, non-saturating
+generator loss.
 
     TFDS_DATA_DIR=../shared/data/tfds python -m flaxcnn.main --workdir runs/gan \
         --config configs/gan_mnist.py
 
 Every epoch writes a grid of samples of fixed latents to `runs/gan/pictures/` and TensorBoard;
-at the end, 10,000 samples are scored (inception score and Frechet distance) under a small CNN
-classifier of MNIST, trained once into `~/.cache/flaxcnn/scorers/mnist`.
+at the end, 10,000 samples are scored under a small CNN classifier of MNIST, trained once
+(about 2 min on CPUs) into `~/.cache/flaxcnn/scorers/mnist`.
+
+On a 2-core CPU the run takes 4.5 min (35 steps/s): inception score 5.83 (MNIST's own test
+images: 9.68), Frechet distance 68.3. DCGAN's default widths, (128, 64) and (64, 128), reach
+6.07 and 59.4 in four times as long.
 """
 
 import ml_collections
@@ -19,7 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.task = "gan"
     config.model = "DCGAN"
     config.model_kwargs = ml_collections.ConfigDict(
-        dict(latent_dim=64, generator_widths=(128, 64), discriminator_widths=(64, 128))
+        dict(latent_dim=64, generator_widths=(64, 32), discriminator_widths=(32, 64))
     )
     config.optimizer = "adam"
     config.learning_rate = 2e-4

@@ -313,8 +313,11 @@ def summary(results: dict) -> str:
             f"test accuracy {results['test_accuracy']:.4f} "
             f"({results['num_test_examples']} examples), loss {results['test_loss']:.4f}"
         )
-    tests = {k: v for k, v in results.items() if k.startswith("test_")}
-    return ", ".join(f"{k.removeprefix('test_')} {v:.4f}" for k, v in tests.items()) or "done"
+    scores = {k.replace("_", " "): v for k, v in results.items() if k.startswith("test_")}
+    for name in ("inception_score", "frechet_distance"):  # Of a generator's samples.
+        if name in results:
+            scores[f"samples' {name.replace('_', ' ')}"] = results[name]
+    return ", ".join(f"{k} {v:.4f}" for k, v in scores.items()) or "done"
 
 
 def run(argv: list[str] | None = None) -> None:

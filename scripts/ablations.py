@@ -2,9 +2,9 @@
 
     TFDS_DATA_DIR=../shared/data/tfds python scripts/ablations.py [--out ablations.md]
 
-Every line trains `configs/seed_fast.py` (SeedCNN, 5 epochs of full MNIST) with one change
+Every line trains `configs/seed_fast.py` (SeedCNN, 8 epochs of full MNIST) with one change
 and reports the test accuracy, so each technique's worth is measured against the same
-base. Runs one after the other in this process; about 40 s each on a 2-core CPU.
+base. Runs one after the other in this process; about a minute each on a 2-core CPU.
 """
 
 import argparse

@@ -308,7 +308,11 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
-        "--trainers", nargs="+", default=["flaxcnn", "keras-tf", "torch"], choices=TRAINERS
+        "--trainers",
+        nargs="*",
+        default=["flaxcnn", "keras-tf", "torch"],
+        choices=TRAINERS,
+        help="throughput runs (none: only time to accuracy)",
     )
     parser.add_argument(
         "--time-to-accuracy",

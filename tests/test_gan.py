@@ -21,6 +21,12 @@ from flaxcnn.tasks import gan
 TINY = dict(latent_dim=8, generator_widths=(8, 4), discriminator_widths=(4, 8))
 
 
+def key(seed: int) -> jax.Array:
+    """A PRNG key of the "rbg" kind, which XLA:CPU compiles faster than threefry's rounds:
+    these tests are mostly compilation."""
+    return jax.random.key(seed, impl="rbg")
+
+
 def count(params) -> int:
     return sum(x.size for x in jax.tree.leaves(params))
 
@@ -47,7 +53,7 @@ def tiny_config(**overrides):
 def _cached_state(shape, overrides):
     config = tiny_config(**dict(overrides))
     # Jitted, as the loop may: one compilation instead of many eager operations.
-    return jax.jit(lambda rng: gan.create_state(config, rng, shape, 10, 100))(jax.random.key(0))
+    return jax.jit(lambda rng: gan.create_state(config, rng, shape, 10, 100))(key(0))
 
 
 def make_state(shape=(28, 28, 1), **overrides):
@@ -67,7 +73,7 @@ def make_batch(size=8, shape=(28, 28, 1), seed=0):
 @pytest.mark.parametrize("shape", [(28, 28, 1), (32, 32, 3), (30, 26, 2)])
 def test_generator_and_discriminator_shapes(shape):
     model = DCGAN(shape, **TINY)
-    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8)))
+    variables = jax.eval_shape(model.init, key(0), jnp.zeros((1, 8)))
     generate = functools.partial(model.apply, method=DCGAN.generate)
     images = jax.eval_shape(generate, variables, jnp.ones((3, 8)))
     assert images.shape == (3, *shape) and images.dtype == jnp.float32
@@ -85,7 +91,7 @@ def test_generator_and_discriminator_shapes(shape):
 )
 def test_default_dcgan_parameter_counts(shape, generator, discriminator):
     model = create_model("DCGAN", image_shape=shape)
-    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64)))
+    variables = jax.eval_shape(model.init, key(0), jnp.zeros((1, 64)))
     assert count(variables["params"]["generator"]) == generator
     assert count(variables["params"]["discriminator"]) == discriminator
     assert variables["params"]["generator"]["ConvTranspose_0"]["kernel"].shape == (4, 4, 128, 64)
@@ -93,14 +99,12 @@ def test_default_dcgan_parameter_counts(shape, generator, discriminator):
 
 @pytest.mark.parametrize("features", [4, MIN_FEATURES_PER_PHASE])  # Both computations.
 def test_transposed_convolution_equals_flax_values_and_gradients(features):
-    x = jax.random.normal(jax.random.key(1), (2, 5, 6, 3))
+    x = jax.random.normal(key(1), (2, 5, 6, 3))
     reference = nn.ConvTranspose(features, (4, 4), strides=(2, 2))
-    variables = reference.init(jax.random.key(0), x)
+    variables = reference.init(key(0), x)
     variables = jax.tree.map(lambda v: v + 0.1, variables)  # A non-zero bias too.
     ours = ConvTranspose2x(features)
-    assert jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x)) == jax.tree.map(
-        jnp.shape, variables
-    )
+    assert jax.tree.map(jnp.shape, ours.init(key(0), x)) == jax.tree.map(jnp.shape, variables)
     np.testing.assert_allclose(ours.apply(variables, x), reference.apply(variables, x), atol=1e-5)
 
     def grads(module):
@@ -119,7 +123,7 @@ def test_state_is_a_pytree_of_arrays_with_a_step():
 
 def test_bad_settings_raise_value_errors():
     with pytest.raises(ValueError, match="needs a GAN model"):
-        gan.create_state(default_config.get_config(), jax.random.key(0), (28, 28, 1), 10, 10)
+        gan.create_state(default_config.get_config(), key(0), (28, 28, 1), 10, 10)
     with pytest.raises(ValueError, match="optimizer 'adam'"):
         make_state(optimizer="sgd")
 
@@ -128,7 +132,7 @@ def test_bad_settings_raise_value_errors():
 def eager_step():
     """One train step run eagerly (op by op, slow), shared by the tests that need it."""
     state, batch = make_state(), make_batch()
-    return state, batch, gan.train_step(state, batch, jax.random.key(1))
+    return state, batch, gan.train_step(state, batch, key(1))
 
 
 def test_train_step_returns_finite_summed_metrics(eager_step):
@@ -146,14 +150,14 @@ def test_train_step_returns_finite_summed_metrics(eager_step):
 
 def test_each_update_changes_only_its_own_network():
     state, batch = make_state(), make_batch()
-    after_d, metrics = gan.discriminator_update(state, batch, jax.random.key(1))
+    after_d, metrics = gan.discriminator_update(state, batch, key(1))
     assert max_abs_diff(after_d.params["generator"], state.params["generator"]) == 0
     assert max_abs_diff(after_d.batch_stats, state.batch_stats) == 0
     assert max_abs_diff(after_d.g_opt_state, state.g_opt_state) == 0
     assert max_abs_diff(after_d.params["discriminator"], state.params["discriminator"]) > 0
     assert set(metrics) == {"d_loss", "d_real", "d_fake", "count"}
 
-    after_g, metrics = gan.generator_update(state, jax.random.key(2), 8)
+    after_g, metrics = gan.generator_update(state, key(2), 8)
     assert max_abs_diff(after_g.params["discriminator"], state.params["discriminator"]) == 0
     assert max_abs_diff(after_g.d_opt_state, state.d_opt_state) == 0
     assert max_abs_diff(after_g.params["generator"], state.params["generator"]) > 0
@@ -163,7 +167,7 @@ def test_each_update_changes_only_its_own_network():
 
 def test_jit_equals_eager_and_same_rng_same_result(eager_step):
     _, batch, (eager_state, eager_metrics) = eager_step
-    rng = jax.random.key(1)
+    rng = key(1)
     jitted = jax.jit(gan.train_step, donate_argnums=0)
     state_a, metrics_a = jitted(make_state(), batch, rng)
     state_b, metrics_b = jitted(make_state(), batch, rng)
@@ -174,7 +178,7 @@ def test_jit_equals_eager_and_same_rng_same_result(eager_step):
     for name in eager_metrics:
         np.testing.assert_allclose(eager_metrics[name], metrics_a[name], rtol=1e-5)
     # Another key draws other latents, hence another update.
-    state_c, _ = jitted(make_state(), batch, jax.random.key(2))
+    state_c, _ = jitted(make_state(), batch, key(2))
     assert max_abs_diff(state_a.params, state_c.params) > 0
 
 
@@ -183,7 +187,7 @@ def test_discriminator_loss_falls_on_one_fixed_batch():
     step = jax.jit(gan.train_step)
     losses = []
     for _ in range(30):
-        state, metrics = step(state, batch, jax.random.key(1))
+        state, metrics = step(state, batch, key(1))
         losses.append(float(metrics["d_loss"]) / 16)
     assert np.mean(losses[-5:]) < 0.8 * losses[0], losses
 
@@ -192,25 +196,25 @@ def test_eval_step_honours_the_mask():
     state = make_state()
     batch = make_batch(6)
     mask = jnp.array([True, True, True, False, False, False])
-    masked = gan.eval_step(state, {**batch, "mask": mask}, jax.random.key(3))
+    masked = gan.eval_step(state, {**batch, "mask": mask}, key(3))
     assert set(masked) == {"d_loss", "g_loss", "d_real", "d_fake", "count", "loss"}
     assert float(masked["count"]) == 3
     # The masked examples' values change nothing.
     garbage = batch["image"].at[3:].set(1.0)
-    again = gan.eval_step(state, {**batch, "image": garbage, "mask": mask}, jax.random.key(3))
+    again = gan.eval_step(state, {**batch, "image": garbage, "mask": mask}, key(3))
     np.testing.assert_allclose(masked["d_loss"], again["d_loss"], rtol=1e-6)
     np.testing.assert_allclose(masked["d_real"], again["d_real"], rtol=1e-6)
-    full = gan.eval_step(state, batch, jax.random.key(3))
+    full = gan.eval_step(state, batch, key(3))
     assert float(full["count"]) == 6 and float(full["d_loss"]) > float(masked["d_loss"])
 
 
 def test_generate_is_pure():
     state = make_state()
-    a = gan.generate(state, jax.random.key(5), 4)
+    a = gan.generate(state, key(5), 4)
     assert a.shape == (4, 28, 28, 1)
     assert float(a.min()) >= 0 and float(a.max()) <= 1  # A sigmoid's output.
-    assert max_abs_diff(a, gan.generate(state, jax.random.key(5), 4)) == 0
-    assert max_abs_diff(a, gan.generate(state, jax.random.key(6), 4)) > 0
+    assert max_abs_diff(a, gan.generate(state, key(5), 4)) == 0
+    assert max_abs_diff(a, gan.generate(state, key(6), 4)) > 0
     assert gan.fixed_latents(state, 4).shape == (4, 8)
 
 
@@ -224,7 +228,7 @@ class RecordingWriter:
 
 def test_write_pictures_writes_a_png_and_a_tensorboard_image(tmp_path):
     state, writer = make_state(), RecordingWriter()
-    gan.write_pictures(state, None, jax.random.key(0), str(tmp_path), 12, writer)
+    gan.write_pictures(state, None, key(0), str(tmp_path), 12, writer)
     path = tmp_path / "pictures" / "samples_step12.png"
     with Image.open(path) as png:
         assert png.mode == "L"
@@ -235,14 +239,14 @@ def test_write_pictures_writes_a_png_and_a_tensorboard_image(tmp_path):
     assert grid.shape == (8 * 30 + 2, 8 * 30 + 2, 1)
     np.testing.assert_array_equal(picture, grid[..., 0])
     # The same fixed latents give the same picture again.
-    gan.write_pictures(state, None, jax.random.key(9), str(tmp_path), 13, writer)
+    gan.write_pictures(state, None, key(9), str(tmp_path), 13, writer)
     np.testing.assert_array_equal(writer.images[1][2], grid)
 
 
 def test_state_round_trips_through_a_checkpoint(tmp_path):
     from flaxcnn.checkpointing import Checkpointer
 
-    state, _ = gan.train_step(make_state(), make_batch(), jax.random.key(1))
+    state, _ = gan.train_step(make_state(), make_batch(), key(1))
     checkpointer = Checkpointer(str(tmp_path), 1)
     checkpointer.save(state)
     checkpointer.close()
@@ -267,3 +271,26 @@ def test_gan_config_loads():
     assert (config.task, config.model, config.adam_b1) == ("gan", "DCGAN", 0.5)
     assert config.score_samples == 10_000
     json.loads(config.to_json_best_effort())
+    state = jax.eval_shape(lambda rng: gan.create_state(config, rng, (28, 28, 1), 10, 100), key(0))
+    assert count(state.params) == 270_690
+    assert count(state.params["generator"]) == 234_177  # Discriminator: 36,513.
+
+
+@pytest.mark.slow
+def test_training_loop_runs_the_gan_task(data_dir, tmp_path):
+    from conftest import tiny_config as tiny_run_config
+
+    from flaxcnn import train
+
+    config = tiny_run_config(data_dir, task="gan", model="DCGAN", learning_rate=2e-4)
+    config.model_kwargs.update(TINY)
+    config.adam_b1 = 0.5
+    config.steps_per_dispatch = 1
+    workdir = str(tmp_path / "run")
+    results = train.train_and_evaluate(config, workdir)
+    assert results["steps"] == 8
+    for name in ("d_loss", "g_loss", "d_real", "d_fake", "loss"):
+        assert np.isfinite(results[f"test_{name}"])
+    assert os.path.exists(os.path.join(workdir, "pictures", "samples_step8.png"))
+    # The finished run is restored from its checkpoint, not trained again.
+    assert train.train_and_evaluate(config, workdir) == results

@@ -14,8 +14,8 @@ from flax import linen as nn
 # a 4-tap stride-2 transposed convolution (lax/flax 'SAME' padding): the taps each output
 # phase (even, odd) applies to the input positions (q-1, q, q+1); -1: none.
 _PHASE_TAPS = ((0, 2, -1), (-1, 1, 3))
-# Below this many output channels the four phases go through one convolution (XLA:CPU is
-# slow on convolutions with very few output channels), from it up through one each.
+# With fewer output channels than this, the four phases run as one convolution (XLA:CPU is
+# slow on convolutions with very few output channels); with more, as one each.
 MIN_FEATURES_PER_PHASE = 16
 
 
@@ -104,6 +104,8 @@ class Generator(nn.Module):
 
     @nn.compact
     def __call__(self, z: jax.Array, train: bool = False) -> jax.Array:
+        if not self.widths:
+            raise ValueError("the generator needs at least one width")
         height, width, channels = self.image_shape
         scale = 2 ** len(self.widths)
         base_h, base_w = math.ceil(height / scale), math.ceil(width / scale)

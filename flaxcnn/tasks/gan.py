@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from flaxcnn import input_pipeline, pictures
+from flaxcnn import generative_metrics, input_pipeline, pictures
 from flaxcnn.models import MODELS, create_model
 from flaxcnn.models.gan import DCGAN
 from flaxcnn.state import SCHEDULES, model_kwargs
@@ -287,8 +287,6 @@ def extra_results(
     samples under the dataset's scoring classifier, trained once into `config.scorer_dir`
     (see flaxcnn.generative_metrics); {} when `score_samples` is 0 or absent."""
     del workdir
-    from flaxcnn import generative_metrics  # It imports the training loop, which imports us.
-
     sample = jax.jit(generate, static_argnums=2)
     return generative_metrics.evaluate_generator(
         lambda rng, num: sample(state, rng, num),
