@@ -220,6 +220,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     results_path = os.path.join(workdir, RESULTS_FILE)
     if (step >= total_steps or stopper.should_stop) and os.path.exists(results_path):
         checkpointer.close()
+        if best_checkpointer is not None:
+            best_checkpointer.close()
         with open(results_path) as f:
             results = json.load(f)
         logging.info("The run in %s is finished; its results: %s", workdir, results)
