@@ -18,13 +18,14 @@ import optax
 from flaxcnn import generative_metrics, input_pipeline
 from flaxcnn.pictures import image_grid
 from flaxcnn.regularization import add_l2_gradient
-from flaxcnn.state import TrainState, create_optimizer, create_train_state
+from flaxcnn.state import TrainState
+from flaxcnn.tasks.autoencoder import create_state as create_state  # The autoencoder's state,
 from flaxcnn.tasks.autoencoder import (
-    create_image_model,
     picture_batch,
     reconstruction_grid,
     save_picture,
 )
+from flaxcnn.tasks.autoencoder import step_kwargs as step_kwargs  # and its settings.
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -33,28 +34,6 @@ Metrics = dict[str, jax.Array]
 SAMPLE_PICTURE_SEED = 0
 NUM_SAMPLE_PICTURES = 64
 SAMPLE_PICTURE_COLUMNS = 8
-
-
-def create_state(
-    config: ml_collections.ConfigDict,
-    rng: jax.Array,
-    input_shape: tuple[int, int, int],
-    num_classes: int,
-    total_steps: int,
-) -> TrainState:
-    """`config.model` decoding to `input_shape` images, and `config.optimizer`, initialised.
-
-    `num_classes` is unused: labels play no part in the model."""
-    del num_classes
-    model = create_image_model(config, input_shape)
-    tx = create_optimizer(config, total_steps)
-    return create_train_state(model, tx, rng, tuple(input_shape), ema_decay=config.ema_decay)
-
-
-def step_kwargs(config: ml_collections.ConfigDict) -> dict:
-    """The L2 coefficient. No microbatches: for these small models they make no measurable
-    difference on CPUs (`config.microbatch_size` is ignored)."""
-    return {"l2": config.l2}
 
 
 def kl_divergence(mean: jax.Array, log_variance: jax.Array) -> jax.Array:
