@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from flaxcnn.models.layers import Conv, max_pool_2x2
+from flaxcnn.models.layers import Conv, ConvReluMaxPool, conv_relu_max_pool, max_pool_2x2
 
 
 @pytest.mark.parametrize("channels", [1, 3, 8])  # 1 and 3 take the patch path, 8 lax.conv.
@@ -39,3 +39,53 @@ def test_max_pool_matches_flax_max_pool(shape):
 def test_conv_rejects_unknown_padding():
     with pytest.raises(ValueError, match="padding"):
         Conv(2, padding="FULL").init(jax.random.key(0), jnp.zeros((1, 5, 5, 1)))
+
+
+def conv_relu_pool_reference(x, kernel, bias, padding):
+    y = jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    return nn.max_pool(nn.relu(y + bias), (2, 2), (2, 2))
+
+
+@pytest.mark.parametrize(
+    "shape, padding, features",
+    [((3, 28, 28, 1), "VALID", 32), ((2, 11, 10, 3), "VALID", 5), ((2, 9, 12, 2), "SAME", 4)],
+)
+def test_conv_relu_max_pool_matches_lax_conv_and_max_pool(shape, padding, features):
+    kx, kk, kb, kg = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(kx, shape)
+    kernel = jax.random.normal(kk, (3, 3, shape[-1], features))
+    bias = 0.5 * jax.random.normal(kb, (features,))
+    layer = ConvReluMaxPool(features, padding=padding)
+    params = {"params": {"kernel": kernel, "bias": bias}}
+    want = conv_relu_pool_reference(x, kernel, bias, padding)
+    np.testing.assert_allclose(layer.apply(params, x), want, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(layer.apply)(params, x), want, atol=1e-5)
+
+    weights = jax.random.normal(kg, want.shape)
+    grads = jax.grad(lambda p, x: jnp.sum(layer.apply(p, x) * weights), argnums=(0, 1))(params, x)
+    expected = jax.grad(
+        lambda p, x: jnp.sum(conv_relu_pool_reference(x, **p["params"], padding=padding) * weights),
+        argnums=(0, 1),
+    )(params, x)
+    for got, wanted in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(got, wanted, atol=1e-4, rtol=1e-4)
+
+
+def test_conv_relu_max_pool_gradient_goes_to_the_first_of_tied_maxima():
+    # Blank regions (MNIST's background) tie all four conv outputs of a window at the bias.
+    x = (
+        jnp.zeros((2, 12, 12, 1))
+        .at[:, 6:, 3:9]
+        .set(jax.random.uniform(jax.random.key(0), (2, 6, 6, 1)))
+    )
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 1, 4))
+    bias = jnp.array([0.1, -0.1, 0.2, 0.0])
+    loss = lambda f: lambda x, k, b: jnp.sum(f(x, k, b) ** 2)  # noqa: E731
+    got = jax.grad(loss(conv_relu_max_pool), argnums=(0, 1, 2))(x, kernel, bias)
+    want = jax.grad(
+        loss(lambda x, k, b: conv_relu_pool_reference(x, k, b, "VALID")), argnums=(0, 1, 2)
+    )(x, kernel, bias)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, atol=1e-5)
