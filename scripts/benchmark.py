@@ -2,11 +2,13 @@
 
     python scripts/benchmark.py [--batch-sizes 32 128] [--repeats 3] [--out benchmark]
 
-Each trainer runs in its own subprocess, one after the other in this one invocation, on
-full MNIST from ../shared/data (flaxcnn through tfds, the peers from the npz). Reported
-per trainer and batch size: examples/s of one training epoch of 54,000 images with its
-validation pass (median of the repeats; one-time compilation reported separately), pure step
-throughput on one in-memory batch, and peak memory (max RSS). Then time to accuracy: wall
+Each trainer runs in its own subprocess, on full MNIST from ../shared/data (flaxcnn through
+tfds, the peers from the npz). The trainers take turns: each repeat runs every trainer once,
+so that a machine whose speed drifts (a shared one) slows them alike. Reported per trainer and
+batch size: examples/s of a training epoch of 54,000 images with its validation pass (median
+over the repeats; flaxcnn and Keras time their second epoch, so that one-time compilation,
+reported separately, is not in it), pure step throughput on one in-memory batch, and peak
+memory (max RSS). Then time to accuracy: wall
 seconds from the start of a run until its test accuracy (checked every epoch) first reaches
 98.5%, for flaxcnn (`configs/seed_fast.py`) and Keras `fit` (batch 32 and 128, Adam 1e-3, up
 to 15 epochs). Writes JSON and markdown.
@@ -56,14 +58,16 @@ def bench_flaxcnn(args) -> dict:
     import jax
 
     from flaxcnn import device_data, input_pipeline, sharding, tasks, train
+    from flaxcnn.writers import read_metrics
 
-    config = flaxcnn_config("seed_keras", args, num_epochs=1, batch_size=args.batch_size)
-    epochs, compiles = [], []
-    for _ in range(args.repeats):
-        with tempfile.TemporaryDirectory() as workdir:
-            results = train.train_and_evaluate(config, workdir)
-        epochs.append(results["examples_per_s"])
-        compiles.append(results["compile_time_s"])
+    # Two epochs of a real run; the second is timed between the validation records that
+    # end the epochs (training, validation and checkpoint, as Keras's epoch has them).
+    config = flaxcnn_config("seed_keras", args, num_epochs=2, batch_size=args.batch_size)
+    with tempfile.TemporaryDirectory() as workdir:
+        results = train.train_and_evaluate(config, workdir)
+        records = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    ends = [r["time"] for r in records if r["split"] == "validation"]
+    epoch_rate = results["steps"] // 2 * args.batch_size / (ends[1] - ends[0])
 
     # Step throughput: the run's own compiled multi-step function on one batch of indices.
     split = input_pipeline.load_split(config.dataset, config.train_split, config.data_dir)
@@ -83,7 +87,7 @@ def bench_flaxcnn(args) -> dict:
         state, metrics = train_fns[k](state, data, chunk, rng)
     jax.block_until_ready(metrics)
     step_rate = STEP_ITERS // k * k * args.batch_size / (time.perf_counter() - start)
-    return {"epoch": epochs, "compile_s": statistics.median(compiles), "step": step_rate}
+    return {"epoch": epoch_rate, "compile_s": results["compile_time_s"], "step": step_rate}
 
 
 def keras_model(keras):
@@ -123,23 +127,19 @@ def bench_keras(args) -> dict:
         x,
         y,
         batch_size=args.batch_size,
-        epochs=args.repeats + 1,
+        epochs=2,
         validation_split=0.1,
         verbose=0,
         callbacks=[Timer()],
     )
-    epoch_rates = [54_000 / t for t in times[1:]]  # The first epoch also traces and compiles.
     xb, yb = x[: args.batch_size], y[: args.batch_size]
     model.train_on_batch(xb, yb)
     start = time.perf_counter()
     for _ in range(STEP_ITERS):
         model.train_on_batch(xb, yb)
     step_rate = STEP_ITERS * args.batch_size / (time.perf_counter() - start)
-    return {
-        "epoch": epoch_rates,
-        "compile_s": times[0] - statistics.median(times[1:]),
-        "step": step_rate,
-    }
+    # The first epoch also traces and compiles; the second is timed.
+    return {"epoch": 54_000 / times[1], "compile_s": times[0] - times[1], "step": step_rate}
 
 
 def bench_torch(args) -> dict:
@@ -165,22 +165,20 @@ def bench_torch(args) -> dict:
         loss_fn(model(xb), yb).backward()
         opt.step()
 
-    epoch_rates = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        model.train()
-        for xb, yb in loader:
-            train_step(xb, yb)
-        model.eval()
-        with torch.no_grad():
-            model(x_val).argmax(1).eq(y_val).float().mean()
-        epoch_rates.append(54_000 / (time.perf_counter() - start))
+    start = time.perf_counter()
+    model.train()
+    for xb, yb in loader:
+        train_step(xb, yb)
+    model.eval()
+    with torch.no_grad():
+        model(x_val).argmax(1).eq(y_val).float().mean()
+    epoch_rate = 54_000 / (time.perf_counter() - start)
     xb, yb = x_train[: args.batch_size], y_train[: args.batch_size]
     start = time.perf_counter()
     for _ in range(STEP_ITERS):
         train_step(xb, yb)
     step_rate = STEP_ITERS * args.batch_size / (time.perf_counter() - start)
-    return {"epoch": epoch_rates, "compile_s": 0.0, "step": step_rate}
+    return {"epoch": epoch_rate, "compile_s": 0.0, "step": step_rate}
 
 
 def tta_flaxcnn(args) -> dict:
@@ -252,7 +250,7 @@ def run_worker(name: str, batch_size: int, args) -> dict | None:
         print("torch is not installed: skipped (pip install torch==2.13.0)")
         return None
     cmd = [sys.executable, __file__, "--worker", name, "--batch-size", str(batch_size)]
-    cmd += ["--repeats", str(args.repeats), "--npz", args.npz, "--tfds", args.tfds]
+    cmd += ["--npz", args.npz, "--tfds", args.tfds]
     env = {
         **os.environ,
         "TF_CPP_MIN_LOG_LEVEL": "3",
@@ -329,20 +327,30 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
-    rows = []
-    for batch_size in args.batch_sizes:
-        for trainer in args.trainers:
+    runs = {(trainer, b): [] for b in args.batch_sizes for trainer in args.trainers}
+    for repeat in range(args.repeats):
+        for (trainer, batch_size), results in runs.items():
             result = run_worker(trainer, batch_size, args)
-            if result is None:
-                continue
-            result["epoch_median"] = statistics.median(result["epoch"])
-            rows.append({"trainer": trainer, "batch_size": batch_size, **result})
-            print(
-                f"{trainer:10s} batch {batch_size:4d}: epoch {result['epoch_median']:8,.0f} ex/s,"
-                f" step {result['step']:8,.0f} ex/s, compile {result['compile_s']:.2f} s, "
-                f"peak {result['peak_memory_mb']:,.0f} MB",
-                flush=True,
-            )
+            if result is not None:
+                results.append(result)
+                print(
+                    f"repeat {repeat + 1}: {trainer:10s} batch {batch_size:4d}: epoch "
+                    f"{result['epoch']:8,.0f} ex/s, step {result['step']:8,.0f} ex/s",
+                    flush=True,
+                )
+    rows = [
+        {
+            "trainer": trainer,
+            "batch_size": batch_size,
+            "epoch": [r["epoch"] for r in results],
+            "epoch_median": statistics.median(r["epoch"] for r in results),
+            "step": statistics.median(r["step"] for r in results),
+            "compile_s": statistics.median(r["compile_s"] for r in results),
+            "peak_memory_mb": max(r["peak_memory_mb"] for r in results),
+        }
+        for (trainer, batch_size), results in runs.items()
+        if results
+    ]
     report = ["## Throughput", "", *throughput_table(rows)]
 
     tta_rows = []
