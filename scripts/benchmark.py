@@ -1,6 +1,6 @@
 """Side-by-side training throughput of the Keras MNIST CNN: flaxcnn, Keras 3 and PyTorch.
 
-    python scripts/benchmark.py [--batch-sizes 32 128] [--repeats 3] [--out benchmark]
+    python scripts/benchmark.py [--batch-sizes 32 128] [--repeats 5] [--out benchmark]
 
 Each trainer runs in its own subprocess, on full MNIST from ../shared/data (flaxcnn through
 tfds, the peers from the npz). The trainers take turns: each repeat runs every trainer once,
@@ -304,7 +304,7 @@ def tta_table(rows: list[dict]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
         "--trainers",
         nargs="*",
