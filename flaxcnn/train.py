@@ -8,6 +8,7 @@ import resource
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -49,20 +50,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             )
 
 
-def batch_spec(
-    image_shape: tuple, batch_size: int, mesh, with_mask: bool = False
-) -> dict[str, jax.ShapeDtypeStruct]:
-    """The shapes, dtypes and sharding of the evaluation batches the pipeline yields."""
-    data = sharding.batch_sharding(mesh)
-    spec = {
-        "image": jax.ShapeDtypeStruct((batch_size, *image_shape), np.float32, sharding=data),
-        "label": jax.ShapeDtypeStruct((batch_size,), np.int32, sharding=data),
-    }
-    if with_mask:
-        spec["mask"] = jax.ShapeDtypeStruct((batch_size,), np.bool_, sharding=data)
-    return spec
-
-
 def write_json_atomically(path: str, data: dict) -> None:
     """Writes `data` so that `path` holds either the old or the complete new content."""
     tmp = f"{path}.tmp"
@@ -91,12 +78,20 @@ def first_nonfinite_step(step_metrics: list[dict], last_step: int) -> int:
     return last_step - len(losses) + 1 + int(np.argmin(np.isfinite(losses)))
 
 
-def evaluate(eval_fn, state, split: input_pipeline.Split, batch_size: int, mesh, rng):
-    """The task's metrics over every example of `split`, and the number of examples."""
-    batch_metrics = [
-        eval_fn(state, sharding.shard_batch(batch, mesh), rng)
-        for batch in input_pipeline.eval_batches(split, batch_size)
-    ]
+def evaluate(
+    eval_fns: dict, state, data: device_data.DeviceSplit, rows: range, batch_size: int, mesh, rng
+):
+    """The task's metrics over the examples `rows` of `data`, and their number: batches of
+    `batch_size`, as many per dispatch as `eval_fns` (see `compile_steps`) allows."""
+    indices, mask = device_data.eval_indices(len(rows), batch_size)
+    indices += rows.start
+    k = max(eval_fns)
+    batch_metrics, start = [], 0
+    while start < len(indices):
+        n = k if len(indices) - start >= k else 1
+        chunk = [device_data.shard_indices(a[start : start + n], mesh) for a in (indices, mask)]
+        batch_metrics.append(eval_fns[n](state, data, *chunk, rng))
+        start += n
     count = int(sum(float(m["count"]) for m in batch_metrics))
     return mean_metrics(batch_metrics), count
 
@@ -114,6 +109,24 @@ def multi_step(train_step, state, data: device_data.DeviceSplit, indices: jax.Ar
     return jax.lax.scan(body, state, indices)
 
 
+def multi_eval(eval_step, state, data: device_data.DeviceSplit, indices, mask, rng):
+    """The summed metrics of `len(indices)` evaluation batches `data[indices[i]]` (examples
+    where `mask[i]` is False not counted) in one dispatch."""
+
+    def batch_metrics(batch_indices, batch_mask):
+        batch = {**device_data.gather_batch(data, batch_indices), "mask": batch_mask}
+        return eval_step(state, batch, rng)
+
+    totals = batch_metrics(indices[0], mask[0])
+    if len(indices) == 1:
+        return totals
+
+    def body(totals, batch):
+        return jax.tree.map(jnp.add, totals, batch_metrics(*batch)), None
+
+    return jax.lax.scan(body, totals, (indices[1:], mask[1:]))[0]
+
+
 def resolve_steps_per_dispatch(requested: int, has_convolutions: bool) -> int:
     """`config.steps_per_dispatch`, with -1 resolved to 16, or to 1 on CPUs for models with
     `lax.conv` convolutions, which XLA:CPU runs many times slower inside a loop."""
@@ -122,34 +135,45 @@ def resolve_steps_per_dispatch(requested: int, has_convolutions: bool) -> int:
     return 1 if has_convolutions and jax.default_backend() == "cpu" else 16
 
 
-def compile_steps(task, config, state, data, mesh, image_shape, rng):
+def compile_steps(task, config, state, data, eval_data, mesh, rng):
     """The task's steps, compiled ahead of time for the shapes they see (so that another
     shape is an error rather than a silent recompilation): `{k: fn}` running k training
-    steps per dispatch for k in (steps per dispatch, 1), and the evaluation step."""
+    steps per dispatch on `data`, and `{k: fn}` summing the metrics of k evaluation batches
+    of `eval_data` per dispatch, for k in (steps per dispatch, 1)."""
     replicated = sharding.replicated(mesh)
-    eval_spec = batch_spec(image_shape, config.eval_batch_size, mesh, with_mask=True)
-    eval_lowered = jax.jit(task.eval_step, out_shardings=replicated).lower(state, eval_spec, rng)
-    steps_per_dispatch = resolve_steps_per_dispatch(
-        config.steps_per_dispatch, "stablehlo.convolution" in eval_lowered.as_text()
-    )
-    train_step = functools.partial(task.train_step, **task.step_kwargs(config))
-    train_fns = {}
-    for k in sorted({steps_per_dispatch, 1}):
-        indices = jax.ShapeDtypeStruct(
-            (k, config.batch_size),
-            np.int32,
+
+    def index_spec(k, batch_size, dtype=np.int32):
+        return jax.ShapeDtypeStruct(
+            (k, batch_size),
+            dtype,
             sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data")),
         )
+
+    def lower_eval(k):
+        spec = index_spec(k, config.eval_batch_size)
+        mask = index_spec(k, config.eval_batch_size, bool)
+        return jax.jit(
+            functools.partial(multi_eval, task.eval_step), out_shardings=replicated
+        ).lower(state, eval_data, spec, mask, rng)
+
+    single_eval = lower_eval(1)
+    steps_per_dispatch = resolve_steps_per_dispatch(
+        config.steps_per_dispatch, "stablehlo.convolution" in single_eval.as_text()
+    )
+    train_step = functools.partial(task.train_step, **task.step_kwargs(config))
+    train_fns, eval_fns = {}, {}
+    for k in sorted({steps_per_dispatch, 1}):
         train_fns[k] = (
             jax.jit(
                 functools.partial(multi_step, train_step),
                 donate_argnums=0,
                 out_shardings=replicated,
             )
-            .lower(state, data, indices, rng)
+            .lower(state, data, index_spec(k, config.batch_size), rng)
             .compile()
         )
-    return train_fns, eval_lowered.compile()
+        eval_fns[k] = (single_eval if k == 1 else lower_eval(k)).compile()
+    return train_fns, eval_fns
 
 
 def load_early_stopping(config: ml_collections.ConfigDict, workdir: str, epoch: int):
@@ -255,10 +279,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         writer.write_hparams(config.to_json_best_effort(indent=2))
 
     data = device_data.put_split(train_split, mesh)
-    compile_start = time.perf_counter()
-    train_fns, eval_fn = compile_steps(
-        task, config, state, data, mesh, train_split.image_shape, step_rng
+    eval_data, (validation_rows, test_rows) = device_data.put_splits(
+        [splits["validation"], splits["test"]], mesh
     )
+    compile_start = time.perf_counter()
+    train_fns, eval_fns = compile_steps(task, config, state, data, eval_data, mesh, step_rng)
     compile_time = time.perf_counter() - compile_start
     picture_images = splits["validation"].images[:NUM_PICTURE_IMAGES].astype(np.float32) / 255
 
@@ -310,7 +335,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             epoch_done = position == steps_per_epoch
             if epoch_done or step >= total_steps:
                 val_metrics, _ = evaluate(
-                    eval_fn, state, splits["validation"], config.eval_batch_size, mesh, eval_rng
+                    eval_fns,
+                    state,
+                    eval_data,
+                    validation_rows,
+                    config.eval_batch_size,
+                    mesh,
+                    eval_rng,
                 )
                 writer.write(step, "validation", val_metrics)
                 logging.info(
@@ -349,7 +380,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         best_checkpointer.close()
         logging.info("Testing the best checkpoint, of step %d.", int(state.step))
     test_metrics, test_count = evaluate(
-        eval_fn, state, splits["test"], config.eval_batch_size, mesh, eval_rng
+        eval_fns, state, eval_data, test_rows, config.eval_batch_size, mesh, eval_rng
     )
     writer.close()
     steps_this_run = step - first_step

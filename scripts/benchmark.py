@@ -76,7 +76,7 @@ def bench_flaxcnn(args) -> dict:
     rng = jax.random.key(0)
     state = task.create_state(config, rng, split.image_shape, split.num_classes, 10**6)
     data = device_data.put_split(split, mesh)
-    train_fns, _ = train.compile_steps(task, config, state, data, mesh, split.image_shape, rng)
+    train_fns, _ = train.compile_steps(task, config, state, data, data, mesh, rng)
     k = max(train_fns)
     indices = device_data.epoch_indices(split.num_examples, args.batch_size, 0, 0)[:1]
     chunk = device_data.shard_indices(np.repeat(indices, k, axis=0), mesh)

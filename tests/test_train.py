@@ -142,9 +142,9 @@ def test_each_step_function_compiles_once(data_dir, tmp_path, caplog):
         for r in caplog.records
         if r.getMessage().startswith("Compiling jit(")
     ]
-    # One multi-step and one single-step training function, and the evaluation step.
+    # A multi-step and a single-step function each for training and for evaluation.
     assert compiled.count("jit(multi_step)") == 2
-    assert compiled.count("jit(eval_step)") == 1
+    assert compiled.count("jit(multi_eval)") == 2
 
 
 def test_early_stopping_stops_at_patience_and_tests_the_best_state(data_dir, tmp_path, monkeypatch):
