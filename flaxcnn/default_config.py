@@ -43,10 +43,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Gradients are accumulated over microbatches of this many examples (0: whole batch).
     # Smaller working sets run several times faster on CPUs; -1 picks 32 on CPU, 0 elsewhere.
     config.microbatch_size = -1
-    # Training steps run per dispatch (a lax.scan over the training split kept on the device):
-    # fewer round trips to the host. -1: 16, except 1 on CPUs for models with lax.conv
-    # convolutions, which XLA:CPU runs many times slower inside loops (SeedCNN's one
-    # convolution is a matmul, and gains ~25% from 16).
+    # Training steps (and evaluation batches) run per dispatch, a lax.scan over the data kept
+    # on the device: fewer round trips to the host. -1: 16, except 1 on CPUs for models with
+    # lax.conv convolutions, which XLA:CPU runs many times slower inside loops (SeedCNN has
+    # none: its convolution is a matmul).
     config.steps_per_dispatch = -1
     # A step whose loss or gradients are not finite stops the run with an error naming the
     # step (False), or is skipped and counted in results.json's "skipped_steps" (True).

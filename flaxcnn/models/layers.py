@@ -77,25 +77,30 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
-def pooled_patches(x: jax.Array, kernel_size: tuple[int, int]) -> jax.Array:
-    """(B, H, W, C) -> (4 * B * H2 * W2, kh * kw * C): the receptive fields of the 'VALID'
-    convolution's outputs at (2i + di, 2j + dj), in phase (di, dj) major order. The 2x2
-    max-pool of the convolution is then the elementwise max of four contiguous slabs."""
+def pooled_windows(x: jax.Array, kernel_size: tuple[int, int]) -> jax.Array:
+    """(B, H, W, C) -> (B * H2 * W2, (kh + 1) * (kw + 1) * C): the input window under each
+    2x2 pooling window of the 'VALID' kh x kw convolution's output, at stride 2."""
     kh, kw = kernel_size
     batch, height, width, channels = x.shape
     h2, w2 = (height - kh + 1) // 2, (width - kw + 1) // 2
-    # One stack of every (tap, phase) slice, then one transpose: XLA:CPU runs this several
-    # times faster than a concatenation per phase.
-    taps = jnp.stack(
-        [
-            x[:, di + i : di + i + 2 * h2 - 1 : 2, dj + j : dj + j + 2 * w2 - 1 : 2, :]
-            for i in range(kh)
-            for j in range(kw)
-            for di in (0, 1)
-            for dj in (0, 1)
-        ]
-    ).reshape(kh * kw, 4, batch, h2, w2, channels)
-    return taps.transpose(1, 2, 3, 4, 0, 5).reshape(4 * batch * h2 * w2, kh * kw * channels)
+    taps = [
+        x[:, i : i + 2 * h2 - 1 : 2, j : j + 2 * w2 - 1 : 2, :]
+        for i in range(kh + 1)
+        for j in range(kw + 1)
+    ]
+    return jnp.stack(taps, axis=3).reshape(batch * h2 * w2, -1)
+
+
+def phase_kernels(kernel: jax.Array) -> jax.Array:
+    """(kh, kw, C, F) -> ((kh + 1) * (kw + 1) * C, 4 * F): the kernel placed at the four
+    offsets (di, dj) of a pooling window, one column block each, so that a window of
+    `pooled_windows` times it is the convolution at the window's four outputs."""
+    blocks = [
+        jnp.pad(kernel, ((di, 1 - di), (dj, 1 - dj), (0, 0), (0, 0))).reshape(-1, kernel.shape[-1])
+        for di in (0, 1)
+        for dj in (0, 1)
+    ]
+    return jnp.concatenate(blocks, axis=1)
 
 
 @jax.custom_vjp
@@ -104,40 +109,43 @@ def conv_relu_max_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.
     (B, H, W, C) -> (B, (H - kh + 1) // 2, (W - kw + 1) // 2, F), an odd last row or column
     of the convolution dropped as `nn.max_pool` drops it.
 
-    One matmul of the pooling phases' patches, and a gradient written out: the pooled
-    gradient goes to the first maximum of each window (as `lax.reduce_window`'s does) and
-    meets the patches in one more matmul. Autodiff of the same would reduce over the window
-    in ways XLA:CPU runs several times slower."""
+    One matmul of the pooling windows by the kernel at the window's four offsets, the pool
+    as the max of four column blocks, and a gradient written out: the pooled gradient goes
+    to the first maximum of each window (as `lax.reduce_window`'s does) and meets the
+    windows in one more matmul. Autodiff of a convolution then pooling reduces over the
+    window in ways XLA:CPU runs several times slower."""
     return _conv_relu_max_pool_fwd(x, kernel, bias)[0]
 
 
 def _conv_relu_max_pool_fwd(x, kernel, bias):
     kh, kw, _, features = kernel.shape
     batch, height, width, _ = x.shape
-    patches = pooled_patches(x, (kh, kw))
-    conv = (patches @ kernel.reshape(-1, features)).reshape(4, -1, features)
-    # Pairwise maxima: XLA:CPU reduces over the leading axis of `conv` many times slower.
-    pooled = jnp.maximum(jnp.maximum(conv[0], conv[1]), jnp.maximum(conv[2], conv[3]))
+    windows = pooled_windows(x, (kh, kw))
+    conv = windows @ phase_kernels(kernel)  # (windows, 4 * features): the four offsets.
+    offsets = [conv[:, i * features : (i + 1) * features] for i in range(4)]
+    # Pairwise maxima: XLA:CPU runs a reduction over the offsets many times slower.
+    pooled = jnp.maximum(jnp.maximum(offsets[0], offsets[1]), jnp.maximum(offsets[2], offsets[3]))
     out = jax.nn.relu(pooled + bias)
     shape = (batch, (height - kh + 1) // 2, (width - kw + 1) // 2, features)
-    return out.reshape(shape), (x, kernel, patches, conv, pooled, out)
+    return out.reshape(shape), (x, kernel, windows, conv, pooled, out)
 
 
 def _conv_relu_max_pool_bwd(residuals, grad):
-    x, kernel, patches, conv, pooled, out = residuals
+    x, kernel, windows, conv, pooled, out = residuals
     kh, kw, _, features = kernel.shape
     grad = jnp.where(out > 0, grad.reshape(out.shape), 0)
     taken = jnp.zeros(pooled.shape, bool)
     grad_conv = []
-    for phase in conv:
-        first_max = (phase == pooled) & ~taken
+    for i in range(4):
+        first_max = (conv[:, i * features : (i + 1) * features] == pooled) & ~taken
         taken = taken | first_max
         grad_conv.append(jnp.where(first_max, grad, 0))
-    grad_conv = jnp.stack(grad_conv).reshape(-1, features)
-    grad_kernel = (patches.T @ grad_conv).reshape(kernel.shape)
+    grad_conv = jnp.concatenate(grad_conv, axis=1)
+    _, kernels_vjp = jax.vjp(phase_kernels, kernel)
+    (grad_kernel,) = kernels_vjp(windows.T @ grad_conv)
     # The input's gradient: dead code, removed by XLA, unless something asks for it.
-    _, patches_vjp = jax.vjp(functools.partial(pooled_patches, kernel_size=(kh, kw)), x)
-    (grad_x,) = patches_vjp(grad_conv @ kernel.reshape(-1, features).T)
+    _, windows_vjp = jax.vjp(functools.partial(pooled_windows, kernel_size=(kh, kw)), x)
+    (grad_x,) = windows_vjp(grad_conv @ phase_kernels(kernel).T)
     return grad_x, grad_kernel, grad.sum(0)
 
 
@@ -146,8 +154,8 @@ conv_relu_max_pool.defvjp(_conv_relu_max_pool_fwd, _conv_relu_max_pool_bwd)
 
 class ConvReluMaxPool(nn.Module):
     """`nn.Conv` (stride 1, with bias), relu and 2x2 `nn.max_pool`, computed by
-    `conv_relu_max_pool`. Meant for a first layer: the patches hold kh * kw * C values per
-    output, which only pays for narrow inputs."""
+    `conv_relu_max_pool`. Meant for a first layer: the windows hold (kh + 1) * (kw + 1) * C
+    values per output, which only pays for narrow inputs."""
 
     features: int
     kernel_size: tuple[int, int] = (3, 3)
