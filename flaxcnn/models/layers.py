@@ -117,12 +117,18 @@ def conv_relu_max_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.
     return _conv_relu_max_pool_fwd(x, kernel, bias)[0]
 
 
+def _offset_blocks(conv: jax.Array, features: int) -> list[jax.Array]:
+    """The four column blocks of `windows @ phase_kernels(kernel)`: the convolution at each
+    offset of the pooling windows."""
+    return [conv[:, i * features : (i + 1) * features] for i in range(4)]
+
+
 def _conv_relu_max_pool_fwd(x, kernel, bias):
     kh, kw, _, features = kernel.shape
     batch, height, width, _ = x.shape
     windows = pooled_windows(x, (kh, kw))
     conv = windows @ phase_kernels(kernel)  # (windows, 4 * features): the four offsets.
-    offsets = [conv[:, i * features : (i + 1) * features] for i in range(4)]
+    offsets = _offset_blocks(conv, features)
     # Pairwise maxima: XLA:CPU runs a reduction over the offsets many times slower.
     pooled = jnp.maximum(jnp.maximum(offsets[0], offsets[1]), jnp.maximum(offsets[2], offsets[3]))
     out = jax.nn.relu(pooled + bias)
@@ -136,8 +142,8 @@ def _conv_relu_max_pool_bwd(residuals, grad):
     grad = jnp.where(out > 0, grad.reshape(out.shape), 0)
     taken = jnp.zeros(pooled.shape, bool)
     grad_conv = []
-    for i in range(4):
-        first_max = (conv[:, i * features : (i + 1) * features] == pooled) & ~taken
+    for offset in _offset_blocks(conv, features):
+        first_max = (offset == pooled) & ~taken
         taken = taken | first_max
         grad_conv.append(jnp.where(first_max, grad, 0))
     grad_conv = jnp.concatenate(grad_conv, axis=1)
