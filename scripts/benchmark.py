@@ -280,8 +280,8 @@ def throughput_table(rows: list[dict]) -> list[str]:
         ratio = paired = "-"
         if ours:
             ratio = f"{ours['epoch_median'] / row['epoch_median']:.2f}x"
-            ratios = [a / b for a, b in zip(ours["epoch"], row["epoch"])]
-            paired = f"{statistics.median(ratios):.2f}x"
+            ratios = [a / b for a, b in zip(ours["epoch"], row["epoch"]) if a and b]
+            paired = f"{statistics.median(ratios):.2f}x" if ratios else "-"
         table.append(
             f"| {row['trainer']} | {row['batch_size']} | {row['epoch_median']:,.0f} | {ratio} "
             f"| {paired} | {row['step']:,.0f} | {row['compile_s']:.2f} "
@@ -338,8 +338,8 @@ def main() -> None:
     for repeat in range(args.repeats):
         for (trainer, batch_size), results in runs.items():
             result = run_worker(trainer, batch_size, args)
+            results.append(result)  # None for a failed run, so repeats stay aligned.
             if result is not None:
-                results.append(result)
                 print(
                     f"repeat {repeat + 1}: {trainer:10s} batch {batch_size:4d}: epoch "
                     f"{result['epoch']:8,.0f} ex/s, step {result['step']:8,.0f} ex/s",
@@ -349,14 +349,14 @@ def main() -> None:
         {
             "trainer": trainer,
             "batch_size": batch_size,
-            "epoch": [r["epoch"] for r in results],
-            "epoch_median": statistics.median(r["epoch"] for r in results),
-            "step": statistics.median(r["step"] for r in results),
-            "compile_s": statistics.median(r["compile_s"] for r in results),
-            "peak_memory_mb": max(r["peak_memory_mb"] for r in results),
+            "epoch": [r and r["epoch"] for r in results],
+            "epoch_median": statistics.median(r["epoch"] for r in done),
+            "step": statistics.median(r["step"] for r in done),
+            "compile_s": statistics.median(r["compile_s"] for r in done),
+            "peak_memory_mb": max(r["peak_memory_mb"] for r in done),
         }
         for (trainer, batch_size), results in runs.items()
-        if results
+        if (done := [r for r in results if r is not None])
     ]
     report = ["## Throughput", "", *throughput_table(rows)]
 
