@@ -1,5 +1,6 @@
-"""The device-resident training split: the batches gathered on the device are the host
-pipeline's, and several steps per dispatch compute what single steps do."""
+"""The device-resident data: the batches gathered on the device are the host pipeline's,
+several steps per dispatch compute what single steps do, and evaluation on the device
+equals the host pipeline's."""
 
 import functools
 
@@ -64,3 +65,30 @@ def test_several_steps_per_dispatch_equal_single_steps():
     np.testing.assert_allclose(scanned_metrics["loss"], losses, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(scanned.params), jax.tree.leaves(single.params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_evaluation_on_the_device_equals_the_host_pipelines():
+    # Two splits side by side; the second is evaluated in 2 dispatches of 2 batches of 8 and
+    # one single batch whose last 3 rows are padding (37 = 4 * 8 + 5).
+    first, second = make_split(50, seed=1), make_split(37, seed=2)
+    mesh = sharding.create_mesh()
+    data, rows = device_data.put_splits([first, second], mesh)
+    assert rows == [range(0, 50), range(50, 87)]
+    state = create_train_state(
+        create_model("SeedCNN"), optax.adam(1e-3), jax.random.key(0), (28, 28, 1)
+    )
+    multi_eval = jax.jit(functools.partial(train.multi_eval, classification.eval_step))
+    rng = jax.random.key(0)
+    metrics, count = train.evaluate(
+        {2: multi_eval, 1: multi_eval}, state, data, rows[1], 8, mesh, rng
+    )
+    host = train.mean_metrics(
+        [
+            classification.eval_step(state, sharding.shard_batch(batch, mesh))
+            for batch in input_pipeline.eval_batches(second, 8)
+        ]
+    )
+    assert count == 37
+    assert metrics.keys() == host.keys()
+    for name in host:
+        np.testing.assert_allclose(metrics[name], host[name], rtol=1e-5)
