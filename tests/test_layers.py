@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from flaxcnn.models.layers import Conv, ConvReluMaxPool, conv_relu_max_pool, max_pool_2x2
+from flaxcnn.models.layers import (
+    Conv,
+    ConvReluMaxPool,
+    FlattenDense,
+    conv_relu_max_pool,
+    max_pool_2x2,
+)
 
 
 @pytest.mark.parametrize("channels", [1, 3, 8])  # 1 and 3 take the patch path, 8 lax.conv.
@@ -88,4 +94,30 @@ def test_conv_relu_max_pool_gradient_goes_to_the_first_of_tied_maxima():
         loss(lambda x, k, b: conv_relu_pool_reference(x, k, b, "VALID")), argnums=(0, 1, 2)
     )(x, kernel, bias)
     for g, w in zip(got, want):
-        np.testing.assert_allclose(g, w, atol=1e-5)
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)  # Bias sums differ in order.
+
+
+@pytest.mark.parametrize("shape", [(4, 13, 13, 32), (3, 2, 5, 7)])
+def test_flatten_dense_matches_flatten_then_dense_and_its_gradients(shape):
+    x = jax.random.normal(jax.random.key(0), shape)
+    ours, reference = FlattenDense(10), nn.Dense(10)
+    params = ours.init(jax.random.key(1), x)
+    flat = x.reshape(shape[0], -1)
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(
+        jnp.shape, reference.init(jax.random.key(1), flat)
+    )
+    params = jax.tree.map(lambda p: p + 0.1, params)  # A nonzero bias.
+    weights = jax.random.normal(jax.random.key(2), (shape[0], 10))
+
+    def loss(params, x, module=ours):
+        return jnp.sum(module.apply(params, x) * weights)
+
+    want = reference.apply(params, flat)
+    np.testing.assert_allclose(ours.apply(params, x), want, atol=1e-4)
+    np.testing.assert_allclose(jax.jit(ours.apply)(params, x), want, atol=1e-4)
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+    expected = jax.grad(lambda p, x: loss(p, x.reshape(shape[0], -1), reference), argnums=(0, 1))(
+        params, x
+    )
+    for got, wanted in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(got, wanted, atol=1e-4, rtol=1e-4)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from flaxcnn.models.layers import Conv, ConvReluMaxPool, max_pool_2x2
+from flaxcnn.models.layers import Conv, ConvReluMaxPool, FlattenDense, max_pool_2x2
 
 
 class SeedCNN(nn.Module):
@@ -22,10 +22,9 @@ class SeedCNN(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         del train  # No dropout or batch norm here.
         init = nn.initializers.glorot_uniform()
-        # Named as the nn.Conv it computes, so that parameters keep Keras's layer names.
+        # Named as the nn.Conv and nn.Dense they compute: parameters keep Keras's layer names.
         x = ConvReluMaxPool(32, (3, 3), padding="VALID", kernel_init=init, name="Conv_0")(x)
-        x = x.reshape(x.shape[0], -1)
-        return nn.Dense(self.num_classes, kernel_init=init)(x)
+        return FlattenDense(self.num_classes, kernel_init=init, name="Dense_0")(x)
 
 
 class CNN(nn.Module):
