@@ -55,15 +55,20 @@ def conv_relu_pool_reference(x, kernel, bias, padding):
 
 
 @pytest.mark.parametrize(
-    "shape, padding, features",
-    [((3, 28, 28, 1), "VALID", 32), ((2, 11, 10, 3), "VALID", 5), ((2, 9, 12, 2), "SAME", 4)],
+    "shape, padding, features, kernel_size",
+    [
+        ((3, 28, 28, 1), "VALID", 32, (3, 3)),
+        ((2, 11, 10, 3), "VALID", 5, (3, 3)),
+        ((2, 9, 12, 2), "SAME", 4, (3, 3)),
+        ((2, 8, 11, 1), "VALID", 3, (2, 4)),  # Even sizes: windows of 3 and 5 taps.
+    ],
 )
-def test_conv_relu_max_pool_matches_lax_conv_and_max_pool(shape, padding, features):
+def test_conv_relu_max_pool_matches_lax_conv_and_max_pool(shape, padding, features, kernel_size):
     kx, kk, kb, kg = jax.random.split(jax.random.key(0), 4)
     x = jax.random.normal(kx, shape)
-    kernel = jax.random.normal(kk, (3, 3, shape[-1], features))
+    kernel = jax.random.normal(kk, (*kernel_size, shape[-1], features))
     bias = 0.5 * jax.random.normal(kb, (features,))
-    layer = ConvReluMaxPool(features, padding=padding)
+    layer = ConvReluMaxPool(features, kernel_size, padding=padding)
     params = {"params": {"kernel": kernel, "bias": bias}}
     want = conv_relu_pool_reference(x, kernel, bias, padding)
     np.testing.assert_allclose(layer.apply(params, x), want, atol=1e-5)
