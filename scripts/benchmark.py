@@ -323,7 +323,7 @@ def main() -> None:
         "--time-to-accuracy",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help=f"also time flaxcnn and Keras to {TARGET_ACCURACY:.1%} test accuracy",
+        help=f"also time flaxcnn and Keras to {TARGET_ACCURACY * 100:.1f}%% test accuracy",
     )
     parser.add_argument("--npz", default=os.path.join(SHARED, "mnist", "mnist.npz"))
     parser.add_argument("--tfds", default=os.path.join(SHARED, "tfds"))
