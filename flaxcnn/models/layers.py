@@ -14,11 +14,11 @@ are unchanged.
 """
 
 import functools
+import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
 # Patches of at most this many values (3x3 over 3 channels) go through a matmul; wider
@@ -237,7 +237,7 @@ class FlattenDense(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param(
-            "kernel", self.kernel_init, (np.prod(x.shape[1:]), self.features), jnp.float32
+            "kernel", self.kernel_init, (math.prod(x.shape[1:]), self.features), jnp.float32
         )
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         return flatten_dense(x, kernel) + bias
