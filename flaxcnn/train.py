@@ -139,7 +139,10 @@ def compile_steps(task, config, state, data, eval_data, mesh, rng):
     """The task's steps, compiled ahead of time for the shapes they see (so that another
     shape is an error rather than a silent recompilation): `{k: fn}` running k training
     steps per dispatch on `data`, and `{k: fn}` summing the metrics of k evaluation batches
-    of `eval_data` per dispatch, for k in (steps per dispatch, 1)."""
+    of `eval_data` per dispatch: for training k in (steps per dispatch, a quarter of it, 1),
+    which cover what is left before a log step in a few dispatches (each dispatch takes CPU
+    time from the step on a small machine; each size is one more compilation); for
+    evaluation k in (steps per dispatch, 1)."""
     replicated = sharding.replicated(mesh)
 
     def index_spec(k, batch_size, dtype=np.int32):
@@ -161,18 +164,18 @@ def compile_steps(task, config, state, data, eval_data, mesh, rng):
         config.steps_per_dispatch, "stablehlo.convolution" in single_eval.as_text()
     )
     train_step = functools.partial(task.train_step, **task.step_kwargs(config))
-    train_fns, eval_fns = {}, {}
-    for k in sorted({steps_per_dispatch, 1}):
-        train_fns[k] = (
-            jax.jit(
-                functools.partial(multi_step, train_step),
-                donate_argnums=0,
-                out_shardings=replicated,
-            )
-            .lower(state, data, index_spec(k, config.batch_size), rng)
-            .compile()
+    train_fns = {
+        k: jax.jit(
+            functools.partial(multi_step, train_step), donate_argnums=0, out_shardings=replicated
         )
-        eval_fns[k] = (single_eval if k == 1 else lower_eval(k)).compile()
+        .lower(state, data, index_spec(k, config.batch_size), rng)
+        .compile()
+        for k in sorted({steps_per_dispatch, max(steps_per_dispatch // 4, 1), 1})
+    }
+    eval_fns = {
+        k: (single_eval if k == 1 else lower_eval(k)).compile()
+        for k in sorted({steps_per_dispatch, 1})
+    }
     return train_fns, eval_fns
 
 
@@ -300,13 +303,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             epoch_end = min(steps_per_epoch, position + total_steps - step)
             while position < epoch_end:
                 # Several steps per dispatch, each dispatch ending at a log step or the end
-                # of the epoch; what is left over runs one step at a time. The choice is a
-                # function of the step alone, so a resumed run computes what an
+                # of the epoch; what is left over runs in fewer steps per dispatch. The
+                # choice is a function of the step alone, so a resumed run computes what an
                 # uninterrupted one does.
                 next_log = config.log_every_steps - step % config.log_every_steps
-                k = max(train_fns)
-                if min(epoch_end - position, next_log) < k:
-                    k = 1
+                room = min(epoch_end - position, next_log)
+                k = max(k for k in train_fns if k <= room)
                 chunk = device_data.shard_indices(indices[position : position + k], mesh)
                 state, metrics = train_fns[k](state, data, chunk, step_rng)
                 pending.append(metrics)
