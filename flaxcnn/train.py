@@ -308,7 +308,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 # uninterrupted one does.
                 next_log = config.log_every_steps - step % config.log_every_steps
                 room = min(epoch_end - position, next_log)
-                k = max(k for k in train_fns if k <= room)
+                k = max(size for size in train_fns if size <= room)
                 chunk = device_data.shard_indices(indices[position : position + k], mesh)
                 state, metrics = train_fns[k](state, data, chunk, step_rng)
                 pending.append(metrics)
