@@ -211,15 +211,14 @@ def _per_position_dense_fwd(by_position, kernels):
 def _per_position_dense_bwd(residuals, grad):
     by_position, kernels = residuals
     positions, batch, _ = by_position.shape
+    features = grad.shape[1]
     # The kernels' gradient as (P, N, B) @ (P, B, C): autodiff's (P, C, B) @ (P, B, N) reads
     # its left operand transposed, which XLA:CPU runs several times slower. The barrier keeps
     # XLA from folding the transpose back into the matmul.
-    per_feature = jnp.matmul(
-        jnp.broadcast_to(grad.T, (positions, grad.shape[1], batch)), by_position
-    )
+    per_feature = jnp.matmul(jnp.broadcast_to(grad.T, (positions, features, batch)), by_position)
     grad_kernels = jax.lax.optimization_barrier(per_feature).transpose(0, 2, 1)
     grad_by_position = jnp.matmul(
-        jnp.broadcast_to(grad, (positions, batch, grad.shape[1])), kernels.transpose(0, 2, 1)
+        jnp.broadcast_to(grad, (positions, batch, features)), kernels.transpose(0, 2, 1)
     )
     return grad_by_position, grad_kernels
 
