@@ -68,7 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.early_stopping = ml_collections.ConfigDict(
         dict(metric="accuracy", patience=0, min_delta=0.0)
     )
-    # Image preprocessing (flaxcnn/datasets/image_folder.py), for image folders
+    # Image preprocessing (flaxcnn/data/image_folder.py), for image folders
     # (dataset "folder:/path/to/root", layout root/<class>/*.png or root/<split>/<class>/...)
     # and tfds datasets alike: resize to (H, W) with PIL's bilinear filter (None: keep the
     # size; a folder's images must then share one) and convert to "grayscale" (1 channel) or

@@ -17,9 +17,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from flaxcnn import input_pipeline
-from flaxcnn.checkpointing import Checkpointer
-from flaxcnn.datasets import image_folder
+from flaxcnn.data import image_folder, input_pipeline
+from flaxcnn.training.checkpointing import Checkpointer
 
 CONFIG_FILE = "config.json"
 DATASET_INFO_FILE = "dataset_info.json"

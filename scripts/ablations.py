@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--out", default="ablations.md")
     args = parser.parse_args()
     logging.set_verbosity(logging.WARNING)
-    from flaxcnn import train
+    from flaxcnn.training import loop
 
     lines = ["| technique | setting | test accuracy |", "| --- | --- | --- |"]
     for base, technique, setting, overrides in ABLATIONS:
@@ -59,7 +59,7 @@ def main() -> None:
                 node = node[parent]
             node[name] = value
         with tempfile.TemporaryDirectory() as workdir:
-            results = train.train_and_evaluate(config, workdir)
+            results = loop.train_and_evaluate(config, workdir)
         lines.append(f"| {technique} | {setting} | {results['test_accuracy']:.2%} |")
         print(lines[-1], flush=True)
     with open(args.out, "w") as f:

@@ -57,14 +57,17 @@ def flaxcnn_config(name: str, args, **overrides):
 def bench_flaxcnn(args) -> dict:
     import jax
 
-    from flaxcnn import device_data, input_pipeline, sharding, tasks, train
-    from flaxcnn.writers import read_metrics
+    from flaxcnn import tasks
+    from flaxcnn.data import device_data, input_pipeline
+    from flaxcnn.reporting.writers import read_metrics
+    from flaxcnn.runtime import sharding
+    from flaxcnn.training import loop
 
     # Two epochs of a real run; the second is timed between the validation records that
     # end the epochs (training, validation and checkpoint, as Keras's epoch has them).
     config = flaxcnn_config("seed_keras", args, num_epochs=2, batch_size=args.batch_size)
     with tempfile.TemporaryDirectory() as workdir:
-        results = train.train_and_evaluate(config, workdir)
+        results = loop.train_and_evaluate(config, workdir)
         records = read_metrics(os.path.join(workdir, "metrics.jsonl"))
     ends = [r["time"] for r in records if r["split"] == "validation"]
     epoch_rate = results["steps"] // 2 * args.batch_size / (ends[1] - ends[0])
@@ -76,7 +79,7 @@ def bench_flaxcnn(args) -> dict:
     rng = jax.random.key(0)
     state = task.create_state(config, rng, split.image_shape, split.num_classes, 10**6)
     data = device_data.put_split(split, mesh)
-    train_fns, _ = train.compile_steps(task, config, state, data, data, mesh, rng)
+    train_fns, _ = loop.compile_steps(task, config, state, data, data, mesh, rng)
     k = max(train_fns)
     indices = device_data.epoch_indices(split.num_examples, args.batch_size, 0, 0)[:1]
     chunk = device_data.shard_indices(np.repeat(indices, k, axis=0), mesh)
@@ -184,13 +187,13 @@ def bench_torch(args) -> dict:
 def tta_flaxcnn(args) -> dict:
     """Seconds from the call until the test accuracy first reaches the target, with the
     test split as the run's per-epoch validation (`configs/seed_fast.py`)."""
-    from flaxcnn import train
-    from flaxcnn.writers import read_metrics
+    from flaxcnn.reporting.writers import read_metrics
+    from flaxcnn.training import loop
 
     config = flaxcnn_config("seed_fast", args, validation_split="test")
     with tempfile.TemporaryDirectory() as workdir:
         start = time.time()
-        train.train_and_evaluate(config, workdir)
+        loop.train_and_evaluate(config, workdir)
         records = read_metrics(os.path.join(workdir, "metrics.jsonl"))
     curve = [(r["time"] - start, r["accuracy"]) for r in records if r["split"] == "validation"]
     return {"curve": curve}

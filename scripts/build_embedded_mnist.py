@@ -4,7 +4,7 @@
 
 Takes 10,000 images from the official train split (1,000 per class) and 2,000 from the
 official test split (200 per class), chosen with a fixed seed so the file is reproducible
-byte for byte, and writes flaxcnn/datasets/data/embedded_mnist.npz.
+byte for byte, and writes flaxcnn/data/embedded_mnist.npz.
 """
 
 import argparse
@@ -12,7 +12,7 @@ import pathlib
 
 import numpy as np
 
-OUT = pathlib.Path(__file__).resolve().parents[1] / "flaxcnn/datasets/data/embedded_mnist.npz"
+OUT = pathlib.Path(__file__).resolve().parents[1] / "flaxcnn/data/embedded_mnist.npz"
 
 
 def stratified_indices(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:

@@ -12,7 +12,7 @@ SHARED_TFDS = REPO.parent / "shared" / "data" / "tfds"
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> str:
     """A tfds data_dir holding the embedded dataset, prepared offline."""
-    from flaxcnn import input_pipeline
+    from flaxcnn.data import input_pipeline
 
     path = str(tmp_path_factory.mktemp("tfds"))
     input_pipeline.get_builder(input_pipeline.EMBEDDED, path)

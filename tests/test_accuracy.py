@@ -6,7 +6,7 @@ import json
 import pytest
 from conftest import REPO
 
-from flaxcnn import train
+from flaxcnn.training import loop
 
 
 def load_config(name: str):
@@ -24,7 +24,7 @@ def load_config(name: str):
 def test_config_reaches_its_accuracy(name, target, shared_tfds, tmp_path):
     config = load_config(name)
     config.data_dir = shared_tfds
-    results = train.train_and_evaluate(config, str(tmp_path))
+    results = loop.train_and_evaluate(config, str(tmp_path))
     print(name, json.dumps(results))
     assert results["num_test_examples"] == 10_000
     assert results["test_accuracy"] >= target

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxcnn import augment, default_config
+from flaxcnn import default_config
+from flaxcnn.data import augment
 
 ALL_ON = dict(rotation=15.0, translation=0.1, scale=0.1, noise=0.05)
 

@@ -9,8 +9,8 @@ import optax
 import pytest
 
 from flaxcnn.models import create_model
-from flaxcnn.state import create_train_state
 from flaxcnn.tasks import classification
+from flaxcnn.training.state import create_train_state
 
 
 def make_state(name="SeedCNN"):

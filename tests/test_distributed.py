@@ -14,8 +14,8 @@ import sys
 import pytest
 from conftest import REPO
 
-from flaxcnn import distributed
-from flaxcnn.writers import read_metrics
+from flaxcnn.reporting.writers import read_metrics
+from flaxcnn.runtime import distributed
 
 TIMEOUT_S = 300  # Per subprocess: a hung collective fails the test instead of hanging it.
 STEPS = 20

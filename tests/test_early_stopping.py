@@ -5,7 +5,7 @@ import json
 import pytest
 
 from flaxcnn import default_config
-from flaxcnn.early_stopping import EarlyStopping
+from flaxcnn.training.early_stopping import EarlyStopping
 
 
 def stop_epoch(stopper, values, first_epoch=1):

@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from flaxcnn import export, inference, input_pipeline, train
+from flaxcnn import inference
+from flaxcnn.cli import export
+from flaxcnn.data import input_pipeline
 from flaxcnn.tasks import classification
+from flaxcnn.training import loop
 
 TOLERANCE = 1e-5
 
@@ -19,7 +22,7 @@ TOLERANCE = 1e-5
 def exported(data_dir, tmp_path_factory) -> tuple[inference.Run, str]:
     """A short run, exported by the command: (the run, the export dir)."""
     workdir = str(tmp_path_factory.mktemp("run"))
-    train.train_and_evaluate(tiny_config(data_dir, num_train_steps=4), workdir)
+    loop.train_and_evaluate(tiny_config(data_dir, num_train_steps=4), workdir)
     out = str(tmp_path_factory.mktemp("export"))
     assert export.main(["--workdir", workdir, "--out", out]) == 0
     return inference.load_run(workdir), out

@@ -244,7 +244,7 @@ def test_write_pictures_writes_a_png_and_a_tensorboard_image(tmp_path):
 
 
 def test_state_round_trips_through_a_checkpoint(tmp_path):
-    from flaxcnn.checkpointing import Checkpointer
+    from flaxcnn.training.checkpointing import Checkpointer
 
     state, _ = gan.train_step(make_state(), make_batch(), key(1))
     checkpointer = Checkpointer(str(tmp_path), 1)
@@ -280,17 +280,17 @@ def test_gan_config_loads():
 def test_training_loop_runs_the_gan_task(data_dir, tmp_path):
     from conftest import tiny_config as tiny_run_config
 
-    from flaxcnn import train
+    from flaxcnn.training import loop
 
     config = tiny_run_config(data_dir, task="gan", model="DCGAN", learning_rate=2e-4)
     config.model_kwargs.update(TINY)
     config.adam_b1 = 0.5
     config.steps_per_dispatch = 1
     workdir = str(tmp_path / "run")
-    results = train.train_and_evaluate(config, workdir)
+    results = loop.train_and_evaluate(config, workdir)
     assert results["steps"] == 8
     for name in ("d_loss", "g_loss", "d_real", "d_fake", "loss"):
         assert np.isfinite(results[f"test_{name}"])
     assert os.path.exists(os.path.join(workdir, "pictures", "samples_step8.png"))
     # The finished run is restored from its checkpoint, not trained again.
-    assert train.train_and_evaluate(config, workdir) == results
+    assert loop.train_and_evaluate(config, workdir) == results

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from flaxcnn import generative_metrics as gm
+from flaxcnn.reporting import generative_metrics as gm
 
 
 def test_inception_score_of_confident_uniform_predictions_is_the_class_count():
@@ -138,7 +138,7 @@ def test_scorer_is_trained_once_then_restored(data_dir, tmp_path):
     workdir = tmp_path / "embedded_mnist"
     assert (workdir / "results.json").exists() and (workdir / gm.SCORER_CONFIG_FILE).exists()
 
-    from flaxcnn import input_pipeline
+    from flaxcnn.data import input_pipeline
 
     test = input_pipeline.load_split("embedded_mnist", "test", data_dir)
     probs, features = scorer.logits_and_features(test.images[:600])

@@ -9,8 +9,10 @@ import pytest
 from conftest import tiny_config
 from PIL import Image
 
-from flaxcnn import evaluate, inference, input_pipeline, predict, train
-from flaxcnn.datasets import image_folder
+from flaxcnn import inference
+from flaxcnn.cli import evaluate, predict
+from flaxcnn.data import image_folder, input_pipeline
+from flaxcnn.training import loop
 
 CLASSES = ("horizontal", "vertical")
 
@@ -182,7 +184,7 @@ def test_rgb_folder_trains_evaluates_and_predicts_end_to_end(tmp_path):
     through the loop, then restored, evaluated and used for prediction."""
     name = make_folder(tmp_path / "data", per_class=12, splits=("train", "test"))
     workdir = str(tmp_path / "run")
-    results = train.train_and_evaluate(folder_config(name), workdir)
+    results = loop.train_and_evaluate(folder_config(name), workdir)
     assert results["num_test_examples"] == 24 and results["steps"] == 6
 
     run = inference.load_run(workdir)
@@ -211,7 +213,7 @@ def test_folder_of_three_sizes_trains_with_image_size_and_color_mode(
     name = make_folder(tmp_path / "data", per_class=12, sizes=sizes, splits=("train", "test"))
     config = folder_config(name, image_size=(16, 16), color_mode=color_mode)
     workdir = str(tmp_path / "run")
-    results = train.train_and_evaluate(config, workdir)
+    results = loop.train_and_evaluate(config, workdir)
     assert results["num_test_examples"] == 24
     run = inference.load_run(workdir)
     assert run.image_shape == (16, 16, channels)

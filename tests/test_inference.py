@@ -13,14 +13,18 @@ import pytest
 from conftest import REPO, tiny_config
 from PIL import Image
 
-from flaxcnn import evaluate, inference, input_pipeline, predict, reports, train
+from flaxcnn import inference
+from flaxcnn.cli import evaluate, predict
+from flaxcnn.data import input_pipeline
+from flaxcnn.reporting import reports
+from flaxcnn.training import loop
 
 
 @pytest.fixture(scope="module")
 def trained(data_dir, tmp_path_factory) -> tuple[str, dict]:
     """A run of 8 steps: (workdir, results)."""
     workdir = str(tmp_path_factory.mktemp("run"))
-    return workdir, train.train_and_evaluate(tiny_config(data_dir, num_train_steps=8), workdir)
+    return workdir, loop.train_and_evaluate(tiny_config(data_dir, num_train_steps=8), workdir)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +85,7 @@ def test_config_round_trips_with_tuples_and_new_defaults(tmp_path, trained):
 
 
 def test_best_checkpoint_when_present_else_latest(tmp_path, trained, run):
-    assert inference.CHECKPOINTS["best"] == train.BEST_CHECKPOINTS  # Where the loop keeps it.
+    assert inference.CHECKPOINTS["best"] == loop.BEST_CHECKPOINTS  # Where the loop keeps it.
     workdir = str(tmp_path / "copy")
     shutil.copytree(trained[0], workdir)
     assert inference.load_run(workdir, which="best").which == "latest"

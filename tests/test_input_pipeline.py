@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from flaxcnn import input_pipeline
+from flaxcnn.data import input_pipeline
 
 
 def test_embedded_dataset_prepares_offline_with_the_right_splits(data_dir):

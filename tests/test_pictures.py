@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flaxcnn import pictures
+from flaxcnn.reporting import pictures
 
 
 def test_grid_places_tiles_row_major_between_separators():

@@ -11,9 +11,9 @@ import pytest
 
 from flaxcnn import default_config
 from flaxcnn.models import create_model
-from flaxcnn.regularization import add_l2_gradient, decay_mask, l2_penalty
-from flaxcnn.state import TrainState, create_optimizer, model_kwargs
 from flaxcnn.tasks import classification
+from flaxcnn.training.regularization import add_l2_gradient, decay_mask, l2_penalty
+from flaxcnn.training.state import TrainState, create_optimizer, model_kwargs
 
 PARAMS = {
     "Conv_0": {"kernel": jnp.arange(8.0).reshape(2, 2, 1, 2), "bias": jnp.array([5.0, -7.0])},

@@ -20,9 +20,10 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import REPO
 
-from flaxcnn import checkpointing, main, preemption
-from flaxcnn.checkpointing import Checkpointer
-from flaxcnn.writers import read_metrics
+from flaxcnn.cli import train as train_cli
+from flaxcnn.reporting.writers import read_metrics
+from flaxcnn.training import checkpointing, signals
+from flaxcnn.training.checkpointing import Checkpointer
 
 # A restore that fails inside orbax leaves tensorstore coroutines behind, reported when they
 # are collected after their event loop closed; harmless, and not this project's to fix.
@@ -181,7 +182,7 @@ def test_best_slot_lives_beside_the_newest(tmp_path):
 
 def test_sigterm_sets_the_flag_and_handlers_come_back():
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-    with preemption.StopOnSignal() as stop:
+    with signals.StopOnSignal() as stop:
         assert not stop.requested and not stop.should_stop()
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.01)  # Python runs the handler between bytecodes of the main thread.
@@ -196,7 +197,7 @@ def test_sigterm_sets_the_flag_and_handlers_come_back():
 
 
 def test_second_ctrl_c_quits_at_once():
-    with preemption.StopOnSignal() as stop:
+    with signals.StopOnSignal() as stop:
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.01)
         assert stop.requested and stop.signal_name == "SIGINT"
@@ -419,7 +420,7 @@ def test_force_moves_the_other_run_aside(prior_run, data_dir, tmp_path):
     shutil.copytree(prior_run, workdir)
     before = snapshot(str(workdir))
     # A bad setting after the move check: the move is what --force does, nothing more.
-    main.prepare_workdir(str(workdir), _config(model="CNN"), force=True)
+    train_cli.prepare_workdir(str(workdir), _config(model="CNN"), force=True)
     assert os.listdir(workdir) == ["replaced-1"]
     assert snapshot(str(workdir / "replaced-1")) == before
 
@@ -428,9 +429,9 @@ def test_unwritable_workdir_is_refused_even_for_root(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(main.tempfile, "TemporaryFile", refuse)
+    monkeypatch.setattr(train_cli.tempfile, "TemporaryFile", refuse)
     with pytest.raises(ValueError, match="is not writable: Permission denied"):
-        main.prepare_workdir(str(tmp_path), _config(), force=False)
+        train_cli.prepare_workdir(str(tmp_path), _config(), force=False)
 
 
 def _config(**overrides):
@@ -442,7 +443,7 @@ def _config(**overrides):
 def test_same_run_in_workdir_passes_the_checks(prior_run, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(prior_run, workdir)
-    assert main.check_run_identity(str(workdir), _config()) == {}
-    assert main.check_run_identity(str(tmp_path / "new"), _config()) is None
-    main.prepare_workdir(str(tmp_path / "new"), _config(), force=False)
+    assert train_cli.check_run_identity(str(workdir), _config()) == {}
+    assert train_cli.check_run_identity(str(tmp_path / "new"), _config()) is None
+    train_cli.prepare_workdir(str(tmp_path / "new"), _config(), force=False)
     assert os.path.isdir(tmp_path / "new")

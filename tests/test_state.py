@@ -10,8 +10,8 @@ import pytest
 from flax import linen as nn
 
 from flaxcnn import default_config
-from flaxcnn.checkpointing import Checkpointer
-from flaxcnn.state import (
+from flaxcnn.training.checkpointing import Checkpointer
+from flaxcnn.training.state import (
     SCHEDULES,
     create_optimizer,
     create_train_state,

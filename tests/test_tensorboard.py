@@ -8,8 +8,8 @@ import tensorflow as tf
 from conftest import tiny_config
 from tensorboard.backend.event_processing import event_accumulator as ea
 
-from flaxcnn import train
-from flaxcnn.writers import METRICS_FILE, MetricWriter, read_metrics
+from flaxcnn.reporting.writers import METRICS_FILE, MetricWriter, read_metrics
+from flaxcnn.training import loop
 
 
 def read_events(logdir: str) -> ea.EventAccumulator:
@@ -24,7 +24,7 @@ def read_events(logdir: str) -> ea.EventAccumulator:
 @pytest.fixture(scope="module")
 def run_events(data_dir, tmp_path_factory) -> tuple[str, ea.EventAccumulator]:
     workdir = str(tmp_path_factory.mktemp("run"))
-    train.train_and_evaluate(tiny_config(data_dir, num_train_steps=8), workdir)
+    loop.train_and_evaluate(tiny_config(data_dir, num_train_steps=8), workdir)
     return workdir, read_events(workdir)
 
 

@@ -10,14 +10,15 @@ import jax
 import pytest
 from conftest import REPO, tiny_config
 
-from flaxcnn import device_data, train
-from flaxcnn.writers import read_metrics
+from flaxcnn.data import device_data
+from flaxcnn.reporting.writers import read_metrics
+from flaxcnn.training import loop
 
 
 def test_run_writes_everything_and_resumes(data_dir, tmp_path):
     workdir = str(tmp_path / "run")
     config = tiny_config(data_dir, num_train_steps=8)
-    results = train.train_and_evaluate(config, workdir)
+    results = loop.train_and_evaluate(config, workdir)
     for name in ("config.json", "metrics.jsonl", "curves.png", "results.json"):
         assert os.path.getsize(os.path.join(workdir, name)) > 0, name
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
@@ -31,24 +32,24 @@ def test_run_writes_everything_and_resumes(data_dir, tmp_path):
     assert [r["split"] for r in records if r["step"] == 8] == ["train", "validation"]
 
     # More steps on the same workdir: resumes at step 8 instead of restarting.
-    resumed = train.train_and_evaluate(tiny_config(data_dir, num_train_steps=12), workdir)
+    resumed = loop.train_and_evaluate(tiny_config(data_dir, num_train_steps=12), workdir)
     assert resumed["steps"] == 12 and resumed["steps_this_run"] == 4
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints")), key=int) == ["8", "12"]
     steps = [r["step"] for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))]
     assert steps == sorted(steps) and steps[-1] == 12
 
     # A finished run only re-reports.
-    again = train.train_and_evaluate(tiny_config(data_dir, num_train_steps=12), workdir)
+    again = loop.train_and_evaluate(tiny_config(data_dir, num_train_steps=12), workdir)
     assert again == resumed
 
 
 def test_resume_drops_metrics_logged_after_the_last_checkpoint(data_dir, tmp_path):
     workdir = str(tmp_path / "run")
-    train.train_and_evaluate(tiny_config(data_dir, num_train_steps=8), workdir)
+    loop.train_and_evaluate(tiny_config(data_dir, num_train_steps=8), workdir)
     with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:  # As if it crashed at 10.
         f.write(json.dumps({"step": 10, "split": "train", "loss": 9.9, "accuracy": 0.0}) + "\n")
     os.remove(os.path.join(workdir, "results.json"))
-    train.train_and_evaluate(tiny_config(data_dir, num_train_steps=12), workdir)
+    loop.train_and_evaluate(tiny_config(data_dir, num_train_steps=12), workdir)
     losses = {r["step"]: r["loss"] for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))}
     assert 9.9 not in losses.values() and max(losses) == 12
 
@@ -67,7 +68,7 @@ def partial_batches_config(data_dir: str):
 
 
 def test_epochs_checkpoint_validate_and_count_every_test_example(data_dir, tmp_path):
-    results = train.train_and_evaluate(partial_batches_config(data_dir), str(tmp_path))
+    results = loop.train_and_evaluate(partial_batches_config(data_dir), str(tmp_path))
     assert results["steps"] == 6 and results["num_test_examples"] == 1234
     records = read_metrics(str(tmp_path / "metrics.jsonl"))
     assert [r["step"] for r in records if r["split"] == "validation"] == [3, 6]
@@ -85,7 +86,7 @@ def test_epochs_checkpoint_validate_and_count_every_test_example(data_dir, tmp_p
 )
 def test_bad_settings_are_value_errors(data_dir, tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
-        train.train_and_evaluate(tiny_config(data_dir, **overrides), str(tmp_path))
+        loop.train_and_evaluate(tiny_config(data_dir, **overrides), str(tmp_path))
 
 
 def run_cli(*args, **kwargs) -> subprocess.CompletedProcess:
@@ -136,7 +137,7 @@ def test_cli_bad_input_is_one_line_and_exit_code_2(data_dir, tmp_path):
 def test_each_step_function_compiles_once(data_dir, tmp_path, caplog):
     config = partial_batches_config(data_dir)  # Partial train and test batches: still one each.
     with jax.log_compiles(), caplog.at_level(logging.WARNING, logger="jax"):
-        train.train_and_evaluate(config, str(tmp_path))
+        loop.train_and_evaluate(config, str(tmp_path))
     compiled = [
         r.getMessage().split(" ")[1]
         for r in caplog.records
@@ -152,21 +153,21 @@ def test_early_stopping_stops_at_patience_and_tests_the_best_state(data_dir, tmp
     config = tiny_config(data_dir, num_train_steps=-1, num_epochs=10, train_split="train[:1000]")
     config.early_stopping.update(metric="accuracy", patience=2)
     scripted = [0.5, 0.7, 0.6, 0.65]
-    real_evaluate = train.evaluate
+    real_evaluate = loop.evaluate
 
     def evaluate(*args):
         metrics, count = real_evaluate(*args)
         return ({**metrics, "accuracy": scripted.pop(0)} if scripted else metrics), count
 
-    monkeypatch.setattr(train, "evaluate", evaluate)
-    results = train.train_and_evaluate(config, str(tmp_path))
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+    results = loop.train_and_evaluate(config, str(tmp_path))
     assert not scripted  # Four validations, then the test.
     assert results["steps"] == 4 * 31 and results["tested_step"] == 2 * 31
     assert os.listdir(tmp_path / "checkpoints_best") == [str(2 * 31)]
     record = json.loads((tmp_path / "early_stopping.json").read_text())
     assert record["history"] == [[1, 0.5], [2, 0.7], [3, 0.6], [4, 0.65]]
     # A stopped run is finished: rerunning only re-reports.
-    assert train.train_and_evaluate(config, str(tmp_path)) == results
+    assert loop.train_and_evaluate(config, str(tmp_path)) == results
 
 
 def test_nonfinite_loss_names_the_step_or_is_skipped(data_dir, tmp_path, monkeypatch):
@@ -179,16 +180,16 @@ def test_nonfinite_loss_names_the_step_or_is_skipped(data_dir, tmp_path, monkeyp
     monkeypatch.setattr(device_data, "gather_batch", gather_nan_images)
     config = tiny_config(data_dir, num_train_steps=8)
     with pytest.raises(FloatingPointError, match="non-finite training loss at step 1 "):
-        train.train_and_evaluate(config, str(tmp_path / "stop"))
+        loop.train_and_evaluate(config, str(tmp_path / "stop"))
     assert not os.path.exists(tmp_path / "stop" / "results.json")
 
     config.skip_nonfinite = True
-    results = train.train_and_evaluate(config, str(tmp_path / "skip"))
+    results = loop.train_and_evaluate(config, str(tmp_path / "skip"))
     assert results["skipped_steps"] == 8 and results["steps"] == 8
 
 
 def test_classifier_results_hold_per_class_accuracy_and_confusion(data_dir, tmp_path):
-    results = train.train_and_evaluate(tiny_config(data_dir), str(tmp_path))
+    results = loop.train_and_evaluate(tiny_config(data_dir), str(tmp_path))
     matrix = results["confusion_matrix"]
     assert len(matrix) == 10 and sum(map(sum, matrix)) == results["num_test_examples"]
     per_class = results["per_class_accuracy"]

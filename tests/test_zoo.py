@@ -13,11 +13,11 @@ from conftest import REPO
 from flax import linen as nn
 from PIL import Image
 
-from flaxcnn import pictures
 from flaxcnn.models import create_model
 from flaxcnn.models.autoencoder import ConvTranspose2x, StridedConv
-from flaxcnn.state import create_train_state
+from flaxcnn.reporting import pictures
 from flaxcnn.tasks import autoencoder, classification, get_task, vae
+from flaxcnn.training.state import create_train_state
 
 # name: (task, model, tiny model kwargs): every zoo model in a size that compiles and steps fast.
 TINY = {
@@ -54,7 +54,7 @@ def max_abs_diff(a, b) -> float:
 @functools.cache
 def mnist_batch(size: int = 16) -> dict:
     """Real MNIST digits (from the embedded dataset) and their labels."""
-    data = np.load(REPO / "flaxcnn" / "datasets" / "data" / "embedded_mnist.npz")
+    data = np.load(REPO / "flaxcnn" / "data" / "embedded_mnist.npz")
     return {
         "image": jnp.asarray(data["x_test"][:size, :, :, None], jnp.float32) / 255,
         "label": jnp.asarray(data["y_test"][:size], jnp.int32),

@@ -14,9 +14,9 @@ import numpy as np
 import optax
 
 from flaxcnn.models import create_model
-from flaxcnn.pictures import image_grid, save_png
-from flaxcnn.regularization import add_l2_gradient
-from flaxcnn.state import TrainState, create_optimizer, create_train_state, model_kwargs
+from flaxcnn.reporting.pictures import image_grid, save_png
+from flaxcnn.training.regularization import add_l2_gradient
+from flaxcnn.training.state import TrainState, create_optimizer, create_train_state, model_kwargs
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]

@@ -13,9 +13,12 @@ import ml_collections
 import numpy as np
 import optax
 
-from flaxcnn import augment, input_pipeline, regularization, reports, sharding
+from flaxcnn.data import augment, input_pipeline
 from flaxcnn.models import create_model
-from flaxcnn.state import TrainState, create_optimizer, create_train_state, model_kwargs
+from flaxcnn.reporting import reports
+from flaxcnn.runtime import sharding
+from flaxcnn.training import regularization
+from flaxcnn.training.state import TrainState, create_optimizer, create_train_state, model_kwargs
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]

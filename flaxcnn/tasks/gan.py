@@ -24,10 +24,11 @@ import numpy as np
 import optax
 from flax import struct
 
-from flaxcnn import generative_metrics, input_pipeline, pictures
+from flaxcnn.data import input_pipeline
 from flaxcnn.models import MODELS, create_model
 from flaxcnn.models.gan import DCGAN
-from flaxcnn.state import SCHEDULES, model_kwargs
+from flaxcnn.reporting import generative_metrics, pictures
+from flaxcnn.training.state import SCHEDULES, model_kwargs
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]

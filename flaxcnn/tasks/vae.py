@@ -15,10 +15,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from flaxcnn import generative_metrics, input_pipeline
-from flaxcnn.pictures import image_grid
-from flaxcnn.regularization import add_l2_gradient
-from flaxcnn.state import TrainState
+from flaxcnn.data import input_pipeline
+from flaxcnn.reporting import generative_metrics
+from flaxcnn.reporting.pictures import image_grid
 from flaxcnn.tasks.autoencoder import create_state as create_state  # The autoencoder's state,
 from flaxcnn.tasks.autoencoder import (
     picture_batch,
@@ -26,6 +25,8 @@ from flaxcnn.tasks.autoencoder import (
     save_picture,
 )
 from flaxcnn.tasks.autoencoder import step_kwargs as step_kwargs  # and its settings.
+from flaxcnn.training.regularization import add_l2_gradient
+from flaxcnn.training.state import TrainState
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]

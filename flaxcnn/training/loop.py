@@ -13,13 +13,16 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from flaxcnn import device_data, inference, input_pipeline, reports, sharding, tasks
-from flaxcnn.checkpointing import Checkpointer
-from flaxcnn.early_stopping import EarlyStopping
+from flaxcnn import inference, tasks
+from flaxcnn.data import device_data, input_pipeline
 from flaxcnn.models import MODELS
-from flaxcnn.preemption import StopOnSignal
-from flaxcnn.state import validate_optimization
-from flaxcnn.writers import METRICS_FILE, MetricWriter, Progress, plot_curves
+from flaxcnn.reporting import reports
+from flaxcnn.reporting.writers import METRICS_FILE, MetricWriter, Progress, plot_curves
+from flaxcnn.runtime import sharding
+from flaxcnn.training.checkpointing import Checkpointer
+from flaxcnn.training.early_stopping import EarlyStopping
+from flaxcnn.training.signals import StopOnSignal
+from flaxcnn.training.state import validate_optimization
 
 RESULTS_FILE = "results.json"
 EARLY_STOPPING_FILE = "early_stopping.json"

@@ -13,7 +13,7 @@ from flax import struct
 from flax.training import train_state
 
 from flaxcnn.models import MODELS
-from flaxcnn.regularization import decay_mask
+from flaxcnn.training.regularization import decay_mask
 
 # Each optimizer from (learning rate or schedule, weight decay). Only AdamW decays weights
 # (decoupled, kernels only: see flaxcnn.regularization); the others reject weight_decay > 0.

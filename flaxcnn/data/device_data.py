@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from flaxcnn import input_pipeline
+from flaxcnn.data import input_pipeline
 
 DeviceSplit = dict[str, jax.Array]
 

@@ -185,9 +185,10 @@ def load_or_train_scorer(
     A kept scorer is restored with the config it was trained with, whatever `overrides` say.
     """
     # Imported here: the training loop imports the tasks, and the tasks import this module.
-    from flaxcnn import input_pipeline, train
-    from flaxcnn.checkpointing import Checkpointer
+    from flaxcnn.data import input_pipeline
     from flaxcnn.tasks import classification
+    from flaxcnn.training import loop
+    from flaxcnn.training.checkpointing import Checkpointer
 
     workdir = os.path.join(os.path.expanduser(cache_dir), re.sub(r"[^\w.-]+", "_", dataset))
     config_path = os.path.join(workdir, SCORER_CONFIG_FILE)
@@ -197,7 +198,7 @@ def load_or_train_scorer(
         os.makedirs(workdir, exist_ok=True)
         with open(config_path, "w") as f:
             f.write(config.to_json_best_effort(indent=2))
-        train.train_and_evaluate(config, workdir)
+        loop.train_and_evaluate(config, workdir)
     with open(config_path) as f:
         config = ml_collections.ConfigDict(json.load(f))
     config.data_dir = data_dir  # The data may have moved since; the model has not.
@@ -270,7 +271,7 @@ def evaluate_generator(
         overrides={k: v for k, v in image_settings.items() if v is not None},
     )
     if test_images is None:
-        from flaxcnn import input_pipeline
+        from flaxcnn.data import input_pipeline
 
         test_images = input_pipeline.load_split(
             config.dataset, config.test_split, config.data_dir, **image_settings

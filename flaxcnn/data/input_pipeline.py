@@ -15,8 +15,8 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
-import flaxcnn.datasets  # noqa: F401  (registers the project's own builders with tfds)
-from flaxcnn.datasets import image_folder
+import flaxcnn.data.embedded_mnist  # noqa: F401  (registers the project's own builders with tfds)
+from flaxcnn.data import image_folder
 
 EMBEDDED = "embedded_mnist"
 NETWORK_PROBE = ("storage.googleapis.com", 443)
@@ -90,7 +90,7 @@ def load_split(
 ) -> Split:
     """Reads and decodes one split (tfds split syntax, e.g. 'train[:90%]') into memory.
 
-    `name` is a tfds dataset or `folder:/path` (flaxcnn.datasets.image_folder). With
+    `name` is a tfds dataset or `folder:/path` (flaxcnn.data.image_folder). With
     `image_size` (H, W) or `color_mode` ('grayscale', 'rgb'), images are resized or converted
     as image folders are; folders default to 'rgb' at their images' own size."""
     if image_folder.is_folder_dataset(name):

@@ -34,7 +34,7 @@ class EmbeddedMnist(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         del dl_manager  # Everything is in the package.
-        source = importlib.resources.files("flaxcnn.datasets") / "data/embedded_mnist.npz"
+        source = importlib.resources.files("flaxcnn.data") / "embedded_mnist.npz"
         with importlib.resources.as_file(source) as path, np.load(path) as arrays:
             data = {name: arrays[name] for name in arrays.files}
         return {

@@ -1,0 +1,1 @@
+"""Command-line layer: flags and arguments, workdir checks, one-line errors -> library calls."""

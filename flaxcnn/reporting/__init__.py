@@ -1,0 +1,1 @@
+"""Reporting: metric writers, pictures, classification reports, generative scores."""

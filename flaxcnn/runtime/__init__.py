@@ -1,0 +1,1 @@
+"""Runtime: the device mesh and sharding, jax.distributed start-up."""

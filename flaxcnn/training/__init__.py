@@ -1,0 +1,2 @@
+"""Training: the loop, compiled steps, state and optimizers, checkpoints, early stopping,
+signals."""
