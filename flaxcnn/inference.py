@@ -3,8 +3,8 @@ loop checkpointed (same config, same `create_state`) and restores the latest or 
 checkpoint into it; `Run.predict_proba` runs the model on images.
 
 The model's input shape, class count and class names come from `workdir/dataset_info.json`
-when the loop wrote one (`write_dataset_info`), else from the run's dataset (its tfds info,
-or the class folders of an image folder), which must then be reachable.
+when the loop wrote one (`flaxcnn.workdir.write_dataset_info`), else from the run's dataset
+(its tfds info, or the class folders of an image folder), which must then be reachable.
 """
 
 import dataclasses
@@ -17,22 +17,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from flaxcnn.data import image_folder, input_pipeline
+from flaxcnn import workdir as workdir_files
+from flaxcnn.data import image_folder
 from flaxcnn.training.checkpointing import Checkpointer
+from flaxcnn.workdir import DatasetInfo, input_pipeline
 
-CONFIG_FILE = "config.json"
-DATASET_INFO_FILE = "dataset_info.json"
-CHECKPOINTS = {"latest": "checkpoints", "best": "checkpoints_best"}
 PREDICT_BATCH_SIZE = 256
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-    """What a classifier needs to know of its data: input (H, W, C) and the classes."""
-
-    image_shape: tuple[int, int, int]
-    num_classes: int
-    class_names: list[str]
 
 
 def dataset_info(
@@ -59,12 +49,6 @@ def dataset_info(
     return DatasetInfo((height, width, num_channels), labels.num_classes, list(labels.names))
 
 
-def write_dataset_info(workdir: str, info: DatasetInfo) -> None:
-    """Records `info` in the workdir, so that the run loads without its dataset."""
-    with open(os.path.join(workdir, DATASET_INFO_FILE), "w") as f:
-        json.dump(dataclasses.asdict(info), f, indent=2)
-
-
 def _tuples(value: Any) -> Any:
     """JSON lists back to the tuples the config had (Flax modules must stay hashable)."""
     if isinstance(value, dict):
@@ -78,9 +62,9 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     """The resolved config of the run in `workdir`, with defaults for keys added since."""
     from flaxcnn import default_config
 
-    path = os.path.join(workdir, CONFIG_FILE)
+    path = os.path.join(workdir, workdir_files.CONFIG)
     if not os.path.isfile(path):
-        raise ValueError(f"{workdir} holds no training run: {CONFIG_FILE} is missing")
+        raise ValueError(f"{workdir} holds no training run: {workdir_files.CONFIG} is missing")
     try:
         with open(path) as f:
             loaded = json.load(f)
@@ -96,14 +80,16 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 def checkpoint_dir(workdir: str, which: str) -> tuple[str, str]:
     """(directory, which) of the checkpoints to restore: `best` falls back to `latest` when
     the run has no best checkpoint."""
-    if which not in CHECKPOINTS:
-        raise ValueError(f"which must be one of {', '.join(CHECKPOINTS)}, not {which!r}")
+    if which not in workdir_files.CHECKPOINT_SLOTS:
+        raise ValueError(
+            f"which must be one of {', '.join(workdir_files.CHECKPOINT_SLOTS)}, not {which!r}"
+        )
     if which == "best":
-        best = os.path.join(workdir, CHECKPOINTS["best"])
+        best = os.path.join(workdir, workdir_files.BEST_CHECKPOINTS)
         if _has_checkpoint(best):
             return best, "best"
         logging.info("No best checkpoint in %s; using the latest.", workdir)
-    return os.path.join(workdir, CHECKPOINTS["latest"]), "latest"
+    return os.path.join(workdir, workdir_files.CHECKPOINTS), "latest"
 
 
 def _has_checkpoint(directory: str) -> bool:
@@ -120,7 +106,7 @@ def _restore(workdir: str, which: str, abstract_state: Any, keep: int) -> Any:
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_state
     )
-    checkpointer = Checkpointer(workdir, keep, CHECKPOINTS[which])
+    checkpointer = Checkpointer(workdir, keep, workdir_files.CHECKPOINT_SLOTS[which])
     try:
         return checkpointer.restore_or(abstract)
     finally:
@@ -223,12 +209,8 @@ def load_run(
     directory, which = checkpoint_dir(workdir, which)
     if not _has_checkpoint(directory):
         raise ValueError(f"{workdir} has no checkpoint in {directory}")
-    info_path = os.path.join(workdir, DATASET_INFO_FILE)
-    if os.path.isfile(info_path):
-        with open(info_path) as f:
-            saved = json.load(f)
-        info = DatasetInfo(tuple(saved["image_shape"]), saved["num_classes"], saved["class_names"])
-    else:
+    info = workdir_files.read_dataset_info(workdir)
+    if info is None:
         info = dataset_info(
             dataset or config.dataset,
             data_dir or config.data_dir,

@@ -8,8 +8,9 @@ import tensorflow as tf
 from conftest import tiny_config
 from tensorboard.backend.event_processing import event_accumulator as ea
 
-from flaxcnn.reporting.writers import METRICS_FILE, MetricWriter, read_metrics
+from flaxcnn.reporting.writers import MetricWriter, read_metrics
 from flaxcnn.training import loop
+from flaxcnn.workdir import METRICS
 
 
 def read_events(logdir: str) -> ea.EventAccumulator:
@@ -38,7 +39,7 @@ def test_scalars_match_metrics_jsonl(run_events):
     tags = accumulator.Tags()["tensors"]
     assert {"train/loss", "train/accuracy", "validation/loss", "validation/accuracy"} <= set(tags)
     assert accumulator.SummaryMetadata("train/loss").plugin_data.plugin_name == "scalars"
-    records = read_metrics(f"{workdir}/{METRICS_FILE}")
+    records = read_metrics(f"{workdir}/{METRICS}")
     for split, name in (("train", "loss"), ("validation", "accuracy")):
         expected = [(r["step"], r[name]) for r in records if r["split"] == split]
         got = scalars(accumulator, f"{split}/{name}")

@@ -24,6 +24,7 @@ import numpy as np
 import optax
 from flax import struct
 
+from flaxcnn import workdir as workdir_files
 from flaxcnn.data import input_pipeline
 from flaxcnn.models import MODELS, create_model
 from flaxcnn.models.gan import DCGAN
@@ -274,7 +275,12 @@ def write_pictures(
     the generator, so epochs compare."""
     del images, rng
     grid = sample_grid(state)
-    pictures.save_png(grid, os.path.join(workdir, "pictures", f"samples_step{step}.png"))
+    pictures.save_png(
+        grid,
+        os.path.join(
+            workdir_files.path(workdir, workdir_files.PICTURES), f"samples_step{step}.png"
+        ),
+    )
     writer.write_image(step, "samples", grid)
 
 

@@ -13,11 +13,12 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from flaxcnn import inference, tasks
+from flaxcnn import tasks
+from flaxcnn import workdir as workdir_files
 from flaxcnn.data import device_data, input_pipeline
 from flaxcnn.models import MODELS
 from flaxcnn.reporting import reports
-from flaxcnn.reporting.writers import METRICS_FILE, MetricWriter, Progress, plot_curves
+from flaxcnn.reporting.writers import MetricWriter, Progress, plot_curves
 from flaxcnn.runtime import sharding
 from flaxcnn.training.checkpointing import Checkpointer
 from flaxcnn.training.early_stopping import EarlyStopping
@@ -261,9 +262,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
         # What a trained model needs to know of its data, so that it loads without it.
-        inference.write_dataset_info(
+        workdir_files.write_dataset_info(
             workdir,
-            inference.DatasetInfo(
+            workdir_files.DatasetInfo(
                 tuple(train_split.image_shape),
                 train_split.num_classes,
                 train_split.class_names or reports.default_class_names(train_split.num_classes),
@@ -406,7 +407,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         results.update(task.extra_results(state, config, workdir, splits["test"]))
     results["wall_time_s"] = time.perf_counter() - start_time
     if is_main:
-        plot_curves(os.path.join(workdir, METRICS_FILE), os.path.join(workdir, "curves.png"))
+        plot_curves(
+            workdir_files.path(workdir, workdir_files.METRICS), os.path.join(workdir, "curves.png")
+        )
         write_json_atomically(results_path, results)
     logging.info(
         "test %s on %d examples",
