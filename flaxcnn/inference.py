@@ -3,7 +3,7 @@ loop checkpointed (same config, same `create_state`) and restores the latest or 
 checkpoint into it; `Run.predict_proba` runs the model on images.
 
 The model's input shape, class count and class names come from `workdir/dataset_info.json`
-when the loop wrote one (`flaxcnn.workdir.write_dataset_info`), else from the run's dataset
+when the loop wrote one (`flaxcnn.run_files.write_dataset_info`), else from the run's dataset
 (its tfds info, or the class folders of an image folder), which must then be reachable.
 """
 
@@ -17,10 +17,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from flaxcnn import workdir as workdir_files
-from flaxcnn.data import image_folder
+from flaxcnn import run_files
+from flaxcnn.data import image_folder, input_pipeline
+from flaxcnn.run_files import DatasetInfo
 from flaxcnn.training.checkpointing import Checkpointer
-from flaxcnn.workdir import DatasetInfo, input_pipeline
 
 PREDICT_BATCH_SIZE = 256
 
@@ -62,9 +62,9 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     """The resolved config of the run in `workdir`, with defaults for keys added since."""
     from flaxcnn import default_config
 
-    path = os.path.join(workdir, workdir_files.CONFIG)
+    path = os.path.join(workdir, run_files.CONFIG)
     if not os.path.isfile(path):
-        raise ValueError(f"{workdir} holds no training run: {workdir_files.CONFIG} is missing")
+        raise ValueError(f"{workdir} holds no training run: {run_files.CONFIG} is missing")
     try:
         with open(path) as f:
             loaded = json.load(f)
@@ -80,16 +80,16 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 def checkpoint_dir(workdir: str, which: str) -> tuple[str, str]:
     """(directory, which) of the checkpoints to restore: `best` falls back to `latest` when
     the run has no best checkpoint."""
-    if which not in workdir_files.CHECKPOINT_SLOTS:
+    if which not in run_files.CHECKPOINT_SLOTS:
         raise ValueError(
-            f"which must be one of {', '.join(workdir_files.CHECKPOINT_SLOTS)}, not {which!r}"
+            f"which must be one of {', '.join(run_files.CHECKPOINT_SLOTS)}, not {which!r}"
         )
     if which == "best":
-        best = os.path.join(workdir, workdir_files.BEST_CHECKPOINTS)
+        best = os.path.join(workdir, run_files.BEST_CHECKPOINTS)
         if _has_checkpoint(best):
             return best, "best"
         logging.info("No best checkpoint in %s; using the latest.", workdir)
-    return os.path.join(workdir, workdir_files.CHECKPOINTS), "latest"
+    return os.path.join(workdir, run_files.CHECKPOINTS), "latest"
 
 
 def _has_checkpoint(directory: str) -> bool:
@@ -106,7 +106,7 @@ def _restore(workdir: str, which: str, abstract_state: Any, keep: int) -> Any:
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_state
     )
-    checkpointer = Checkpointer(workdir, keep, workdir_files.CHECKPOINT_SLOTS[which])
+    checkpointer = Checkpointer(workdir, keep, run_files.CHECKPOINT_SLOTS[which])
     try:
         return checkpointer.restore_or(abstract)
     finally:
@@ -209,7 +209,7 @@ def load_run(
     directory, which = checkpoint_dir(workdir, which)
     if not _has_checkpoint(directory):
         raise ValueError(f"{workdir} has no checkpoint in {directory}")
-    info = workdir_files.read_dataset_info(workdir)
+    info = run_files.read_dataset_info(workdir)
     if info is None:
         info = dataset_info(
             dataset or config.dataset,

@@ -9,8 +9,8 @@ from conftest import tiny_config
 from tensorboard.backend.event_processing import event_accumulator as ea
 
 from flaxcnn.reporting.writers import MetricWriter, read_metrics
+from flaxcnn.run_files import METRICS
 from flaxcnn.training import loop
-from flaxcnn.workdir import METRICS
 
 
 def read_events(logdir: str) -> ea.EventAccumulator:

@@ -19,7 +19,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flaxcnn import workdir as workdir_files
+from flaxcnn import run_files
 from flaxcnn.runtime import distributed
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "default_config.py")
@@ -140,7 +140,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 def check_run_identity(workdir: str, config) -> dict[str, tuple] | None:
     """The settings (task, model, dataset) in which the run already in `workdir` differs from
     `config`, as {key: (old, new)}; None when there is no earlier run to compare with."""
-    path = workdir_files.path(workdir, workdir_files.CONFIG)
+    path = run_files.path(workdir, run_files.CONFIG)
     if not os.path.isfile(path):
         return None
     try:

@@ -10,7 +10,7 @@ import matplotlib
 import tensorflow as tf
 from absl import logging
 
-from flaxcnn import workdir as workdir_files
+from flaxcnn import run_files
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -21,7 +21,7 @@ class MetricWriter:
     TensorBoard."""
 
     def __init__(self, workdir: str, enabled: bool = True):
-        self.path = workdir_files.path(workdir, workdir_files.METRICS)
+        self.path = run_files.path(workdir, run_files.METRICS)
         self.enabled = enabled
         self.tensorboard = tf.summary.create_file_writer(workdir) if enabled else None
 

@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from flaxcnn import workdir as workdir_files
+from flaxcnn import run_files
 from flaxcnn.models import create_model
 from flaxcnn.reporting.pictures import image_grid, save_png
 from flaxcnn.training.regularization import add_l2_gradient
@@ -126,7 +126,7 @@ def picture_batch(images: np.ndarray) -> np.ndarray:
 
 def save_picture(grid: np.ndarray, name: str, workdir: str, step: int, writer) -> str:
     """Saves `grid` as `workdir/pictures/{name}_step{step}.png` and to `writer`; the path."""
-    directory = workdir_files.path(workdir, workdir_files.PICTURES)
+    directory = run_files.path(workdir, run_files.PICTURES)
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, f"{name}_step{step}.png")
     save_png(grid, path)

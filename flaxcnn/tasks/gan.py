@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from flaxcnn import workdir as workdir_files
+from flaxcnn import run_files
 from flaxcnn.data import input_pipeline
 from flaxcnn.models import MODELS, create_model
 from flaxcnn.models.gan import DCGAN
@@ -277,9 +277,7 @@ def write_pictures(
     grid = sample_grid(state)
     pictures.save_png(
         grid,
-        os.path.join(
-            workdir_files.path(workdir, workdir_files.PICTURES), f"samples_step{step}.png"
-        ),
+        os.path.join(run_files.path(workdir, run_files.PICTURES), f"samples_step{step}.png"),
     )
     writer.write_image(step, "samples", grid)
 

@@ -13,8 +13,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from flaxcnn import tasks
-from flaxcnn import workdir as workdir_files
+from flaxcnn import run_files, tasks
 from flaxcnn.data import device_data, input_pipeline
 from flaxcnn.models import MODELS
 from flaxcnn.reporting import reports
@@ -262,9 +261,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
         # What a trained model needs to know of its data, so that it loads without it.
-        workdir_files.write_dataset_info(
+        run_files.write_dataset_info(
             workdir,
-            workdir_files.DatasetInfo(
+            run_files.DatasetInfo(
                 tuple(train_split.image_shape),
                 train_split.num_classes,
                 train_split.class_names or reports.default_class_names(train_split.num_classes),
@@ -407,9 +406,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         results.update(task.extra_results(state, config, workdir, splits["test"]))
     results["wall_time_s"] = time.perf_counter() - start_time
     if is_main:
-        plot_curves(
-            workdir_files.path(workdir, workdir_files.METRICS), os.path.join(workdir, "curves.png")
-        )
+        plot_curves(run_files.path(workdir, run_files.METRICS), os.path.join(workdir, "curves.png"))
         write_json_atomically(results_path, results)
     logging.info(
         "test %s on %d examples",
