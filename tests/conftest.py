@@ -7,6 +7,15 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_TFDS = REPO.parent / "shared" / "data" / "tfds"
+# Full trainings (tests/test_accuracy.py) take many minutes on a 2-core CPU: the slow suite's
+# per-test bound, unless a test carries its own @pytest.mark.timeout.
+SLOW_TIMEOUT_S = 3600
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
 
 
 @pytest.fixture(scope="session")
@@ -21,10 +30,20 @@ def data_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def shared_tfds() -> str:
-    """The prepared real-MNIST tfds folder beside the repo; tests using it skip without it."""
-    if not (SHARED_TFDS / "mnist").is_dir():
-        pytest.skip(f"real MNIST not found at {SHARED_TFDS}")
-    return str(SHARED_TFDS)
+    """The prepared real-MNIST tfds folder beside the repo (see `find_shared_tfds`)."""
+    return find_shared_tfds(SHARED_TFDS)
+
+
+def find_shared_tfds(root: pathlib.Path) -> str:
+    """`root` if it holds the prepared real MNIST; tests needing it skip without it, except
+    under CI (the `CI` environment variable set), where its absence is a failure: a green CI
+    must have run them."""
+    if not (root / "mnist").is_dir():
+        message = f"real MNIST not found at {root}"
+        if os.environ.get("CI"):
+            pytest.fail(f"{message} (required when CI is set)")
+        pytest.skip(message)
+    return str(root)
 
 
 def tiny_config(data_dir: str, **overrides):

@@ -7,6 +7,7 @@ batches as an uninterrupted one. Evaluation batches are padded to a fixed size w
 """
 
 import dataclasses
+import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -20,6 +21,10 @@ from flaxcnn.data import image_folder
 
 EMBEDDED = "embedded_mnist"
 NETWORK_PROBE = ("storage.googleapis.com", 443)
+NETWORK_TIMEOUT_S = 5.0
+# Overrides of the probe ("host:port") and its timeout (seconds), e.g. for a proxy, or for a
+# test of the offline path against a real unreachable address.
+PROBE_ENV, PROBE_TIMEOUT_ENV = "FLAXCNN_NETWORK_PROBE", "FLAXCNN_NETWORK_TIMEOUT"
 
 
 class DataError(ValueError):
@@ -44,17 +49,24 @@ class Split:
         return self.images.shape[1:]
 
 
-def _network_reachable(timeout: float = 5.0) -> bool:
-    """Whether tfds's download host answers within `timeout` seconds (DNS included)."""
+def _network_reachable(timeout: float | None = None, target: tuple[str, int] | None = None) -> bool:
+    """Whether `target` (tfds's download host, or $FLAXCNN_NETWORK_PROBE) answers within
+    `timeout` seconds (DNS included; $FLAXCNN_NETWORK_TIMEOUT or 5 s)."""
+    if target is None:
+        host, _, port = os.environ.get(PROBE_ENV, "").rpartition(":")
+        target = (host, int(port)) if host else NETWORK_PROBE
+    if timeout is None:
+        timeout = float(os.environ.get(PROBE_TIMEOUT_ENV, NETWORK_TIMEOUT_S))
     result = []
 
     def probe():
         try:
-            socket.create_connection(NETWORK_PROBE, timeout=timeout).close()
+            socket.create_connection(target, timeout=timeout).close()
             result.append(True)
         except OSError:
             pass
 
+    # DNS lookups ignore the socket timeout: the thread bounds them.
     thread = threading.Thread(target=probe, daemon=True)
     thread.start()
     thread.join(timeout)
