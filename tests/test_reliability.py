@@ -20,7 +20,9 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import REPO
 
+from flaxcnn import run_files
 from flaxcnn.cli import train as train_cli
+from flaxcnn.data import input_pipeline
 from flaxcnn.reporting.writers import read_metrics
 from flaxcnn.training import checkpointing, signals
 from flaxcnn.training.checkpointing import Checkpointer
@@ -163,8 +165,21 @@ def test_a_failed_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     assert int(Checkpointer(str(tmp_path), 1).restore_or(tiny_state(0)).step) == 4
 
 
-def test_old_steps_go_only_after_the_new_one_is_committed(tmp_path):
+def test_old_steps_go_only_after_the_new_one_is_committed(tmp_path, monkeypatch):
+    """At the moment each save is committed (orbax's rename of the temporary directory), every
+    older step is still on disk; only afterwards does the oldest go."""
+    real_finalize = ocp.path.atomicity.AtomicRenameTemporaryPath.finalize
+    seen_at_commit = []
+
+    async def finalize(self, *args, **kwargs):
+        if self.get_final().parent == tmp_path / "checkpoints":  # A step, not one of its items.
+            steps = [name for name in os.listdir(self.get_final().parent) if name.isdigit()]
+            seen_at_commit.append((self.get_final().name, sorted(steps, key=int)))
+        return await real_finalize(self, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.path.atomicity.AtomicRenameTemporaryPath, "finalize", finalize)
     save_steps(tmp_path, [4, 8, 12], max_to_keep=2)
+    assert seen_at_commit == [("4", []), ("8", ["4"]), ("12", ["4", "8"])]
     assert sorted(os.listdir(tmp_path / "checkpoints"), key=int) == ["8", "12"]
 
 
@@ -254,8 +269,9 @@ def test_sigterm_mid_run_saves_the_step_and_the_rerun_resumes(data_dir, tmp_path
     assert (results["steps"], results["steps_this_run"]) == (step + 3, 3)
 
 
-def final_params(workdir, config_args) -> list:
-    """The parameters of the newest checkpoint in `workdir`, as numpy arrays."""
+def final_params(workdir, config_args, step: int) -> list:
+    """The parameters of the newest checkpoint in `workdir`, as numpy arrays; that checkpoint
+    must be of `step` (not an older one that restoring fell back to)."""
     from flaxcnn import default_config
     from flaxcnn.tasks import classification
 
@@ -267,6 +283,7 @@ def final_params(workdir, config_args) -> list:
     checkpointer = Checkpointer(str(workdir), 3)
     restored = checkpointer.restore_or(state)
     checkpointer.close()
+    assert restored is not state and int(restored.step) == step, f"restored step {restored.step}"
     return [np.asarray(x) for x in jax.tree.leaves(restored.params)]
 
 
@@ -298,8 +315,8 @@ def test_kill_9_then_rerun_ends_bit_identical_to_an_uninterrupted_run(data_dir, 
     results = json.loads((workdir / "results.json").read_text())
     assert results["steps"] == 186 and results["steps_this_run"] < 186
 
-    expected = final_params(tmp_path / "reference", config_args)
-    actual = final_params(workdir, config_args)
+    expected = final_params(tmp_path / "reference", config_args, step=186)
+    actual = final_params(workdir, config_args, step=186)
     assert all(np.array_equal(a, b) for a, b in zip(actual, expected, strict=True))
 
 
@@ -331,10 +348,13 @@ def prior_run(data_dir, tmp_path_factory) -> str:
 
 
 def snapshot(path: str) -> dict[str, tuple]:
-    """Every file under `path` with its modification time and content hash."""
+    """Every file under `path` with its modification time and content hash, except the
+    workdir lock (which records the pid of the last run that held it)."""
     files = {}
     for root, _, names in os.walk(path):
         for name in names:
+            if name == run_files.LOCK:
+                continue
             full = os.path.join(root, name)
             with open(full, "rb") as f:
                 digest = hashlib.sha256(f.read()).hexdigest()
@@ -355,7 +375,7 @@ CASES = [
     case("unknown model", ["--config.model=Nope"], ["unknown model 'Nope'"]),
     case("unknown dataset", ["--config.dataset=no_such_ds"], ["unknown tfds dataset 'no_such_ds'"]),
     case("zero learning rate", ["--config.learning_rate=0"], ["learning_rate must be positive"]),
-    case("unknown optimizer", ["--config.optimizer=adagrad"], ["unknown optimizer 'adagrad'"], 1),
+    case("unknown optimizer", ["--config.optimizer=adagradd"], ["unknown optimizer 'adagradd'"], 1),
     case("unknown schedule", ["--config.lr_schedule=steep"], ["unknown schedule 'steep'"], 1),
     case("zero batch", ["--config.batch_size=0"], ["batch_size must be positive"], 1),
     case(
@@ -421,7 +441,8 @@ def test_force_moves_the_other_run_aside(prior_run, data_dir, tmp_path):
     before = snapshot(str(workdir))
     # A bad setting after the move check: the move is what --force does, nothing more.
     train_cli.prepare_workdir(str(workdir), _config(model="CNN"), force=True)
-    assert os.listdir(workdir) == ["replaced-1"]
+    # The lock stays: this process holds it.
+    assert sorted(os.listdir(workdir)) == ["replaced-1", run_files.LOCK]
     assert snapshot(str(workdir / "replaced-1")) == before
 
 
@@ -447,3 +468,122 @@ def test_same_run_in_workdir_passes_the_checks(prior_run, tmp_path):
     assert train_cli.check_run_identity(str(tmp_path / "new"), _config()) is None
     train_cli.prepare_workdir(str(tmp_path / "new"), _config(), force=False)
     assert os.path.isdir(tmp_path / "new")
+
+
+# --- One workdir, one run -------------------------------------------------------------------
+
+
+def hold_lock_in_another_process(workdir) -> subprocess.Popen:
+    """A process that takes `workdir`'s lock as a run does, then waits to be killed."""
+    code = (
+        "import sys, time; from flaxcnn.cli import train; train.lock_workdir(sys.argv[1]); "
+        "print('locked', flush=True); time.sleep(600)"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", code, str(workdir)], stdout=subprocess.PIPE, text=True, cwd=REPO
+    )
+    assert process.stdout.readline().strip() == "locked"
+    return process
+
+
+def test_a_live_run_s_workdir_is_refused_and_a_killed_run_leaves_no_lock(tmp_path):
+    holder = hold_lock_in_another_process(tmp_path)
+    try:
+        with pytest.raises(ValueError, match=rf"^{tmp_path} is in use by process {holder.pid}$"):
+            train_cli.lock_workdir(str(tmp_path))
+    finally:
+        holder.kill()  # SIGKILL: the kernel releases the lock.
+        holder.wait()
+    train_cli.lock_workdir(str(tmp_path))
+    assert (tmp_path / run_files.LOCK).read_text() == f"{os.getpid()}\n"
+
+
+@pytest.mark.slow  # Two starts of the command line.
+def test_second_command_on_a_live_run_s_workdir_exits_2_naming_the_process(data_dir, tmp_path):
+    workdir = tmp_path / "run"
+    holder = hold_lock_in_another_process(workdir.mkdir() or workdir)
+    try:
+        result = run_cli(f"--workdir={workdir}", f"--config.data_dir={data_dir}", *TINY)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {workdir} is in use by process {holder.pid}"
+    )
+    assert os.listdir(workdir) == [run_files.LOCK]  # Nothing else written.
+    result = run_cli(f"--workdir={workdir}", f"--config.data_dir={data_dir}", *TINY)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+# --- Offline, CI data -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def silent_port():
+    """A local TCP port whose backlog is full: a connection to it hangs (no answer at all)
+    until the client's timeout, as to a host that drops packets."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    pending = []
+    for _ in range(3):
+        client = socket.socket()
+        client.setblocking(False)
+        client.connect_ex(("127.0.0.1", port))
+        pending.append(client)
+    time.sleep(0.1)
+    yield port
+    for client in pending:
+        client.close()
+    server.close()
+
+
+@pytest.mark.parametrize("target", ["silent port", "unresolvable name"])
+def test_unprepared_dataset_with_the_real_probe_offline_fails_within_the_timeout(
+    tmp_path, monkeypatch, silent_port, target
+):
+    address = f"127.0.0.1:{silent_port}" if target == "silent port" else "no-such-host.invalid:443"
+    monkeypatch.setenv(input_pipeline.PROBE_ENV, address)
+    monkeypatch.setenv(input_pipeline.PROBE_TIMEOUT_ENV, "1.5")
+    start = time.perf_counter()
+    with pytest.raises(input_pipeline.DataError, match="not prepared .* network is unreachable"):
+        input_pipeline.load_split("mnist", "train", str(tmp_path))
+    elapsed = time.perf_counter() - start
+    assert elapsed < 6
+    if target == "silent port":
+        assert elapsed >= 1.4  # It did wait for the answer that never came.
+
+
+def test_real_data_missing_fails_under_ci_and_skips_elsewhere(tmp_path, monkeypatch):
+    from conftest import find_shared_tfds
+
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="real MNIST not found"):
+        find_shared_tfds(tmp_path)
+    monkeypatch.setenv("CI", "1")
+    with pytest.raises(pytest.fail.Exception, match="required when CI is set"):
+        find_shared_tfds(tmp_path)
+    (tmp_path / "mnist").mkdir()
+    assert find_shared_tfds(tmp_path) == str(tmp_path)
+
+
+def test_a_hung_test_is_stopped_by_the_default_timeout(tmp_path):
+    """pyproject.toml bounds every test (pytest-timeout); shown on a test that hangs, with the
+    project's settings and the bound shortened to 1 s."""
+    import tomllib
+
+    settings = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert settings["tool"]["pytest"]["ini_options"]["timeout"] == 300
+    (tmp_path / "test_hang.py").write_text("import time\n\ndef test_hang():\n    time.sleep(600)\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "timeout=1"]
+        + ["-c", str(REPO / "pyproject.toml"), "--rootdir", str(tmp_path), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1 and "Timeout (>1.0s)" in result.stdout, result.stdout[-2000:]

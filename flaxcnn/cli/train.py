@@ -7,6 +7,7 @@ missing or does not load, a workdir that cannot be used, a setting the run canno
 command to resume); 1 anything else (a multi-process run whose processes cannot connect, a bug).
 """
 
+import fcntl
 import json
 import logging as pylogging
 import os
@@ -191,9 +192,33 @@ def move_run_aside(workdir: str) -> str:
     target = os.path.join(workdir, f"{REPLACED_PREFIX}{n}")
     os.makedirs(target)
     for name in os.listdir(workdir):
-        if not name.startswith(REPLACED_PREFIX):
+        if not name.startswith(REPLACED_PREFIX) and name != run_files.LOCK:  # Held by this run.
             shutil.move(os.path.join(workdir, name), os.path.join(target, name))
     return target
+
+
+_held_locks: dict[str, object] = {}  # Open lock files, held until this process ends.
+
+
+def lock_workdir(workdir: str) -> None:
+    """Takes `workdir/run.lock` for the life of this process, or raises ValueError naming the
+    live process that holds it. An flock is released by the kernel when its holder dies, so a
+    killed run never leaves the workdir locked; the file only records the holder's pid."""
+    path = os.path.realpath(run_files.path(workdir, run_files.LOCK))
+    if path in _held_locks:
+        return
+    f = open(path, "a+")  # noqa: SIM115  (held open until the process ends)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        f.close()
+        raise ValueError(f"{workdir} is in use by process {pid}") from None
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _held_locks[path] = f
 
 
 def prepare_workdir(workdir: str, config, force: bool) -> None:
@@ -210,6 +235,8 @@ def prepare_workdir(workdir: str, config, force: bool) -> None:
             pass
     except OSError as e:
         raise ValueError(f"--workdir {workdir} is not writable: {e.strerror}") from None
+    if jax.process_index() == 0:  # The processes of one run share its workdir.
+        lock_workdir(workdir)
     differences = check_run_identity(workdir, config)
     if not differences:
         return
