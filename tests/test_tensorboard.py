@@ -1,14 +1,17 @@
 """TensorBoard events of a run, read back with TensorBoard's own reader."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import tiny_config
 from tensorboard.backend.event_processing import event_accumulator as ea
+from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as tf_masked_crc32c
 
-from flaxcnn.reporting.writers import MetricWriter, read_metrics
+from flaxcnn.reporting.writers import MetricWriter, masked_crc32c, read_metrics
 from flaxcnn.run_files import METRICS
 from flaxcnn.training import loop
 
@@ -69,3 +72,25 @@ def test_write_image_round_trips(tmp_path):
     width, height, png = tf.make_ndarray(event.tensor_proto)  # TF2 images: [w, h, png...].
     assert (event.step, int(width), int(height)) == (5, 10, 12)
     np.testing.assert_array_equal(tf.io.decode_png(png).numpy(), image)
+
+
+def test_checksum_is_tfrecords_masked_crc32c():
+    # CRC-32C's check value of b"123456789" is 0xE3069283; TFRecord masks it.
+    crc = 0xE3069283
+    assert masked_crc32c(b"123456789") == (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+    assert masked_crc32c(b"event") == tf_masked_crc32c(b"event")
+
+
+def test_writing_events_and_curves_imports_no_tensorflow(tmp_path):
+    # TensorFlow's import alone took half of a short run's wall time.
+    code = (
+        "import sys\n"
+        "from flaxcnn.reporting.writers import MetricWriter, plot_curves\n"
+        f"w = MetricWriter({str(tmp_path)!r})\n"
+        "w.write(1, 'train', {'loss': 0.5}); w.write_hparams('{}'); w.close()\n"
+        f"plot_curves({str(tmp_path / METRICS)!r}, {str(tmp_path / 'c.png')!r})\n"
+        "assert not [m for m in sys.modules if m.startswith(('tensorflow', 'matplotlib'))]\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    assert (tmp_path / "c.png").read_bytes().startswith(b"\x89PNG")
+    assert [s for s, _ in scalars(read_events(str(tmp_path)), "train/loss")] == [1]
