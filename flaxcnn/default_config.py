@@ -14,15 +14,21 @@ def get_config() -> ml_collections.ConfigDict:
     config.train_split = "train[:90%]"  # Keras's validation_split=0.1 ...
     config.validation_split = "train[90%:]"  # ... keeps the last 10% of train.
     config.test_split = "test"
-    # What to train: a task from flaxcnn.tasks.TASKS, a model from flaxcnn.models.MODELS and
-    # the model's keyword arguments.
+    # What to train: a task (flaxcnn.tasks.TASKS) and a model (flaxcnn.models.MODELS) by
+    # name, or your own by import path: "package.module:Name" or "path/to/file.py:Name"
+    # (stored absolute); and the model's keyword arguments (any keys the model takes).
     config.task = "classification"
     config.model = "SeedCNN"
     config.model_kwargs = ml_collections.ConfigDict()
+    # Modules (import paths or .py files) imported before the run, e.g. a tfds builder.
+    config.imports = ()
     # "float32" or "bfloat16": the model's compute dtype (parameters stay float32).
     config.compute_dtype = "float32"
     # Optimisation.
+    # "adam", "adamw", "sgd", any optax optimizer by name ("lion", "rmsprop", ...) or an
+    # import path of a function(learning_rate, **optimizer_kwargs) -> optax optimizer.
     config.optimizer = "adam"
+    config.optimizer_kwargs = ml_collections.ConfigDict()  # E.g. b1=0.95 (any the optimizer takes).
     config.learning_rate = 1e-3
     config.lr_schedule = "constant"  # Or "cosine", "warmup_cosine", "onecycle".
     # Warm-up of "warmup_cosine" and "onecycle" (0: 5% and 30% of the run).

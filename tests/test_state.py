@@ -102,7 +102,7 @@ def test_unknown_schedule_lists_the_valid_ones():
         ({"warmup_steps": -5}, "config.warmup_steps must be >= 0"),
         ({"weight_decay": 1e-4}, "needs optimizer 'adamw'"),
         ({"warmup_steps": 10}, "warmup_steps is used only by"),
-        ({"optimizer": "rmsprop"}, "unknown optimizer 'rmsprop'; valid: adam, adamw, sgd"),
+        ({"optimizer": "adagradd"}, "unknown optimizer 'adagradd'; valid: adam, adamw, sgd"),
         ({"compute_dtype": "float64"}, "unknown compute_dtype"),
     ],
 )

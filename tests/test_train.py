@@ -79,7 +79,7 @@ def test_epochs_checkpoint_validate_and_count_every_test_example(data_dir, tmp_p
     "overrides, message",
     [
         ({"model": "Nope"}, "unknown model .Nope.; valid: CNN, "),
-        ({"optimizer": "adagrad"}, "unknown optimizer 'adagrad'; valid: adam, adamw, sgd"),
+        ({"optimizer": "adagradd"}, "unknown optimizer 'adagradd'; valid: adam, adamw, sgd"),
         ({"learning_rate": 0.0}, "config.learning_rate must be positive"),
         ({"batch_size": 20000}, "larger than the 9000 training examples"),
     ],

@@ -1,1 +1,39 @@
-"""Command-line layer: flags and arguments, workdir checks, one-line errors -> library calls."""
+"""Command-line layer: arguments, workdir checks, one-line errors -> library calls.
+
+`flaxcnn COMMAND ...` (the console script of pyproject.toml) runs the same commands as
+`python -m flaxcnn.main|evaluate|predict|export ...`:
+
+    flaxcnn train --workdir W [--config FILE] [--config.KEY=VALUE ...]
+    flaxcnn evaluate --workdir W [--split test] ...
+    flaxcnn predict --workdir W IMAGE ...
+    flaxcnn export --workdir W --out DIR
+"""
+
+import importlib
+import sys
+
+# Each command and the module whose `main(argv)` runs it.
+COMMANDS = {
+    "train": "flaxcnn.cli.train",
+    "evaluate": "flaxcnn.cli.evaluate",
+    "predict": "flaxcnn.cli.predict",
+    "export": "flaxcnn.cli.export",
+}
+USAGE = f"usage: flaxcnn {{{','.join(COMMANDS)}}} [--help] ..."
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`flaxcnn COMMAND ARGS...`: runs COMMAND with ARGS; exit code as `python -m` gives."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"{USAGE}\n\nCommands: {', '.join(COMMANDS)}; `flaxcnn COMMAND --help` for each.")
+        sys.exit(0 if argv else 2)
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r}; valid: {', '.join(COMMANDS)}", file=sys.stderr)
+        sys.exit(2)
+    module = importlib.import_module(COMMANDS[command])
+    if command == "train":
+        module.run(rest)  # Exits by itself on errors and signals.
+        return
+    sys.exit(module.main(rest))

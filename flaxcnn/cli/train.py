@@ -7,55 +7,36 @@ missing or does not load, a workdir that cannot be used, a setting the run canno
 command to resume); 1 anything else (a multi-process run whose processes cannot connect, a bug).
 """
 
+import argparse
 import fcntl
 import json
 import logging as pylogging
 import os
-import re
 import shutil
 import sys
 import tempfile
 
 import jax
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 
+from flaxcnn import config as config_lib
 from flaxcnn import run_files
 from flaxcnn.runtime import distributed
 
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "default_config.py")
 USAGE_ERROR = 2
 # What makes two runs incompatible in one workdir (and the value of a config without the key).
 RUN_IDENTITY = {"task": "classification", "model": None, "dataset": None}
 REPLACED_PREFIX = "replaced-"
-
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
-flags.DEFINE_bool("verbose", False, "Show tracebacks of errors and every library's log lines.")
-flags.DEFINE_bool(
-    "force",
-    False,
-    "Train into a workdir that holds a run of another task, model or dataset: that run's "
-    f"files are first moved into WORKDIR/{REPLACED_PREFIX}N/ (nothing is deleted).",
-)
-flags.DEFINE_string(
-    "coordinator_address", None, "HOST:PORT of process 0, for a run over several processes."
-)
-flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
-flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
-flags.DEFINE_enum(
-    "distributed",
-    "auto",
-    list(distributed.MODES),
-    "Start jax.distributed: auto (when the flags above or the environment, e.g. SLURM or "
-    "JAX_COORDINATOR_ADDRESS, describe several processes), on (always; lets JAX detect TPU "
-    "pods and Kubernetes), off.",
-)
-flags.mark_flag_as_required("workdir")
-FLAGS = flags.FLAGS
+OVERRIDE_PREFIXES = ("--config.", "-config.")
 
 
 class _UsageError(Exception):
     """A command line that cannot be parsed; its message is the whole story."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # One line, exit 2 (argparse would print its usage first).
+        raise _UsageError(message)
 
 
 def fail(message: str, code: int = USAGE_ERROR) -> None:
@@ -64,78 +45,86 @@ def fail(message: str, code: int = USAGE_ERROR) -> None:
     sys.exit(code)
 
 
-def _config_path(argv: list[str]) -> str | None:
-    """The file named by the last `--config FILE` / `--config=FILE`, without `:args`."""
-    path = None
-    for i, arg in enumerate(argv):
-        if arg in ("--config", "-config") and i + 1 < len(argv):
-            path = argv[i + 1]
-        elif arg.startswith(("--config=", "-config=")):
-            path = arg.split("=", 1)[1]
-    return None if path is None else path.split(":", 1)[0]
+def build_parser() -> argparse.ArgumentParser:
+    """The arguments besides the config overrides (`--config.KEY=VALUE`)."""
+    parser = _Parser(
+        prog="python -m flaxcnn.main",
+        description="Train (or resume) a run in --workdir.",
+        epilog="--config.KEY=VALUE (or --config.KEY VALUE) overrides any setting of the config "
+        "(see flaxcnn/default_config.py); keys under model_kwargs and optimizer_kwargs may be "
+        "new. Models, tasks and optimizers: a built-in name, package.module:Name or "
+        "path/to/file.py:Name.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--workdir", required=True, help="Checkpoints, logs and results.")
+    parser.add_argument(
+        "--config",
+        help="Config file with a get_config() (default: flaxcnn/default_config.py); "
+        "FILE:ARG calls get_config('ARG').",
+    )
+    parser.add_argument(
+        "--verbose", action="store_true", help="Tracebacks of errors, every library's logs."
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="Train into a workdir that holds a run of another task, model or dataset: that "
+        f"run's files are first moved into WORKDIR/{REPLACED_PREFIX}N/ (nothing is deleted).",
+    )
+    parser.add_argument("--coordinator_address", help="HOST:PORT of process 0 (multi-process).")
+    parser.add_argument("--num_processes", type=int, help="Processes of a multi-process run.")
+    parser.add_argument("--process_id", type=int, help="This process's index.")
+    parser.add_argument(
+        "--distributed",
+        default="auto",
+        choices=list(distributed.MODES),
+        help="Start jax.distributed: auto (when the flags above or the environment, e.g. "
+        "SLURM or JAX_COORDINATOR_ADDRESS, describe several processes), on (always; lets JAX "
+        "detect TPU pods and Kubernetes), off.",
+    )
+    return parser
 
 
-def _flag_error_message(error: Exception, argv: list[str]) -> str:
-    """One line for an error raised while parsing the flags and loading the config."""
-    if isinstance(error, (AttributeError, KeyError)):  # ml_collections: no such config field.
-        return _unknown_key_message(error, argv)
-    config_file = _config_path(argv) or _DEFAULT_CONFIG
-    if isinstance(error, flags.Error):
-        if "Error whilst parsing config file" in str(error):  # get_config() raised.
-            return f"cannot load config file {config_file!r}: {_first_line(error)}"
-        return _first_line(error)
-    # The config file's own code failed (ml_collections defers that as an OSError).
-    cause = error.__cause__ if isinstance(error, OSError) and error.__cause__ else error
-    return f"cannot load config file {config_file!r}: {type(cause).__name__}: {_first_line(cause)}"
-
-
-def _unknown_key_message(error: Exception, argv: list[str]) -> str:
-    while error.args and isinstance(error.args[0], Exception):
-        error = error.args[0]  # The innermost message names the key and what it resembles.
-    text = str(error.args[0]) if error.args else ""
-    key = re.search(r"[A-Za-z_][\w-]*", text)
-    key = key.group(0) if key else text
-    hint = re.search(r'Did you mean "([^"]+)"', text)
-    hint = f"; did you mean {hint.group(1)!r}?" if hint else ""
-    overrides = [
-        a.lstrip("-").split("=")[0] for a in argv if a.startswith(("--config.", "-config."))
-    ]
-    named = [o for o in overrides if key in o.split(".")]
-    where = f" in --{named[0]}" if named else ""
-    return f"unknown config key {key!r}{where}{hint}"
+def split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """(the other arguments, the (key, value) config overrides in order): `--config.KEY=VALUE`
+    or `--config.KEY VALUE`; a bare `--config.KEY` is True."""
+    rest, overrides, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith(OVERRIDE_PREFIXES):
+            key, has_value, value = arg.split(".", 1)[1].partition("=")
+            if not has_value:
+                if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                    value, i = argv[i + 1], i + 1
+                else:
+                    value = "true"
+            overrides.append((key, value))
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
 
 
 def _first_line(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(error).__name__
-    # The flags library prefixes config files' errors with a traceback: keep the last line.
-    return lines[-1] if "Error whilst parsing config file" in lines[0] else lines[0]
+    return lines[0] if lines else type(error).__name__
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """Parses the flags (the config file and its overrides included) or exits with a one-line
-    error; the absl `flags_parser` of `app.run`."""
+def parse_args(argv: list[str]):
+    """(arguments, config): the config file loaded with its overrides applied, or exits
+    with a one-line error."""
+    rest, overrides = split_overrides(argv)
+    verbose = "--verbose" in rest
     try:
-        path = _config_path(argv)
-        if path is not None and not os.path.isfile(path):
-            raise _UsageError(f"config file {path!r} not found")
-        if "config" not in FLAGS:
-            # Defined here, not at import: it parses the overrides in argv as it is defined.
-            config_flags.DEFINE_config_file(
-                "config", _DEFAULT_CONFIG, "Config file.", lock_config=True, sys_argv=argv
-            )
-        rest = FLAGS(argv)
-        if len(rest) > 1:
-            raise _UsageError(f"unexpected arguments: {' '.join(rest[1:])}")
-        FLAGS.config  # noqa: B018  (loads the config: a file that fails to load raises here)
-    except _UsageError as e:
-        fail(str(e))
-    except Exception as e:  # noqa: BLE001  (a config file's own code may raise anything)
-        if "--verbose" in argv:
+        args, unknown = build_parser().parse_known_args(rest)
+        if unknown:
+            raise _UsageError(f"unexpected arguments: {' '.join(unknown)}")
+        config = config_lib.load(args.config, overrides)
+    except (_UsageError, config_lib.ConfigError) as e:
+        if verbose and isinstance(e, config_lib.ConfigError):
             raise
-        fail(_flag_error_message(e, argv))
-    return rest
+        fail(str(e))
+    return args, config
 
 
 def check_run_identity(workdir: str, config) -> dict[str, tuple] | None:
@@ -159,28 +148,18 @@ def check_run_identity(workdir: str, config) -> dict[str, tuple] | None:
 
 
 def _check_names_known(config, keys) -> None:
-    """Raises the registries' own errors for unknown task/model/dataset names, so that an
+    """Raises the resolvers' own errors for unknown task/model/dataset names, so that an
     unknown name is reported as such rather than as a workdir holding another run."""
     if "task" in keys:
         from flaxcnn.tasks import get_task
 
         get_task(config.task)
     if "model" in keys:
-        from flaxcnn.models import MODELS
+        from flaxcnn.models import resolve_model
 
-        if config.model not in MODELS:
-            raise ValueError(f"unknown model {config.model!r}; valid: {', '.join(sorted(MODELS))}")
+        resolve_model(config.model)
     if "dataset" in keys:
-        import tensorflow_datasets as tfds
-
-        from flaxcnn.data import input_pipeline
-
-        name = config.dataset.split("/")[0].split(":")[0]
-        try:
-            tfds.builder_cls(name)
-        except tfds.core.registered.DatasetNotFoundError as e:
-            first = str(e).splitlines()[0]
-            raise input_pipeline.DataError(f"unknown tfds dataset {name!r}: {first}") from None
+        config_lib.check_dataset_name(config)
 
 
 def move_run_aside(workdir: str) -> str:
@@ -278,33 +257,31 @@ def _enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
-def main(argv: list[str]) -> None:
-    del argv  # Checked by parse_flags.
+def main(args: argparse.Namespace, config) -> None:
+    """Trains `config` into `args.workdir`; exits with a one-line error on bad input."""
     from flaxcnn.data import input_pipeline
     from flaxcnn.training import signals
 
     try:
         # Before anything touches a backend: the devices of every process form one mesh.
         distributed.initialize(
-            FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.distributed
+            args.coordinator_address, args.num_processes, args.process_id, args.distributed
         )
     except ValueError as e:
         fail(str(e))
     except distributed.DistributedError as e:
         fail(str(e), code=1)
     try:
-        prepare_workdir(FLAGS.workdir, FLAGS.config, FLAGS.force)
+        config_lib.validate(config)  # Before the workdir is touched: names, numbers.
+        prepare_workdir(args.workdir, config, args.force)
     except ValueError as e:  # DataError included.
-        if FLAGS.verbose:
+        if args.verbose:
             raise
         fail(_first_line(e))
-    import tensorflow as tf
-    import tensorflow_datasets as tfds
-
-    tf.config.set_visible_devices([], "GPU")  # tf.data only: leave the accelerators to JAX.
-    if not FLAGS.verbose:
+    # TensorFlow and tfds are imported (and kept off the accelerators) only when a split is
+    # read through tfds, not from the cache of decoded splits (input_pipeline.import_tfds).
+    if not args.verbose:
         logging.get_absl_handler().addFilter(_quiet_libraries)
-        tfds.disable_progress_bar()
         if jax.process_index() > 0:
             logging.set_verbosity(logging.WARNING)  # One process tells the story.
     _enable_compilation_cache()
@@ -319,16 +296,22 @@ def main(argv: list[str]) -> None:
         jax.process_index(),
     )
     try:
-        results = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        # A generative run that scores its samples loads a scorer trained here, beforehand
+        # (imported only then: the scorer module imports scipy, half a second).
+        if config.get("score_samples", 0) > 0:
+            from flaxcnn.cli import scorer
+
+            scorer.ensure_scorer(config)
+        results = loop.train_and_evaluate(config, args.workdir)
     except (ValueError, input_pipeline.DataError, FloatingPointError) as e:
-        if FLAGS.verbose:
+        if args.verbose:
             raise
         fail(_first_line(e))
     except signals.Interrupted as e:
         print(str(e), file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        if FLAGS.verbose:
+        if args.verbose:
             raise
         fail("interrupted without a checkpoint of the current step", code=130)
     if jax.process_index() == 0:
@@ -350,7 +333,14 @@ def summary(results: dict) -> str:
 
 
 def run(argv: list[str] | None = None) -> None:
-    app.run(main, argv=argv, flags_parser=parse_flags)
+    """`python -m flaxcnn.main ...` (`argv` without the program name; default sys.argv)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # absl logging (used throughout) without absl's flag parsing: INFO lines to stderr.
+    flags.FLAGS.mark_as_parsed()
+    logging.use_absl_handler()
+    logging.set_verbosity(logging.INFO)
+    args, config = parse_args(argv)
+    main(args, config)
 
 
 if __name__ == "__main__":

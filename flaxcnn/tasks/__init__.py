@@ -1,36 +1,34 @@
-"""Tasks: what a model is trained to do, chosen by `config.task`.
+"""Tasks: what a model is trained to do, chosen by `config.task`: a built-in name below or
+an import path of a module (or object) that follows the `flaxcnn.tasks.base.Task` protocol
+(`package.module`, `path/to/my_task.py`, `...:Name`). Tasks are imported on first use.
 
-Every task module provides the same contract, so one training loop serves them all:
+Every task provides the same contract, so one training loop serves them all (see
+flaxcnn/tasks/base.py for the documented Protocol):
 
     create_state(config, rng, input_shape, num_classes, total_steps) -> state
-        A pytree (a flax struct) with an integer `step` field; checkpointed whole.
     train_step(state, batch, rng, **step_kwargs(config)) -> (state, metrics)
     eval_step(state, batch, rng) -> metrics
-        Pure functions the loop compiles with `jax.jit`. `batch` holds "image" (B, H, W, C)
-        float32 in [0, 1], "label" (B,) int32 and, in evaluation, "mask" (B,) bool. Metrics are
-        sums over the (unmasked) examples plus their "count", averaged on the host.
     step_kwargs(config) -> dict
-        Static keyword arguments of `train_step` taken from the config.
     write_pictures(state, images, rng, workdir, step, writer) -> None   (optional)
-        Host-side pictures of a fixed batch of validation `images`, every epoch, main process.
     extra_results(state, config, workdir, test_split) -> dict   (optional)
-        Results added to `results.json` after the final test evaluation.
 """
 
-from types import ModuleType
+from typing import Any
 
-from flaxcnn.tasks import autoencoder, classification, gan, vae
-
-TASKS: dict[str, ModuleType] = {
-    "classification": classification,
-    "gan": gan,
-    "autoencoder": autoencoder,
-    "vae": vae,
+# Built-in tasks by import path: imported only when named.
+TASKS: dict[str, str] = {
+    "classification": "flaxcnn.tasks.classification",
+    "gan": "flaxcnn.tasks.gan",
+    "autoencoder": "flaxcnn.tasks.autoencoder",
+    "vae": "flaxcnn.tasks.vae",
 }
 
 
-def get_task(name: str) -> ModuleType:
-    """The task module registered as `name`."""
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; valid: {', '.join(sorted(TASKS))}")
-    return TASKS[name]
+def get_task(name: str) -> Any:
+    """The task `name` names (a built-in or an import path), checked against the protocol."""
+    from flaxcnn import config
+    from flaxcnn.tasks import base
+
+    task = config.resolve("task", name, TASKS)
+    base.check_task(task, name)
+    return task

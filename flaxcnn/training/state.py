@@ -2,6 +2,8 @@
 and an optional moving average of the parameters in one pytree; the optimizer, learning-rate
 schedule, gradient clipping and compute dtype built from the config."""
 
+import inspect
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -12,15 +14,19 @@ from flax import linen as nn
 from flax import struct
 from flax.training import train_state
 
-from flaxcnn.models import MODELS
+from flaxcnn import config as config_lib
+from flaxcnn.models import argument_names, resolve_model
 from flaxcnn.training.regularization import decay_mask
 
-# Each optimizer from (learning rate or schedule, weight decay). Only AdamW decays weights
-# (decoupled, kernels only: see flaxcnn.regularization); the others reject weight_decay > 0.
-OPTIMIZERS = {
-    "adam": lambda lr, weight_decay: optax.adam(lr),
-    "adamw": lambda lr, weight_decay: optax.adamw(lr, weight_decay=weight_decay, mask=decay_mask),
-    "sgd": lambda lr, weight_decay: optax.sgd(lr),
+# The built-in optimizers; `config.optimizer` may also name any optax optimizer ("lion",
+# "rmsprop", ...) or a function by import path, each called as
+# fn(learning_rate=schedule, **config.optimizer_kwargs). Weight decay (config.weight_decay)
+# goes to optimizers that take a `weight_decay` argument, with the kernels-only mask of
+# flaxcnn.training.regularization when they take a `mask`; the others reject it.
+OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
+    "adam": optax.adam,
+    "adamw": optax.adamw,
+    "sgd": optax.sgd,
 }
 # Schedules that use `config.warmup_steps`, and the warm-up they take when it is 0.
 DEFAULT_WARMUP_FRACTION = {"warmup_cosine": 0.05, "onecycle": 0.3}
@@ -103,9 +109,72 @@ def _lookup(table: dict, kind: str, name: str):
     return table[name]
 
 
+def resolve_optimizer(name: str) -> Callable[..., optax.GradientTransformation]:
+    """The optimizer function `name` names: built-in, optax's, or an import path."""
+    fn = config_lib.resolve("optimizer", name, OPTIMIZERS, namespace=optax)
+    if not callable(fn):
+        raise ValueError(f"optimizer {name!r} is not a function")
+    return fn
+
+
+def _arguments(fn: Callable) -> set[str] | None:
+    """The keyword arguments `fn` takes (None: any)."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return {p.name for p in parameters}
+
+
+def optimizer_arguments(config: ml_collections.ConfigDict) -> tuple[Callable, dict]:
+    """(optimizer function, its keyword arguments but the learning rate), checked against
+    its signature: `config.optimizer_kwargs`, plus the weight decay (and mask) if set."""
+    fn = resolve_optimizer(config.optimizer)
+    kwargs = dict(config.get("optimizer_kwargs", None) or {})
+    accepted = _arguments(fn)
+    for key, setting in (("learning_rate", "learning_rate"), ("weight_decay", "weight_decay")):
+        if key in kwargs:
+            raise ValueError(f"set config.{setting}, not config.optimizer_kwargs.{key}")
+    if accepted is not None:
+        if "learning_rate" not in accepted:
+            raise ValueError(f"optimizer {config.optimizer!r} takes no learning_rate")
+        unknown = sorted(set(kwargs) - accepted)
+        if unknown:
+            valid = ", ".join(sorted(accepted - {"learning_rate", "weight_decay", "mask"}))
+            raise ValueError(
+                f"config.optimizer_kwargs.{unknown[0]} is not an argument of optimizer "
+                f"{config.optimizer!r}; it takes: {valid}"
+            )
+    takes_decay = accepted is not None and "weight_decay" in accepted
+    if config.weight_decay and accepted is not None and not takes_decay:
+        raise ValueError(
+            f"config.weight_decay needs optimizer 'adamw' or another with a weight_decay "
+            f"argument, e.g. 'lion' (got {config.optimizer!r}); use config.l2 for an L2 "
+            "penalty with other optimizers"
+        )
+    # config.weight_decay rules, 0 included: optax's own defaults (adamw 1e-4) never apply.
+    if takes_decay or (accepted is None and config.weight_decay):
+        kwargs["weight_decay"] = config.weight_decay
+        if accepted is None or "mask" in accepted:
+            kwargs["mask"] = decay_mask
+    return fn, kwargs
+
+
+def build_optimizer(fn: Callable, learning_rate: Any, kwargs: dict, name: str):
+    """`fn(learning_rate=learning_rate, **kwargs)`, or a one-line ValueError."""
+    try:
+        tx = fn(learning_rate=learning_rate, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"optimizer {name!r} with {kwargs}: {e}") from None
+    if not (hasattr(tx, "init") and hasattr(tx, "update")):
+        raise ValueError(f"optimizer {name!r} made a {type(tx).__name__}, not an optax optimizer")
+    return tx
+
+
 def validate_optimization(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first optimisation or precision setting that cannot work."""
-    _lookup(OPTIMIZERS, "optimizer", config.optimizer)
     _lookup(SCHEDULES, "schedule", config.lr_schedule)
     _lookup(COMPUTE_DTYPES, "compute_dtype", config.compute_dtype)
     for key in ("l2", "weight_decay", "grad_clip_norm", "ema_decay", "warmup_steps"):
@@ -113,11 +182,8 @@ def validate_optimization(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.{key} must be >= 0, got {config[key]}")
     if config.ema_decay >= 1:
         raise ValueError(f"config.ema_decay must be < 1 (0: off), got {config.ema_decay}")
-    if config.weight_decay and config.optimizer != "adamw":
-        raise ValueError(
-            f"config.weight_decay needs optimizer 'adamw' (got {config.optimizer!r}); "
-            "use config.l2 for an L2 penalty with other optimizers"
-        )
+    fn, kwargs = optimizer_arguments(config)
+    build_optimizer(fn, config.learning_rate, kwargs, config.optimizer)  # Cheap: no state.
     if config.warmup_steps and config.lr_schedule not in DEFAULT_WARMUP_FRACTION:
         raise ValueError(
             f"config.warmup_steps is used only by the schedules "
@@ -128,9 +194,9 @@ def validate_optimization(config: ml_collections.ConfigDict) -> None:
 def create_optimizer(
     config: ml_collections.ConfigDict, total_steps: int
 ) -> optax.GradientTransformation:
-    """`config.optimizer` with `config.learning_rate` following `config.lr_schedule` over
-    `total_steps`, after clipping the gradients' global norm to `config.grad_clip_norm`
-    (0: no clipping)."""
+    """`config.optimizer` with `config.optimizer_kwargs` and `config.learning_rate` following
+    `config.lr_schedule` over `total_steps`, after clipping the gradients' global norm to
+    `config.grad_clip_norm` (0: no clipping)."""
     validate_optimization(config)
     if config.warmup_steps >= total_steps:
         raise ValueError(
@@ -138,7 +204,8 @@ def create_optimizer(
             f"{total_steps} training steps"
         )
     schedule = SCHEDULES[config.lr_schedule](config.learning_rate, total_steps, config.warmup_steps)
-    optimizer = OPTIMIZERS[config.optimizer](schedule, config.weight_decay)
+    fn, kwargs = optimizer_arguments(config)
+    optimizer = build_optimizer(fn, schedule, kwargs, config.optimizer)
     if config.grad_clip_norm:
         return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), optimizer)
     return optimizer
@@ -159,8 +226,8 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict:
         return kwargs
     if "dtype" in kwargs:
         raise ValueError("set config.compute_dtype or config.model_kwargs.dtype, not both")
-    model = MODELS.get(config.model)
-    if model is not None and "dtype" not in model.__dataclass_fields__:
+    accepted = argument_names(resolve_model(config.model))
+    if accepted is not None and "dtype" not in accepted:
         raise ValueError(
             f"config.compute_dtype={config.compute_dtype!r} needs a model with a dtype "
             f"setting; {config.model} has none"

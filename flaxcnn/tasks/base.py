@@ -1,0 +1,84 @@
+"""The task contract: what the training loop, evaluation and checkpoints need of a task.
+
+A task is any object with these functions, usually a module of module-level functions (the
+built-in tasks are modules; a class with static methods or an instance works as well). A
+user's task written against this protocol alone runs through the same loop, checkpoints,
+writers and early stopping as the built-in ones:
+
+    python -m flaxcnn.main --workdir W --config.task=my_task.py --config.model=my_nets.py:Net
+
+Conventions the loop relies on:
+- `batch` holds "image" (B, H, W, C) float32 in [0, 1] and "label" (B,) int32; in evaluation
+  also "mask" (B,) bool, False on padding examples, which must not count.
+- Metrics are sums over the (unmasked) examples plus their "count"; the loop adds them up
+  over batches and devices and divides by the count on the host. A "loss" metric is
+  required: a non-finite training loss stops the run (see config.skip_nonfinite).
+- The state is a pytree (e.g. `flaxcnn.training.state.TrainState`) with an integer `step`;
+  it is checkpointed whole. `params` (if present) are counted in the log.
+- `train_step` and `eval_step` are pure: the loop compiles them with `jax.jit`, runs several
+  steps per dispatch under `lax.scan`, and shards batches over the devices. `rng` is the
+  run's key: fold in `state.step` for per-step randomness.
+"""
+
+from typing import Any, Protocol, runtime_checkable
+
+import ml_collections
+
+Batch = dict[str, Any]
+Metrics = dict[str, Any]
+
+
+@runtime_checkable
+class Task(Protocol):
+    """The functions every task provides."""
+
+    def create_state(
+        self,
+        config: ml_collections.ConfigDict,
+        rng: Any,
+        input_shape: tuple[int, int, int],
+        num_classes: int,
+        total_steps: int,
+    ) -> Any:
+        """The initial training state of `config.model` for inputs of `input_shape` (H, W, C)
+        and `num_classes` classes, with an optimizer scheduled over `total_steps`."""
+
+    def train_step(self, state: Any, batch: Batch, rng: Any, **step_kwargs: Any) -> tuple:
+        """One update: (new state, metrics of the batch)."""
+
+    def eval_step(self, state: Any, batch: Batch, rng: Any) -> Metrics:
+        """Summed metrics of the examples of `batch` whose "mask" is set, and their count."""
+
+    def step_kwargs(self, config: ml_collections.ConfigDict) -> dict:
+        """Static keyword arguments of `train_step` taken from the config ({} for none)."""
+
+
+class PicturesHook(Protocol):
+    """Optional: pictures of a fixed batch of validation `images` (float32 in [0, 1]) after
+    every epoch, written by the main process under `workdir/pictures/` and to `writer`."""
+
+    def write_pictures(
+        self, state: Any, images: Any, rng: Any, workdir: str, step: int, writer: Any
+    ) -> None: ...
+
+
+class ResultsHook(Protocol):
+    """Optional: results added to `results.json` after the final test evaluation."""
+
+    def extra_results(
+        self, state: Any, config: ml_collections.ConfigDict, workdir: str, test_split: Any
+    ) -> dict: ...
+
+
+REQUIRED = ("create_state", "train_step", "eval_step", "step_kwargs")
+OPTIONAL = ("write_pictures", "extra_results")
+
+
+def check_task(task: Any, name: str) -> None:
+    """Raises ValueError (one line) when `task` lacks a required function of the protocol."""
+    missing = [f for f in REQUIRED if not callable(getattr(task, f, None))]
+    if missing:
+        raise ValueError(
+            f"task {name!r} lacks {', '.join(missing)}: a task provides "
+            f"{', '.join(REQUIRED)} (see flaxcnn/tasks/base.py)"
+        )
