@@ -61,6 +61,7 @@ def test_evaluation_counts_every_example_once_with_padding(data_dir):
 def test_any_tfds_dataset_by_name_under_mock_data(monkeypatch):
     # mock_data makes the "download" a no-op; pretend the network is there so we ask for it.
     monkeypatch.setattr(input_pipeline, "_network_reachable", lambda: True)
+    monkeypatch.setenv("FLAXCNN_SPLIT_CACHE", "off")  # Not a real MNIST decoded before.
     with tfds.testing.mock_data(num_examples=50):
         split = input_pipeline.load_split("mnist", "train", data_dir=None)
         assert split.num_examples == 50 and split.image_shape == (28, 28, 1)

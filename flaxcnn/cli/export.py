@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     quiet_tensorflow()
+    input_pipeline.import_tfds()  # The SavedModel needs TensorFlow: off the accelerators.
     platforms = tuple(p.strip() for p in args.platforms.split(",") if p.strip())
     try:
         if not platforms:

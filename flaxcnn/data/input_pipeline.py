@@ -1,23 +1,29 @@
 """tfds input: read and decode each split once into memory (uint8), then per epoch a seeded
 shuffle -> batch -> scale to [0, 1] float32 -> numpy batches.
 
+A decoded split is kept on disk (flaxcnn.data.cache), so that tfds, and TensorFlow with it,
+is imported only when a split is read through tfds for the first time on a machine.
+
 The training order is a pure function of (seed, epoch), so a resumed run sees the same
 batches as an uninterrupted one. Evaluation batches are padded to a fixed size with a
 `mask`, so every example counts exactly once and the step never recompiles.
 """
 
 import dataclasses
+import functools
 import os
 import socket
 import threading
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
-import tensorflow_datasets as tfds
 
-import flaxcnn.data.embedded_mnist  # noqa: F401  (registers the project's own builders with tfds)
-from flaxcnn.data import image_folder
+from flaxcnn.data import cache, image_folder
+
+if TYPE_CHECKING:
+    import tensorflow_datasets as tfds
 
 EMBEDDED = "embedded_mnist"
 NETWORK_PROBE = ("storage.googleapis.com", 443)
@@ -73,11 +79,27 @@ def _network_reachable(timeout: float | None = None, target: tuple[str, int] | N
     return bool(result)
 
 
-def get_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+@functools.cache
+def import_tfds():
+    """tfds, imported on first use with TensorFlow kept off the accelerators (tf.data only:
+    they are JAX's), its C++ logs quiet and its progress bars off."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    import flaxcnn.data.embedded_mnist  # noqa: F401  (registers the project's builders)
+
+    tf.config.set_visible_devices([], "GPU")
+    tfds.disable_progress_bar()
+    return tfds
+
+
+def get_builder(name: str, data_dir: str | None) -> "tfds.core.DatasetBuilder":
     """The tfds builder of `name`, prepared: offline for the embedded dataset, else downloaded
     if the network is there; fails fast with a clear message when it is not."""
     if image_folder.is_folder_dataset(name):
         raise DataError(f"{name!r} is an image folder, not a tfds dataset: use load_split")
+    tfds = import_tfds()
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
@@ -100,7 +122,8 @@ def load_split(
     image_size: tuple[int, int] | None = None,
     color_mode: str | None = None,
 ) -> Split:
-    """Reads and decodes one split (tfds split syntax, e.g. 'train[:90%]') into memory.
+    """Reads and decodes one split (tfds split syntax, e.g. 'train[:90%]') into memory, or
+    maps it from the cache of decoded splits (flaxcnn.data.cache).
 
     `name` is a tfds dataset or `folder:/path` (flaxcnn.data.image_folder). With
     `image_size` (H, W) or `color_mode` ('grayscale', 'rgb'), images are resized or converted
@@ -111,6 +134,31 @@ def load_split(
         except image_folder.FolderError as e:
             raise DataError(str(e)) from None
         return Split(images, labels, len(names), names)
+    key = cache.split_key(name, split, data_dir, image_size, color_mode)
+    cached = cache.load(key)
+    if cached is not None:
+        images, labels, meta = cached
+        return Split(np.asarray(images), labels, meta["num_classes"], meta["class_names"])
+    result, source = _decode_tfds_split(name, split, data_dir, image_size, color_mode)
+    cache.save(
+        key,
+        source,
+        result.images,
+        result.labels,
+        num_classes=result.num_classes,
+        class_names=result.class_names,
+    )
+    return result
+
+
+def _decode_tfds_split(
+    name: str,
+    split: str,
+    data_dir: str | None,
+    image_size: tuple[int, int] | None,
+    color_mode: str | None,
+) -> tuple[Split, str]:
+    """The split read through tfds, and the prepared folder it was read from."""
     builder = get_builder(name, data_dir)
     try:
         image_key, label_key = builder.info.supervised_keys
@@ -121,7 +169,7 @@ def load_split(
     if None in image_shape:
         raise DataError(f"{name!r} has images of varying size {image_shape}")
     images, labels = [], []
-    for image_batch, label_batch in tfds.as_numpy(examples.batch(4096)):
+    for image_batch, label_batch in import_tfds().as_numpy(examples.batch(4096)):
         images.append(image_batch)
         labels.append(label_batch.astype(np.int32))
     if not labels:
@@ -131,9 +179,10 @@ def load_split(
         images = image_folder.convert_images(np.concatenate(images), image_size, color_mode)
     except image_folder.FolderError as e:
         raise DataError(f"{name!r}: {e}") from None
-    return Split(
+    result = Split(
         images, np.concatenate(labels), labels_feature.num_classes, list(labels_feature.names)
     )
+    return result, str(builder.data_dir)
 
 
 def _batch(split: Split, indices: np.ndarray) -> dict[str, np.ndarray]:

@@ -3,11 +3,7 @@ a JSON-ready report of both, and a PNG of the matrix."""
 
 import os
 
-import matplotlib
 import numpy as np
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 
 def confusion_matrix(labels, predictions, num_classes: int) -> np.ndarray:
@@ -71,6 +67,11 @@ def plot_confusion_matrix(
     totals = matrix.sum(axis=1, keepdims=True)
     fractions = np.divide(matrix, totals, out=np.zeros(matrix.shape), where=totals > 0)
     size = min(4 + 0.45 * n, 30)
+    import matplotlib  # Here, not at import: a second of every run that draws no matrix.
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(size + 1.5, size))
     image = ax.imshow(fractions, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
