@@ -39,9 +39,20 @@ def get_config() -> ml_collections.ConfigDict:
     config.ema_decay = 0.0  # Evaluate a moving average of the parameters (0: off; e.g. 0.999).
     # Random augmentation of training images; 0 turns each off. Rotation in degrees,
     # translation in pixels (< 1: a fraction of the size), scale a relative zoom, noise the
-    # standard deviation of added Gaussian noise.
+    # standard deviation of added Gaussian noise; crop pads by this many pixels ("reflect":
+    # mirrored, "zero": zeros, crop_mode) and crops back to size at a random offset; the flips
+    # mirror each image left-right / upside down with probability 0.5.
     config.augment = ml_collections.ConfigDict(
-        dict(rotation=0.0, translation=0.0, scale=0.0, noise=0.0)
+        dict(
+            rotation=0.0,
+            translation=0.0,
+            scale=0.0,
+            noise=0.0,
+            crop=0,
+            crop_mode="reflect",
+            flip_horizontal=False,
+            flip_vertical=False,
+        )
     )
     config.batch_size = 32
     config.num_epochs = 10
@@ -81,4 +92,9 @@ def get_config() -> ml_collections.ConfigDict:
     # "rgb" (3) (None: keep tfds images as they are; folders default to "rgb").
     config.image_size = ml_collections.config_dict.placeholder(tuple)
     config.color_mode = ml_collections.config_dict.placeholder(str)
+    # Per-channel standardisation of the model's input, (x - mean) / std with x in [0, 1]:
+    # "none", "dataset" (each channel's mean and std over the training split, computed once
+    # and stored with the run) or (mean, std), e.g. ((0.49, 0.48, 0.45), (0.25, 0.24, 0.26)).
+    # Applied alike in training, evaluation, predict and export; classification only.
+    config.normalize = ml_collections.FieldReference("none", field_type=object)
     return config

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 
 from flaxcnn import run_files
-from flaxcnn.data import image_folder, input_pipeline
+from flaxcnn.data import image_folder, input_pipeline, preprocess
 from flaxcnn.run_files import DatasetInfo
 from flaxcnn.training.checkpointing import Checkpointer
 
@@ -121,12 +121,13 @@ def eval_variables(state: Any) -> dict:
     return state.variables()
 
 
-def to_model_input(images) -> np.ndarray:
-    """uint8 images (0..255) or float images in [0, 1] -> float32 in [0, 1], exactly as the
-    input pipeline scales its batches."""
+def to_model_input(images, mean=None, std=None) -> np.ndarray:
+    """uint8 images (0..255) or float images in [0, 1] -> float32 in [0, 1], standardised by
+    the per-channel `mean` and `std` when given: exactly what the model is trained on
+    (`preprocess.to_model_input`), after checking the images' type and range."""
     images = np.asarray(images)
     if images.dtype == np.uint8:
-        return images.astype(np.float32) / np.float32(255)
+        return preprocess.to_model_input(images, mean, std)
     if not np.issubdtype(images.dtype, np.floating):
         raise ValueError(f"images must be uint8 (0..255) or float in [0, 1], not {images.dtype}")
     if images.size and (images.min() < 0 or images.max() > 1):
@@ -134,7 +135,7 @@ def to_model_input(images) -> np.ndarray:
             f"float images must be in [0, 1] (got {images.min():.3g}..{images.max():.3g}); "
             "pass uint8 for 0..255"
         )
-    return images.astype(np.float32)
+    return preprocess.to_model_input(images, mean, std)
 
 
 @dataclasses.dataclass
@@ -149,6 +150,9 @@ class Run:
     class_names: list[str]
     step: int
     which: str  # The checkpoint restored: "latest" or "best".
+    # The per-channel normalisation of the model's input (None: inputs in [0, 1]).
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
 
     def __post_init__(self):
         apply_fn = self.state.apply_fn
@@ -162,6 +166,11 @@ class Run:
         return self.state.apply_fn
 
     @property
+    def normalization(self) -> preprocess.Normalization | None:
+        """The per-channel normalisation of the model's input (None: inputs in [0, 1])."""
+        return None if self.mean is None else preprocess.Normalization(self.mean, self.std)
+
+    @property
     def variables(self) -> dict:
         return eval_variables(self.state)
 
@@ -169,7 +178,7 @@ class Run:
         """Class probabilities (N, num_classes) of images (N, H, W, C), uint8 or float in
         [0, 1] ((N, H, W) for one channel). Batches of `batch_size`; a smaller last batch is
         padded to a power of two, so few shapes are ever compiled."""
-        images = to_model_input(images)
+        images = to_model_input(images, self.mean, self.std)
         if images.ndim == 3 and self.image_shape[2] == 1:
             images = images[..., None]
         if images.shape[1:] != tuple(self.image_shape):
@@ -232,6 +241,7 @@ def load_run(
         jax.random.key(config.seed),
     )
     state = _restore(workdir, which, abstract_state, config.keep_checkpoints)
+    normalization = run_normalization(info, config)
     return Run(
         workdir=workdir,
         config=config,
@@ -241,7 +251,19 @@ def load_run(
         class_names=list(info.class_names),
         step=int(state.step),
         which=which,
+        mean=None if normalization is None else normalization.mean,
+        std=None if normalization is None else normalization.std,
     )
+
+
+def run_normalization(
+    info: DatasetInfo, config: ml_collections.ConfigDict
+) -> preprocess.Normalization | None:
+    """The normalisation the run trained with: recorded in its dataset info, else in its
+    config (runs from before the dataset info kept it)."""
+    if info.mean is not None:
+        return preprocess.Normalization(tuple(info.mean), tuple(info.std))
+    return preprocess.from_config(config)
 
 
 def top_k(probabilities: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -50,11 +50,14 @@ def read_json(file_path: str) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-    """What a trained model needs to know of its data: input (H, W, C) and the classes."""
+    """What a trained model needs to know of its data: input (H, W, C), the classes and the
+    per-channel normalisation of its input (`flaxcnn.data.preprocess`; None: none)."""
 
     image_shape: tuple[int, int, int]
     num_classes: int
     class_names: list[str]
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
 
 
 def write_dataset_info(workdir: str, info: DatasetInfo) -> None:
@@ -68,4 +71,11 @@ def read_dataset_info(workdir: str) -> DatasetInfo | None:
     if not os.path.isfile(file_path):
         return None
     saved = read_json(file_path)
-    return DatasetInfo(tuple(saved["image_shape"]), saved["num_classes"], saved["class_names"])
+    mean, std = (saved.get(key) for key in ("mean", "std"))  # Absent before normalisation.
+    return DatasetInfo(
+        tuple(saved["image_shape"]),
+        saved["num_classes"],
+        saved["class_names"],
+        None if mean is None else tuple(mean),
+        None if std is None else tuple(std),
+    )

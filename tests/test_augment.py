@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from flaxcnn import default_config
-from flaxcnn.data import augment
+from flaxcnn.data import augment, preprocess
 
 ALL_ON = dict(rotation=15.0, translation=0.1, scale=0.1, noise=0.05)
 
@@ -175,7 +175,17 @@ def test_augment_batch_changes_images_and_keeps_labels_and_mask():
 
 def test_from_config_reads_the_strengths():
     config = default_config.get_config()
-    assert augment.from_config(config) == dict.fromkeys(augment.AUGMENTATIONS, 0.0)
+    off = augment.from_config(config)
+    assert off == {
+        **dict.fromkeys(augment.AUGMENTATIONS, 0.0),
+        "crop": 0,
+        "crop_mode": "reflect",
+        "flip_horizontal": False,
+        "flip_vertical": False,
+        "mean": None,
+        "std": None,
+    }
+    assert not augment.enabled(off)
     config.augment.rotation = 10.0
     config.augment.noise = 0.1
     strengths = augment.from_config(config)
@@ -185,7 +195,13 @@ def test_from_config_reads_the_strengths():
 
 @pytest.mark.parametrize(
     "settings, message",
-    [({"rotation": -1.0}, "rotation"), ({"noise": -0.1}, "noise"), ({"scale": 1.0}, "scale")],
+    [
+        ({"rotation": -1.0}, "rotation"),
+        ({"noise": -0.1}, "noise"),
+        ({"scale": 1.0}, "scale"),
+        ({"crop": -2}, "crop"),
+        ({"crop_mode": "wrap"}, "crop_mode"),
+    ],
 )
 def test_bad_strengths_raise_value_error(settings, message):
     config = default_config.get_config()
@@ -194,3 +210,139 @@ def test_bad_strengths_raise_value_error(settings, message):
         augment.from_config(config)
     with pytest.raises(ValueError, match=message):
         augment.augment(random_images(), jax.random.key(0), **settings)
+
+
+# --- Random crop and flips ---------------------------------------------------------------
+
+CROP_FLIP = dict(crop=3, flip_horizontal=True, flip_vertical=True)
+
+
+def numpy_crop(images, offsets, pad, mode):
+    """The reference: np.pad, then a slice at each image's offset."""
+    images = np.asarray(images)
+    height, width = images.shape[1:3]
+    padded = np.pad(
+        images,
+        ((0, 0), (pad, pad), (pad, pad), (0, 0)),
+        mode="reflect" if mode == "reflect" else "constant",
+    )
+    return np.stack(
+        [p[r : r + height, c : c + width] for p, (r, c) in zip(padded, np.asarray(offsets))]
+    )
+
+
+@pytest.mark.parametrize("mode", augment.CROP_MODES)
+@pytest.mark.parametrize("pad", [1, 4])
+def test_random_crop_matches_numpy_at_the_offsets_drawn(mode, pad):
+    images, rng = random_images(batch=16, height=10, width=12, channels=3), jax.random.key(5)
+    out = augment.augment(images, rng, crop=pad, crop_mode=mode)
+    crop_rng = augment.crop_flip_keys(rng)[0]
+    offsets = augment.crop_offsets(crop_rng, 16, pad)
+    np.testing.assert_array_equal(out, numpy_crop(images, offsets, pad, mode))
+    # The draws cover both extremes and the middle of [0, 2 * pad].
+    drawn = set(np.asarray(augment.crop_offsets(rng, 512, pad)).ravel().tolist())
+    assert drawn == set(range(2 * pad + 1))
+
+
+def test_a_crop_moves_a_known_pixel_by_pad_minus_the_offset():
+    pad, (row, col) = 4, (10, 20)
+    images = np.zeros((8, 32, 32, 1), np.float32)
+    images[:, row, col] = 1.0
+    rng = jax.random.key(1)
+    out = np.asarray(augment.augment(jnp.asarray(images), rng, crop=pad, crop_mode="zero"))
+    offsets = np.asarray(augment.crop_offsets(augment.crop_flip_keys(rng)[0], 8, pad))
+    for image, (r, c) in zip(out[..., 0], offsets):
+        assert image.sum() == 1.0 and image[row + pad - r, col + pad - c] == 1.0
+    assert len({tuple(o) for o in offsets}) > 1  # Each image its own offset.
+
+
+def test_flips_match_numpy_exactly():
+    images, rng = random_images(batch=32, channels=3), jax.random.key(2)
+    _, horizontal_rng, vertical_rng = augment.crop_flip_keys(rng)
+    left_right = np.asarray(augment.flip_mask(horizontal_rng, 32))
+    upside_down = np.asarray(augment.flip_mask(vertical_rng, 32))
+    assert 0 < left_right.sum() < 32 and 0 < upside_down.sum() < 32
+    x = np.asarray(images)
+    expected = np.where(left_right[:, None, None, None], x[:, :, ::-1], x)
+    np.testing.assert_array_equal(augment.augment(images, rng, flip_horizontal=True), expected)
+    expected = np.where(upside_down[:, None, None, None], expected[:, ::-1], expected)
+    both = augment.augment(images, rng, flip_horizontal=True, flip_vertical=True)
+    np.testing.assert_array_equal(both, expected)
+
+
+def test_flip_probability_is_one_half():
+    flips = np.asarray(augment.flip_mask(jax.random.key(0), 10_000))
+    assert abs(flips.mean() - 0.5) < 0.02
+
+
+def test_crop_and_flips_same_key_same_output_and_jit_equals_eager():
+    images, rng = random_images(channels=3), jax.random.key(4)
+    eager = augment.augment(images, rng, **CROP_FLIP)
+    np.testing.assert_array_equal(eager, augment.augment(images, rng, **CROP_FLIP))
+    jitted = jax.jit(functools.partial(augment.augment, **CROP_FLIP))(images, rng)
+    np.testing.assert_array_equal(jitted, eager)
+    other = augment.augment(images, jax.random.key(5), **CROP_FLIP)
+    assert float(jnp.max(jnp.abs(other - eager))) > 0.1
+
+
+def test_crop_and_flips_leave_the_other_augmentations_draws_alone():
+    """Turning flips on does not change what the noise draws: on flip-symmetric images the
+    result is the same either way."""
+    images, rng = random_images(), jax.random.key(0)
+    symmetric = (images + images[:, :, ::-1] + images[:, ::-1] + images[:, ::-1, ::-1]) / 4
+    before = augment.augment(symmetric, rng, noise=0.05)
+    with_flips = augment.augment(
+        symmetric, rng, noise=0.05, flip_horizontal=True, flip_vertical=True
+    )
+    np.testing.assert_allclose(with_flips, before, atol=1e-6)
+    assert float(jnp.max(jnp.abs(before - symmetric))) > 0.05
+
+
+@pytest.mark.parametrize(
+    "settings", [{"flip_vertical": 1}, {"crop": 2.0}, {"crop": True}, {"flip_horizontal": "no"}]
+)
+def test_crop_and_flip_settings_of_the_wrong_type_raise_value_error(settings):
+    with pytest.raises(ValueError, match=next(iter(settings))):
+        augment.augment(random_images(), jax.random.key(0), **settings)
+
+
+def test_reflect_crop_larger_than_the_image_is_an_error():
+    with pytest.raises(ValueError, match="crop=8"):
+        augment.augment(random_images(height=8, width=8), jax.random.key(0), crop=8)
+
+
+@pytest.mark.parametrize("settings", [CROP_FLIP, ALL_ON, {**CROP_FLIP, **ALL_ON}])
+def test_normalised_images_are_augmented_as_their_unit_range_originals(settings):
+    """With mean and std, the batch is standardised; augmenting it equals standardising
+    the augmented [0, 1] images."""
+    mean, std = (0.2, 0.5, 0.7), (0.1, 0.25, 0.3)
+    images, rng = random_images(channels=3), jax.random.key(6)
+    normalised = preprocess.to_model_input(images, mean, std)
+    out = augment.augment(normalised, rng, **settings, mean=mean, std=std)
+    expected = preprocess.to_model_input(augment.augment(images, rng, **settings), mean, std)
+    np.testing.assert_allclose(out, expected, atol=2e-5)
+    assert augment.augment(normalised, rng, mean=mean, std=std) is normalised
+
+
+def test_from_config_reads_crop_flips_and_the_resolved_normalisation():
+    config = default_config.get_config()
+    config.augment.update(crop=4, crop_mode="zero", flip_horizontal=True)
+    config.normalize = ((0.5, 0.4, 0.3), (0.2, 0.2, 0.2))
+    settings = augment.from_config(config)
+    assert settings["crop"] == 4 and settings["crop_mode"] == "zero"
+    assert settings["flip_horizontal"] and not settings["flip_vertical"]
+    assert settings["mean"] == (0.5, 0.4, 0.3) and settings["std"] == (0.2, 0.2, 0.2)
+    config.normalize = "dataset"  # Not resolved yet: no numbers to use.
+    with pytest.raises(ValueError, match="dataset"):
+        augment.from_config(config)
+
+
+def test_from_config_of_a_config_saved_before_crops_and_flips():
+    import ml_collections
+
+    config = ml_collections.ConfigDict(
+        {"augment": dict(rotation=1.0, translation=0.0, scale=0.0, noise=0.0)}
+    )
+    settings = augment.from_config(config)
+    assert settings["crop"] == 0 and not settings["flip_horizontal"]
+    assert settings["mean"] is None

@@ -3,8 +3,8 @@
     python -m flaxcnn.export --workdir W --out DIR [--which latest|best] [--platforms cpu,cuda]
 
 Both artifacts take uint8 images (B, H, W, C) with any batch size B, scale them to [0, 1]
-as the input pipeline does, and return float32 class probabilities (B, num_classes) (the
-softmax of the model's logits):
+and standardise them per channel (a run with `config.normalize`) as training did, and return
+float32 class probabilities (B, num_classes) (the softmax of the model's logits):
 
 - `DIR/model.stablehlo`: `jax.export` of the model with a symbolic batch dimension
   ("b, H, W, C"), serialized; the weights are constants inside it. Run it with
@@ -13,7 +13,8 @@ softmax of the model's logits):
   serialization: the same StableHLO inside an XlaCallModule op, the weights as variables).
   Signature `serving_default`: `images` uint8 [None, H, W, C] -> `probabilities`; also the
   function `predict(images)`. Run it with `tf.saved_model.load(path)`.
-- `DIR/export.json`: input shape, class names, checkpoint step and the preprocessing.
+- `DIR/export.json`: input shape, class names, checkpoint step and the preprocessing
+  (with the normalisation's "mean" and "std", done inside the artifacts).
 
 Both are lowered for `--platforms` (default cpu and cuda), so either runs on a CPU or an
 NVIDIA GPU. Errors: `error: ...` on stderr, exit code 2.
@@ -30,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxcnn.data import input_pipeline
+from flaxcnn.data import input_pipeline, preprocess
 from flaxcnn.inference import Run, load_run
 
 STABLEHLO_FILE = "model.stablehlo"
@@ -41,11 +42,12 @@ DEFAULT_PLATFORMS = ("cpu", "cuda")
 
 
 def serving_fn(run: Run) -> Callable[[dict, jax.Array], jax.Array]:
-    """(variables, uint8 images) -> probabilities: the model with its input scaling."""
+    """(variables, uint8 images) -> probabilities: the model with its input scaling and
+    normalisation (`preprocess.to_model_input`, the run's numbers compiled in)."""
     apply_fn = run.apply_fn
 
     def probabilities(variables: dict, images: jax.Array) -> jax.Array:
-        x = images.astype(jnp.float32) / jnp.float32(255)
+        x = preprocess.to_model_input(images, run.mean, run.std)
         return jax.nn.softmax(apply_fn(variables, x, train=False), axis=-1)
 
     return probabilities
@@ -120,7 +122,9 @@ def export_run(run: Run, out_dir: str, platforms: Sequence[str] = DEFAULT_PLATFO
             f"convert to {'L (grayscale)' if run.image_shape[2] == 1 else 'RGB'} and resize to "
             f"{run.image_shape[0]}x{run.image_shape[1]} with PIL BILINEAR; the model scales "
             "uint8 to [0, 1] itself"
+            + ("" if run.mean is None else " and standardises it by normalization's mean, std")
         ),
+        "normalization": None if run.mean is None else {"mean": run.mean, "std": run.std},
         "class_names": run.class_names,
         "platforms": list(platforms),
         "stablehlo": STABLEHLO_FILE,

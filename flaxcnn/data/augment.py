@@ -1,11 +1,13 @@
-"""Random data augmentation of image batches: rotation, translation and scaling as one affine
-transform per image with bilinear sampling, and additive Gaussian noise.
+"""Random data augmentation of image batches: random crop (pad, then crop back to size) and
+horizontal and vertical flips; rotation, translation and scaling as one affine transform per
+image with bilinear sampling; and additive Gaussian noise, in that order.
 
 Pure functions of (images, key) on a (B, H, W, C) float32 batch in [0, 1], vectorised over
-the batch, so they run inside a jitted train step. Each strength 0 turns its augmentation
-off; with all of them 0 the images are returned unchanged. The same key gives the
-same result, and each augmentation draws from its own subkey, so turning one on does not
-change what the others draw.
+the batch, so they run inside a jitted train step. Each setting 0 (or False) turns its
+augmentation off; with all of them off the images are returned unchanged. The same key gives
+the same result, and each augmentation draws from its own subkey, so turning one on does not
+change what the others draw. With `mean` and `std` (`config.normalize`), the batch holds
+standardised model inputs: they are augmented in [0, 1] and standardised again.
 
 Geometry: (row, col) pixel coordinates relative to the image centre ((H - 1) / 2,
 (W - 1) / 2); positive angles turn the content counter-clockwise as displayed (row 0 at the
@@ -18,7 +20,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-AUGMENTATIONS = ("rotation", "translation", "scale", "noise")
+from flaxcnn.data import preprocess
+
+AUGMENTATIONS = ("rotation", "translation", "scale", "noise")  # Float strengths.
+SWITCHES = ("crop", "flip_horizontal", "flip_vertical")  # Off when 0 / False.
+CROP_MODES = ("reflect", "zero")
 
 
 @jax.jit
@@ -87,13 +93,76 @@ def translate(images: jax.Array, shifts: jax.Array) -> jax.Array:
     return affine_transform(images, sampling_matrices(0 * ones, ones, shifts))
 
 
-def validate(rotation: float, translation: float, scale: float, noise: float) -> None:
-    """Raises ValueError for a strength that cannot work."""
+def crop_flip_keys(rng: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The subkeys of the crop offsets and the horizontal and vertical flips: from the key
+    folded with 1, so that they leave the other augmentations' draws (`split(rng, 4)`)
+    as they were before crops and flips existed."""
+    crop_rng, horizontal_rng, vertical_rng = jax.random.split(jax.random.fold_in(rng, 1), 3)
+    return crop_rng, horizontal_rng, vertical_rng
+
+
+def crop_offsets(rng: jax.Array, batch: int, pad: int) -> jax.Array:
+    """(B, 2) int32 (row, col) corners, each uniform in [0, 2 * pad], of the crops that
+    `random_crop` takes from the padded images: (pad, pad) is the image itself."""
+    return jax.random.randint(rng, (batch, 2), 0, 2 * pad + 1, jnp.int32)
+
+
+def pad_images(images: jax.Array, pad: int, mode: str = "reflect") -> jax.Array:
+    """Pads height and width by `pad` pixels on each side: mirrored without repeating the
+    edge ("reflect", as np.pad and torchvision do) or with zeros ("zero")."""
+    widths = ((0, 0), (pad, pad), (pad, pad), (0, 0))
+    return jnp.pad(images, widths, mode="reflect" if mode == "reflect" else "constant")
+
+
+def crop_at(images: jax.Array, offsets: jax.Array, pad: int, mode: str = "reflect") -> jax.Array:
+    """Each image padded by `pad` (`pad_images`), then cropped back to its size with its
+    top-left corner at `offsets[b]` (row, col) of the padded image."""
+    padded = pad_images(images, pad, mode)
+    size = images.shape[1:]
+    return jax.vmap(lambda image, o: jax.lax.dynamic_slice(image, (o[0], o[1], 0), size))(
+        padded, offsets
+    )
+
+
+def random_crop(images: jax.Array, rng: jax.Array, pad: int, mode: str = "reflect") -> jax.Array:
+    """Pads each image by `pad` pixels and crops it back to its size at a random offset:
+    a random shift of up to `pad` pixels per axis, the gap filled by `mode`."""
+    return crop_at(images, crop_offsets(rng, images.shape[0], pad), pad, mode)
+
+
+def flip_mask(rng: jax.Array, batch: int) -> jax.Array:
+    """(B,) bool: which images to flip, each with probability 0.5."""
+    return jax.random.bernoulli(rng, 0.5, (batch,))
+
+
+def flip(images: jax.Array, mask: jax.Array, axis: int) -> jax.Array:
+    """The images where `mask` is set mirrored along `axis` (1: upside down, 2: left-right)."""
+    return jnp.where(mask[:, None, None, None], jnp.flip(images, axis), images)
+
+
+def validate(
+    rotation: float = 0.0,
+    translation: float = 0.0,
+    scale: float = 0.0,
+    noise: float = 0.0,
+    crop: int = 0,
+    crop_mode: str = "reflect",
+    flip_horizontal: bool = False,
+    flip_vertical: bool = False,
+) -> None:
+    """Raises ValueError for a setting that cannot work."""
     for name, value in zip(AUGMENTATIONS, (rotation, translation, scale, noise)):
         if not isinstance(value, (int, float)) or not value >= 0:
             raise ValueError(f"augment.{name} must be a number >= 0, got {value!r}")
     if scale >= 1:
         raise ValueError(f"augment.scale is a relative zoom and must be < 1, got {scale}")
+    if isinstance(crop, bool) or not isinstance(crop, int) or crop < 0:
+        raise ValueError(f"augment.crop must be a whole number of pixels >= 0, got {crop!r}")
+    if crop_mode not in CROP_MODES:
+        raise ValueError(f"augment.crop_mode must be one of {CROP_MODES}, got {crop_mode!r}")
+    for name, value in (("flip_horizontal", flip_horizontal), ("flip_vertical", flip_vertical)):
+        if not isinstance(value, bool):
+            raise ValueError(f"augment.{name} must be True or False, got {value!r}")
 
 
 def augment(
@@ -104,25 +173,49 @@ def augment(
     translation: float = 0.0,
     scale: float = 0.0,
     noise: float = 0.0,
+    crop: int = 0,
+    crop_mode: str = "reflect",
+    flip_horizontal: bool = False,
+    flip_vertical: bool = False,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
 ) -> jax.Array:
     """Randomly transforms each image of a (B, H, W, C) batch in [0, 1].
 
+    crop: pad by this many pixels ("reflect": mirrored, "zero": zeros, `crop_mode`) and crop
+        back to the image's size at a uniform random offset: a shift of up to `crop` pixels.
+    flip_horizontal, flip_vertical: mirror each image left-right / upside down with
+        probability 0.5.
     rotation: the largest angle in degrees; each image turns by uniform(-rotation, rotation).
     translation: the largest shift per axis in pixels, or as a fraction of the height and
         width when below 1; each axis moves by uniform(-max, max).
     scale: the largest relative zoom; each image is zoomed by uniform(1 - scale, 1 + scale).
     noise: the standard deviation of Gaussian noise added to every pixel.
+    mean, std: per-channel standardisation of `images` (`preprocess.to_model_input`), undone
+        before and redone after augmenting; None: the images are in [0, 1].
 
-    The strengths are Python numbers (settings, compiled in). The result is clipped to
-    [0, 1]; with every strength 0 it is `images` itself.
+    The settings are Python values (compiled in). Rotation, translation, scale and noise
+    clip the result to [0, 1]; with every setting off it is `images` itself.
     """
-    validate(rotation, translation, scale, noise)
-    if not enabled(dict(rotation=rotation, translation=translation, scale=scale, noise=noise)):
+    settings = dict(
+        rotation=rotation,
+        translation=translation,
+        scale=scale,
+        noise=noise,
+        crop=crop,
+        crop_mode=crop_mode,
+        flip_horizontal=flip_horizontal,
+        flip_vertical=flip_vertical,
+    )
+    validate(**settings)
+    if not enabled(settings):
         return images
-    return _augment(images, rng, rotation, translation, scale, noise)
+    images = preprocess.from_model_input(images, mean, std)
+    images = _augment(images, rng, **settings)
+    return images if mean is None else preprocess.to_model_input(images, mean, std)
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
+@functools.partial(jax.jit, static_argnames=("crop", "crop_mode") + AUGMENTATIONS + SWITCHES[1:])
 def _augment(
     images: jax.Array,
     rng: jax.Array,
@@ -130,8 +223,25 @@ def _augment(
     translation: float,
     scale: float,
     noise: float,
+    crop: int,
+    crop_mode: str,
+    flip_horizontal: bool,
+    flip_vertical: bool,
 ) -> jax.Array:
     batch, height, width = images.shape[:3]
+    if crop or flip_horizontal or flip_vertical:
+        crop_rng, horizontal_rng, vertical_rng = crop_flip_keys(rng)
+        if crop:
+            if crop_mode == "reflect" and crop >= min(height, width):
+                raise ValueError(
+                    f"augment.crop={crop} with reflect padding needs images larger than "
+                    f"{crop} pixels, got {height}x{width}"
+                )
+            images = random_crop(images, crop_rng, crop, crop_mode)
+        if flip_horizontal:
+            images = flip(images, flip_mask(horizontal_rng, batch), axis=2)
+        if flip_vertical:
+            images = flip(images, flip_mask(vertical_rng, batch), axis=1)
     rot_rng, shift_rng, zoom_rng, noise_rng = jax.random.split(rng, 4)
     if rotation or translation or scale:
         angles = jax.random.uniform(rot_rng, (batch,), minval=-1.0, maxval=1.0) * rotation
@@ -149,18 +259,28 @@ def _augment(
     return images
 
 
-def augment_batch(batch: dict, rng: jax.Array, **strengths: float) -> dict:
+def augment_batch(batch: dict, rng: jax.Array, **settings: Any) -> dict:
     """`batch` with its "image" augmented; every other entry ("label", "mask") unchanged."""
-    return {**batch, "image": augment(batch["image"], rng, **strengths)}
+    return {**batch, "image": augment(batch["image"], rng, **settings)}
 
 
-def from_config(config: Any) -> dict[str, float]:
-    """The strengths in `config.augment`, as `augment`'s keyword arguments."""
-    strengths = {name: float(config.augment[name]) for name in AUGMENTATIONS}
-    validate(**strengths)
-    return strengths
+def from_config(config: Any) -> dict[str, Any]:
+    """The settings in `config.augment`, as `augment`'s keyword arguments, with the
+    resolved `config.normalize` as `mean` and `std` (None when off). Settings a config
+    saved before they existed read as off."""
+    augment_config = config.augment
+    settings = {name: float(augment_config[name]) for name in AUGMENTATIONS}
+    settings["crop"] = augment_config.get("crop", 0)
+    settings["crop_mode"] = augment_config.get("crop_mode", "reflect")
+    for name in SWITCHES[1:]:
+        settings[name] = augment_config.get(name, False)
+    validate(**settings)
+    normalization = preprocess.from_config(config)
+    settings["mean"] = None if normalization is None else normalization.mean
+    settings["std"] = None if normalization is None else normalization.std
+    return settings
 
 
-def enabled(strengths: dict[str, float]) -> bool:
-    """Whether any augmentation is on."""
-    return any(value != 0 for value in strengths.values())
+def enabled(settings: dict[str, Any]) -> bool:
+    """Whether any augmentation is on (`crop_mode`, `mean` and `std` turn none on)."""
+    return any(settings.get(name) for name in AUGMENTATIONS + SWITCHES)

@@ -9,11 +9,10 @@ validation and test splits, side by side in one array.
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from flaxcnn.data import input_pipeline
+from flaxcnn.data import input_pipeline, preprocess
 
 DeviceSplit = dict[str, jax.Array]
 
@@ -71,9 +70,30 @@ def shard_indices(indices: np.ndarray, mesh: Mesh) -> jax.Array:
     )
 
 
-def gather_batch(data: DeviceSplit, indices: jax.Array) -> dict[str, jax.Array]:
-    """The batch at `indices`, images scaled to [0, 1] float32, as the host pipeline makes it."""
+def with_normalization(
+    data: DeviceSplit, normalization: preprocess.Normalization | None, mesh: Mesh
+) -> DeviceSplit:
+    """`data` carrying the per-channel "mean" and "std" (float32 (C,), replicated) that
+    `gather_batch` standardises its images with; `data` itself when `normalization` is None."""
+    if normalization is None:
+        return data
+    replicated = NamedSharding(mesh, PartitionSpec())
     return {
-        "image": data["image"][indices].astype(jnp.float32) / 255.0,
+        **data,
+        **{
+            key: jax.make_array_from_process_local_data(replicated, np.asarray(value, np.float32))
+            for key, value in normalization._asdict().items()
+        },
+    }
+
+
+def gather_batch(data: DeviceSplit, indices: jax.Array) -> dict[str, jax.Array]:
+    """The batch at `indices`, its images as the model takes them
+    (`preprocess.to_model_input`): scaled to [0, 1] float32, as the host pipeline makes
+    them, and standardised when `data` carries "mean" and "std" (`with_normalization`)."""
+    return {
+        "image": preprocess.to_model_input(
+            data["image"][indices], data.get("mean"), data.get("std")
+        ),
         "label": data["label"][indices],
     }
