@@ -16,7 +16,7 @@ import optax
 from flaxcnn import run_files
 from flaxcnn.models import create_model
 from flaxcnn.reporting.pictures import image_grid, save_png
-from flaxcnn.training.regularization import add_l2_gradient
+from flaxcnn.training import gradient_step
 from flaxcnn.training.state import TrainState, create_optimizer, create_train_state, model_kwargs
 
 Batch = dict[str, jax.Array]
@@ -51,10 +51,17 @@ def create_image_model(config: ml_collections.ConfigDict, input_shape: tuple[int
     return create_model(config.model, image_shape=tuple(input_shape), **kwargs)
 
 
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError (one line) for a setting this task cannot honour: it honours every
+    training setting of `gradient_step`."""
+    gradient_step.validate(config)
+
+
 def step_kwargs(config: ml_collections.ConfigDict) -> dict:
-    """The L2 coefficient. No microbatches: for these small models they make no measurable
-    difference on CPUs (`config.microbatch_size` is ignored)."""
-    return {"l2": config.l2}
+    """`train_step`'s static settings from the config (`gradient_step.step_kwargs`). A
+    microbatch size of -1 means the whole batch: for these small models microbatches make no
+    measurable difference on CPUs."""
+    return gradient_step.step_kwargs(config, cpu_microbatch_size=0)
 
 
 def reconstruction_metrics(logits: jax.Array, images: jax.Array, weights: jax.Array) -> Metrics:
@@ -69,26 +76,42 @@ def reconstruction_metrics(logits: jax.Array, images: jax.Array, weights: jax.Ar
     }
 
 
-def train_step(
-    state: TrainState, batch: Batch, rng: jax.Array, *, l2: float = 0.0
-) -> tuple[TrainState, Metrics]:
-    """One optimizer update on the mean per-image cross-entropy of `batch`, plus
-    `l2 * l2_penalty(params)`.
-
-    `rng` is unused: the autoencoder is deterministic."""
+def loss_fn(apply_fn, variables: dict, batch: Batch, rng: jax.Array):
+    """The summed per-image cross-entropy of reconstructing `batch["image"]`, with the metric
+    sums and the batch statistics: a `gradient_step.LossFn`. `rng` is unused: the
+    autoencoder is deterministic."""
     del rng
     images = batch["image"]
+    logits, batch_stats = gradient_step.apply_training(
+        apply_fn, variables, images, method="reconstruction_logits"
+    )
+    metrics = reconstruction_metrics(logits, images, jnp.ones(images.shape[0], jnp.float32))
+    return metrics["loss"], (metrics, batch_stats)
 
-    def loss_fn(params):
-        variables = {**state.variables(), "params": params}
-        logits = state.apply_fn(variables, images, train=True, method="reconstruction_logits")
-        metrics = reconstruction_metrics(logits, images, jnp.ones(images.shape[0], jnp.float32))
-        return metrics["loss"], metrics
 
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
-    grads = jax.tree.map(lambda g: g / images.shape[0], grads)
-    grads = add_l2_gradient(grads, state.params, l2)
-    return state.apply_gradients(grads=grads), metrics
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    rng: jax.Array,
+    *,
+    microbatch_size: int = 0,
+    augmentation: dict | None = None,
+    l2: float = 0.0,
+    skip_nonfinite: bool = False,
+) -> tuple[TrainState, Metrics]:
+    """One optimizer update on the mean per-image cross-entropy of `batch`:
+    `gradient_step.gradient_step` with this task's `loss_fn`. Augmentation changes the
+    images before encoding, and the augmented images are the targets too."""
+    return gradient_step.gradient_step(
+        state,
+        batch,
+        rng,
+        loss_fn,
+        microbatch_size=microbatch_size,
+        augmentation=augmentation,
+        l2=l2,
+        skip_nonfinite=skip_nonfinite,
+    )
 
 
 def eval_step(state: TrainState, batch: Batch, rng: jax.Array | None = None) -> Metrics:

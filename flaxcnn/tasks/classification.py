@@ -13,11 +13,12 @@ import ml_collections
 import numpy as np
 import optax
 
-from flaxcnn.data import augment, input_pipeline
+from flaxcnn.data import input_pipeline
 from flaxcnn.models import create_model
 from flaxcnn.reporting import reports
 from flaxcnn.runtime import sharding
-from flaxcnn.training import regularization
+from flaxcnn.training import gradient_step
+from flaxcnn.training.gradient_step import num_microbatches as num_microbatches
 from flaxcnn.training.state import TrainState, create_optimizer, create_train_state, model_kwargs
 
 Batch = dict[str, jax.Array]
@@ -38,18 +39,16 @@ def create_state(
     return create_train_state(model, tx, rng, input_shape, ema_decay=config.ema_decay)
 
 
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError (one line) for a setting this task cannot honour: it honours every
+    training setting of `gradient_step`."""
+    gradient_step.validate(config)
+
+
 def step_kwargs(config: ml_collections.ConfigDict) -> dict:
-    """`train_step`'s static settings from the config. A microbatch size of -1 means 32 per
-    device on CPUs and 0 (whole batch) elsewhere."""
-    microbatch_size = config.microbatch_size
-    if microbatch_size < 0:
-        microbatch_size = 32 * jax.device_count() if jax.default_backend() == "cpu" else 0
-    return {
-        "microbatch_size": microbatch_size,
-        "augmentation": augment.from_config(config),
-        "l2": config.l2,
-        "skip_nonfinite": config.skip_nonfinite,
-    }
+    """`train_step`'s static settings from the config (`gradient_step.step_kwargs`). A
+    microbatch size of -1 means 32 per device on CPUs and 0 (whole batch) elsewhere."""
+    return gradient_step.step_kwargs(config, cpu_microbatch_size=32)
 
 
 def classification_metrics(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> Metrics:
@@ -63,21 +62,15 @@ def classification_metrics(logits: jax.Array, labels: jax.Array, weights: jax.Ar
     }
 
 
-def num_microbatches(batch_size: int, microbatch_size: int) -> int:
-    """The fewest equal microbatches of at most `microbatch_size` (0: one) the batch splits into."""
-    if microbatch_size <= 0:
-        return 1
-    return next(
-        n for n in range(-(-batch_size // microbatch_size), batch_size + 1) if batch_size % n == 0
+def loss_fn(apply_fn, variables: dict, batch: Batch, rng: jax.Array):
+    """The summed cross-entropy of `batch` in training mode (dropout from `rng`), with the
+    metric sums and the updated batch statistics: a `gradient_step.LossFn`."""
+    logits, batch_stats = gradient_step.apply_training(
+        apply_fn, variables, batch["image"], rngs={"dropout": rng}
     )
-
-
-def _microbatches(x: jax.Array, num: int) -> jax.Array:
-    """(B, ...) -> (num, B // num, ...), microbatch i holding examples i, i + num, ...
-
-    Strided rather than contiguous, so a batch sharded over devices stays evenly sharded.
-    """
-    return x.reshape(x.shape[0] // num, num, *x.shape[1:]).swapaxes(0, 1)
+    labels = batch["label"]
+    metrics = classification_metrics(logits, labels, jnp.ones_like(labels, jnp.float32))
+    return metrics["loss"], (metrics, batch_stats)
 
 
 def train_step(
@@ -86,61 +79,24 @@ def train_step(
     rng: jax.Array,
     *,
     microbatch_size: int = 0,
-    augmentation: dict[str, float] | None = None,
+    augmentation: dict | None = None,
     l2: float = 0.0,
     skip_nonfinite: bool = False,
 ) -> tuple[TrainState, Metrics]:
-    """One optimizer update on the mean cross-entropy of `batch` (plus `l2` times
-    `regularization.l2_penalty`), after random `augmentation` of its images
-    (`augment.augment`'s strengths).
-
-    `rng` is the run's key; the step folds in `state.step`, so each step draws fresh
-    augmentation and dropout noise and a resumed run draws the same. With `microbatch_size`
-    smaller than the batch, gradients are summed over equal microbatches: the same update
-    (up to summation order; batch norm then sees microbatch statistics) with a working set
-    that stays in cache, which is several times faster on CPUs. With `skip_nonfinite`, an
-    update whose loss or gradients are not finite is skipped (parameters and optimizer
-    unchanged, the step still counted) and reported in the "skipped" metric instead of
-    the loss and accuracy.
-    """
-    rng, augment_rng = jax.random.split(jax.random.fold_in(rng, state.step))
-    images = augment.augment(batch["image"], augment_rng, **(augmentation or {}))
-    labels = batch["label"]
-    batch_size = labels.shape[0]
-
-    def loss_and_grads(batch_stats, images, labels, rng):
-        def loss_fn(params):
-            variables = {"params": params}
-            if batch_stats:
-                variables["batch_stats"] = batch_stats
-            logits, updates = state.apply_fn(
-                variables, images, train=True, rngs={"dropout": rng}, mutable=["batch_stats"]
-            )
-            metrics = classification_metrics(logits, labels, jnp.ones_like(labels, jnp.float32))
-            return metrics["loss"], (metrics, updates.get("batch_stats", batch_stats))
-
-        grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
-        return grads, metrics, batch_stats
-
-    num_micro = num_microbatches(batch_size, microbatch_size)
-    micro_rngs = jax.random.split(rng, num_micro) if num_micro > 1 else [rng]
-    grads, metrics, batch_stats = None, None, state.batch_stats
-    # Unrolled rather than a lax.scan: XLA:CPU runs convolutions inside loops far slower.
-    for i in range(num_micro):
-        micro = jax.tree.map(lambda x, i=i: _microbatches(x, num_micro)[i], (images, labels))
-        g, m, batch_stats = loss_and_grads(batch_stats, *micro, micro_rngs[i])
-        grads, metrics = (g, m) if i == 0 else jax.tree.map(jnp.add, (grads, metrics), (g, m))
-
-    grads = jax.tree.map(lambda g: g / batch_size, grads)
-    grads = regularization.add_l2_gradient(grads, state.params, l2)
-    new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-    if not skip_nonfinite:
-        return new_state, metrics
-    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(optax.global_norm(grads))
-    kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-    metrics = jax.tree.map(lambda m: jnp.where(finite, m, 0.0), metrics)
-    metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
-    return kept.replace(step=new_state.step), metrics
+    """One optimizer update on the mean cross-entropy of `batch`: `gradient_step.gradient_step`
+    with this task's `loss_fn` (augmentation, microbatches, `l2` and `skip_nonfinite` are
+    described there). With `skip_nonfinite`, a skipped step reports "skipped" instead of the
+    loss and accuracy."""
+    return gradient_step.gradient_step(
+        state,
+        batch,
+        rng,
+        loss_fn,
+        microbatch_size=microbatch_size,
+        augmentation=augmentation,
+        l2=l2,
+        skip_nonfinite=skip_nonfinite,
+    )
 
 
 def eval_step(state: TrainState, batch: Batch, rng: jax.Array | None = None) -> Metrics:

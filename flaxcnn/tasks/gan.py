@@ -25,10 +25,11 @@ import optax
 from flax import struct
 
 from flaxcnn import run_files
-from flaxcnn.data import input_pipeline
+from flaxcnn.data import augment, input_pipeline
 from flaxcnn.models import MODELS, create_model
 from flaxcnn.models.gan import DCGAN
 from flaxcnn.reporting import generative_metrics, pictures
+from flaxcnn.training.gradient_step import keep_if_finite
 from flaxcnn.training.state import SCHEDULES, model_kwargs
 
 Batch = dict[str, jax.Array]
@@ -59,7 +60,8 @@ class GANState(struct.PyTreeNode):
 def _optimizer(
     config: ml_collections.ConfigDict, learning_rate: float, total_steps: int
 ) -> optax.GradientTransformation:
-    """Adam with `learning_rate` following `config.lr_schedule`, and b1 = `config.adam_b1`."""
+    """Adam with `learning_rate` following `config.lr_schedule`, and b1 = `config.adam_b1`,
+    after clipping the gradients' global norm to `config.grad_clip_norm` (0: no clipping)."""
     if config.optimizer != "adam":
         raise ValueError(
             f"task 'gan' trains with optimizer 'adam' (b1 from config.adam_b1), "
@@ -72,7 +74,10 @@ def _optimizer(
     schedule = SCHEDULES[config.lr_schedule](
         learning_rate, total_steps, config.get("warmup_steps", 0)
     )
-    return optax.adam(schedule, b1=config.get("adam_b1", DEFAULT_ADAM_B1))
+    adam = optax.adam(schedule, b1=config.get("adam_b1", DEFAULT_ADAM_B1))
+    if config.get("grad_clip_norm", 0.0):
+        return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adam)
+    return adam
 
 
 def create_state(
@@ -85,6 +90,7 @@ def create_state(
     """`config.model` (a DCGAN) for images of `input_shape`, initialised, with an optimizer
     each. `num_classes` is unused: the GAN ignores labels."""
     del num_classes
+    validate(config)
     model_class = MODELS.get(config.model)
     if not (isinstance(model_class, type) and issubclass(model_class, DCGAN)):
         raise ValueError(f"task 'gan' needs a GAN model (DCGAN), got {config.model!r}")
@@ -105,8 +111,32 @@ def create_state(
     )
 
 
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError (one line) for a training setting this task cannot honour. Its two
+    updates honour `skip_nonfinite` and `grad_clip_norm` (each network's gradients);
+    microbatches, L2, the moving average of all parameters and augmentation are refused."""
+    if config.get("microbatch_size", 0) > 0:
+        raise ValueError(
+            "task 'gan' trains on whole batches (the generator's batch norm needs them): "
+            f"set config.microbatch_size to 0 or -1, not {config.microbatch_size}"
+        )
+    if config.get("l2", 0.0):
+        raise ValueError(f"task 'gan' has no L2 penalty: set config.l2 to 0, not {config.l2}")
+    if config.get("ema_decay", 0.0):
+        raise ValueError(
+            "task 'gan' averages only the generator's parameters: set config.g_ema_decay, "
+            f"and config.ema_decay to 0 (not {config.ema_decay})"
+        )
+    if "augment" in config and augment.enabled(dict(config.augment)):
+        raise ValueError(
+            "task 'gan' does not augment images (augmenting real images alone would teach "
+            "the generator the augmentations): turn config.augment off"
+        )
+
+
 def step_kwargs(config: ml_collections.ConfigDict) -> dict:
     """`train_step`'s static settings: whether to skip non-finite updates."""
+    validate(config)
     return {"skip_nonfinite": bool(config.get("skip_nonfinite", False))}
 
 
@@ -235,10 +265,7 @@ def train_step(
         return new_state, metrics
     finite = jnp.isfinite(metrics["d_loss"]) & jnp.isfinite(metrics["g_loss"])
     finite &= jnp.isfinite(optax.global_norm(new_state.params))
-    kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-    metrics = jax.tree.map(lambda m: jnp.where(finite, m, 0.0), metrics)
-    metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
-    return kept.replace(step=new_state.step), metrics
+    return keep_if_finite(new_state, state, metrics, finite)
 
 
 def eval_step(state: GANState, batch: Batch, rng: jax.Array | None = None) -> Metrics:

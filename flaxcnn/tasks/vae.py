@@ -24,8 +24,9 @@ from flaxcnn.tasks.autoencoder import (
     reconstruction_grid,
     save_picture,
 )
-from flaxcnn.tasks.autoencoder import step_kwargs as step_kwargs  # and its settings.
-from flaxcnn.training.regularization import add_l2_gradient
+from flaxcnn.tasks.autoencoder import step_kwargs as step_kwargs  # and its settings,
+from flaxcnn.tasks.autoencoder import validate as validate  # all of them honoured.
+from flaxcnn.training import gradient_step
 from flaxcnn.training.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -67,30 +68,44 @@ def vae_metrics(
     }
 
 
+def loss_fn(apply_fn, variables: dict, batch: Batch, rng: jax.Array):
+    """The summed negative ELBO of `batch["image"]`, one posterior sample per image drawn
+    with `rng`, with the metric sums and the batch statistics: a `gradient_step.LossFn`."""
+    images = batch["image"]
+    (logits, mean, log_variance), batch_stats = gradient_step.apply_training(
+        apply_fn, variables, images, rngs={"sample": rng}
+    )
+    weights = jnp.ones(images.shape[0], jnp.float32)
+    metrics = vae_metrics(logits, images, mean, log_variance, weights)
+    return metrics["loss"], (metrics, batch_stats)
+
+
 def train_step(
-    state: TrainState, batch: Batch, rng: jax.Array, *, l2: float = 0.0
+    state: TrainState,
+    batch: Batch,
+    rng: jax.Array,
+    *,
+    microbatch_size: int = 0,
+    augmentation: dict | None = None,
+    l2: float = 0.0,
+    skip_nonfinite: bool = False,
 ) -> tuple[TrainState, Metrics]:
-    """One optimizer update on the mean negative ELBO of `batch`, plus
-    `l2 * l2_penalty(params)`.
+    """One optimizer update on the mean negative ELBO of `batch`:
+    `gradient_step.gradient_step` with this task's `loss_fn` (augmented images are encoded
+    and are the targets).
 
     `rng` is the run's key; the step folds in `state.step`, so each step draws fresh
     posterior samples and a resumed run draws the same ones."""
-    rng = jax.random.fold_in(rng, state.step)
-    images = batch["image"]
-
-    def loss_fn(params):
-        variables = {**state.variables(), "params": params}
-        logits, mean, log_variance = state.apply_fn(
-            variables, images, train=True, rngs={"sample": rng}
-        )
-        weights = jnp.ones(images.shape[0], jnp.float32)
-        metrics = vae_metrics(logits, images, mean, log_variance, weights)
-        return metrics["loss"], metrics
-
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
-    grads = jax.tree.map(lambda g: g / images.shape[0], grads)
-    grads = add_l2_gradient(grads, state.params, l2)
-    return state.apply_gradients(grads=grads), metrics
+    return gradient_step.gradient_step(
+        state,
+        batch,
+        rng,
+        loss_fn,
+        microbatch_size=microbatch_size,
+        augmentation=augmentation,
+        l2=l2,
+        skip_nonfinite=skip_nonfinite,
+    )
 
 
 def eval_step(state: TrainState, batch: Batch, rng: jax.Array) -> Metrics:
