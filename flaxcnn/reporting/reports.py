@@ -60,42 +60,72 @@ def plot_confusion_matrix(
     matrix: np.ndarray, class_names: list[str] | None, path: str, title: str = ""
 ) -> None:
     """Writes the matrix as a PNG: cells shaded by the fraction of their row (true class),
-    labelled with counts, rows also labelled with the class's accuracy."""
+    labelled with counts, rows also labelled with the class's accuracy. Drawn with PIL:
+    matplotlib's import and layout took seconds of every training run."""
+    from PIL import Image, ImageDraw, ImageFont
+
     matrix = np.asarray(matrix)
     n = len(matrix)
     class_names = list(class_names or default_class_names(n))
     totals = matrix.sum(axis=1, keepdims=True)
     fractions = np.divide(matrix, totals, out=np.zeros(matrix.shape), where=totals > 0)
-    size = min(4 + 0.45 * n, 30)
-    import matplotlib  # Here, not at import: a second of every run that draws no matrix.
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(size + 1.5, size))
-    image = ax.imshow(fractions, cmap="Blues", vmin=0, vmax=1)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
-    if n <= 30:  # Beyond that the numbers would not be legible.
-        for i in range(n):
-            for j in range(n):
-                if matrix[i, j]:
-                    color = "white" if fractions[i, j] > 0.5 else "black"
-                    ax.text(
-                        j, i, str(matrix[i, j]), ha="center", va="center", color=color, fontsize=8
-                    )
     accuracies = per_class_accuracy(matrix)
     row_labels = [
         f"{name} ({'-' if np.isnan(acc) else f'{acc:.1%}'})"
         for name, acc in zip(class_names, accuracies)
     ]
-    ax.set_xticks(range(n), class_names, rotation=90 if n > 10 else 0)
-    ax.set_yticks(range(n), row_labels)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true (class accuracy)")
+    font = ImageFont.load_default(size=13)
+    cell = max(14, min(44, 660 // max(n, 1)))
+    left = int(max(font.getlength(label) for label in row_labels)) + 40
+    column_space = int(max(font.getlength(name) for name in class_names)) + 30
+    top, grid = 40, cell * n
+    image = Image.new("RGB", (left + grid + 130, top + grid + column_space + 20), "white")
+    draw = ImageDraw.Draw(image)
+    for i in range(n):
+        for j in range(n):
+            box = (left + j * cell, top + i * cell, left + (j + 1) * cell, top + (i + 1) * cell)
+            draw.rectangle(box, fill=_blues(fractions[i, j]))
+            if matrix[i, j] and n <= 30:  # Beyond that the numbers would not be legible.
+                color = "white" if fractions[i, j] > 0.5 else "black"
+                center = (box[0] + cell / 2, box[1] + cell / 2)
+                draw.text(center, str(matrix[i, j]), fill=color, font=font, anchor="mm")
+        draw.text((left - 6, top + (i + 0.5) * cell), row_labels[i], "black", font, "rm")
+        _column_label(image, class_names[i], font, (left + (i + 0.5) * cell, top + grid + 4))
+    draw.rectangle((left, top, left + grid, top + grid), outline="black")
     total = matrix.sum()
     accuracy = np.trace(matrix) / total if total else float("nan")
-    ax.set_title(f"{title + ': ' if title else ''}accuracy {accuracy:.2%} on {total:,} examples")
-    fig.tight_layout()
+    heading = f"{title + ': ' if title else ''}accuracy {accuracy:.2%} on {total:,} examples"
+    draw.text((left + grid / 2, top / 2), heading, "black", font, "mm")
+    draw.text((left + grid / 2, image.height - 10), "predicted", "black", font, "md")
+    draw.text((4, top / 2), "true (class accuracy)", "black", font, "lm")
+    _colorbar(draw, font, (left + grid + 20, top, left + grid + 36, top + grid))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    image.save(path)
+
+
+def _blues(fraction: float) -> tuple[int, int, int]:
+    """matplotlib's "Blues" colour map, linearly between its ends."""
+    low, high = (247, 251, 255), (8, 48, 107)
+    return tuple(round(a + (b - a) * float(fraction)) for a, b in zip(low, high))
+
+
+def _column_label(image, text: str, font, anchor_top_center: tuple[float, float]) -> None:
+    """`text` rotated a quarter turn (so that long class names fit), hung below a column."""
+    from PIL import Image, ImageDraw
+
+    width = int(font.getlength(text)) + 4
+    label = Image.new("RGB", (width, 18), "white")
+    ImageDraw.Draw(label).text((2, 9), text, fill="black", font=font, anchor="lm")
+    label = label.rotate(90, expand=True)
+    x, y = anchor_top_center
+    image.paste(label, (int(x - label.width / 2), int(y)))
+
+
+def _colorbar(draw, font, box: tuple[int, int, int, int]) -> None:
+    x0, y0, x1, y1 = box
+    for y in range(y0, y1):
+        draw.line((x0, y, x1, y), fill=_blues(1 - (y - y0) / max(y1 - y0 - 1, 1)))
+    draw.rectangle(box, outline="black")
+    draw.text((x1 + 4, y0), "1", "black", font, "lt")
+    draw.text((x1 + 4, y1), "0", "black", font, "ls")
+    draw.text((x1 + 4, (y0 + y1) / 2), "fraction of\nthe true\nclass", "black", font, "lm")
