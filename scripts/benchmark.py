@@ -61,7 +61,7 @@ def bench_flaxcnn(args) -> dict:
     from flaxcnn.data import device_data, input_pipeline
     from flaxcnn.reporting.writers import read_metrics
     from flaxcnn.runtime import sharding
-    from flaxcnn.training import loop
+    from flaxcnn.training import loop, steps
 
     # Two epochs of a real run; the second is timed between the validation records that
     # end the epochs (training, validation and checkpoint, as Keras's epoch has them).
@@ -79,7 +79,7 @@ def bench_flaxcnn(args) -> dict:
     rng = jax.random.key(0)
     state = task.create_state(config, rng, split.image_shape, split.num_classes, 10**6)
     data = device_data.put_split(split, mesh)
-    train_fns, _ = loop.compile_steps(task, config, state, data, data, mesh, rng)
+    train_fns = steps.compile_steps(task, config, state, data, data, mesh, rng).train
     k = max(train_fns)
     indices = device_data.epoch_indices(split.num_examples, args.batch_size, 0, 0)[:1]
     chunk = device_data.shard_indices(np.repeat(indices, k, axis=0), mesh)

@@ -12,7 +12,7 @@ from flaxcnn.data import device_data, input_pipeline
 from flaxcnn.models import create_model
 from flaxcnn.runtime import sharding
 from flaxcnn.tasks import classification
-from flaxcnn.training import loop
+from flaxcnn.training import steps
 from flaxcnn.training.state import create_train_state
 
 
@@ -57,7 +57,7 @@ def test_several_steps_per_dispatch_equal_single_steps():
             create_model("SeedCNN"), optax.adam(1e-3), jax.random.key(0), (28, 28, 1)
         )
 
-    multi = jax.jit(functools.partial(loop.multi_step, step))
+    multi = jax.jit(functools.partial(steps.multi_step, step))
     scanned, scanned_metrics = multi(fresh(), data, indices, rng)
     single, losses = fresh(), []
     for i in range(4):
@@ -79,12 +79,12 @@ def test_evaluation_on_the_device_equals_the_host_pipelines():
     state = create_train_state(
         create_model("SeedCNN"), optax.adam(1e-3), jax.random.key(0), (28, 28, 1)
     )
-    multi_eval = jax.jit(functools.partial(loop.multi_eval, classification.eval_step))
+    multi_eval = jax.jit(functools.partial(steps.multi_eval, classification.eval_step))
     rng = jax.random.key(0)
-    metrics, count = loop.evaluate(
+    metrics, count = steps.evaluate(
         {2: multi_eval, 1: multi_eval}, state, data, rows[1], 8, mesh, rng
     )
-    host = loop.mean_metrics(
+    host = steps.mean_metrics(
         [
             classification.eval_step(state, sharding.shard_batch(batch, mesh))
             for batch in input_pipeline.eval_batches(second, 8)

@@ -7,12 +7,14 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 from conftest import REPO, tiny_config
 
-from flaxcnn.data import device_data
+from flaxcnn import inference
+from flaxcnn.data import device_data, input_pipeline
 from flaxcnn.reporting.writers import read_metrics
-from flaxcnn.training import loop
+from flaxcnn.training import loop, steps
 
 
 def test_run_writes_everything_and_resumes(data_dir, tmp_path):
@@ -24,7 +26,10 @@ def test_run_writes_everything_and_resumes(data_dir, tmp_path):
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
     assert os.listdir(os.path.join(workdir, "checkpoints")) == ["8"]
     assert results["num_test_examples"] == 2000 and results["steps"] == 8
-    assert 0 <= results["test_accuracy"] <= 1
+    # The loop's padded, masked test evaluation against the checkpoint's own predictions.
+    test = input_pipeline.load_split("embedded_mnist", "test", data_dir)
+    predicted = inference.load_run(workdir).predict_proba(test.images).argmax(-1)
+    assert results["test_accuracy"] == pytest.approx(np.mean(predicted == test.labels), abs=1e-6)
     with open(os.path.join(workdir, "results.json")) as f:
         assert json.load(f) == results
     records = read_metrics(os.path.join(workdir, "metrics.jsonl"))
@@ -153,13 +158,13 @@ def test_early_stopping_stops_at_patience_and_tests_the_best_state(data_dir, tmp
     config = tiny_config(data_dir, num_train_steps=-1, num_epochs=10, train_split="train[:1000]")
     config.early_stopping.update(metric="accuracy", patience=2)
     scripted = [0.5, 0.7, 0.6, 0.65]
-    real_evaluate = loop.evaluate
+    real_evaluate = steps.evaluate
 
     def evaluate(*args):
         metrics, count = real_evaluate(*args)
         return ({**metrics, "accuracy": scripted.pop(0)} if scripted else metrics), count
 
-    monkeypatch.setattr(loop, "evaluate", evaluate)
+    monkeypatch.setattr(steps, "evaluate", evaluate)
     results = loop.train_and_evaluate(config, str(tmp_path))
     assert not scripted  # Four validations, then the test.
     assert results["steps"] == 4 * 31 and results["tested_step"] == 2 * 31

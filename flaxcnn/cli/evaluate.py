@@ -4,7 +4,7 @@
                                [--which latest|best] [--batch_size N]
 
 Restores the run (flaxcnn.inference.load_run), runs the task's `eval_step` over every example
-of the split (padded, masked batches from flaxcnn.input_pipeline, as the loop evaluates), and
+of the split (padded, masked batches gathered on the device, as the loop evaluates), and
 writes `W/eval_<split>.json` (loss, accuracy, count, per-class accuracy, confusion matrix,
 step, checkpoint) and `W/confusion_<split>.png`, then prints a one-line summary.
 
@@ -23,35 +23,33 @@ import sys
 import jax
 import numpy as np
 
-from flaxcnn.data import input_pipeline
+from flaxcnn.data import device_data, input_pipeline, preprocess
 from flaxcnn.inference import Run, load_config, load_run
 from flaxcnn.reporting import reports
-from flaxcnn.runtime import sharding
 from flaxcnn.tasks import classification
+from flaxcnn.training import steps
 
 
-@jax.jit
-def _eval_with_predictions(state, batch):
-    """The task's summed metrics of `batch`, and the predicted class of each example."""
-    return classification.eval_step(state, batch, None), classification.predict(state, batch)
-
-
-def evaluate_state(state, split: input_pipeline.Split, batch_size: int, mesh=None) -> dict:
-    """Mean loss and accuracy over every example of `split`, their count, and each example's
-    predicted class (int32, in the split's order). With `mesh`, batches are sharded over it
-    (the state must be laid out for it, as in the training loop)."""
-    totals, predictions = {}, []
-    for batch in input_pipeline.eval_batches(split, batch_size):
-        mask = batch["mask"]
-        if mesh is not None:
-            batch = sharding.shard_batch(batch, mesh)
-        metrics, predicted = jax.device_get(_eval_with_predictions(state, batch))
-        for name, value in metrics.items():
-            totals[name] = totals.get(name, 0.0) + float(value)
-        predictions.append(np.asarray(predicted)[mask])
-    count = totals.pop("count")
-    results = {name: value / count for name, value in totals.items()}
-    return {**results, "count": int(count), "predictions": np.concatenate(predictions)}
+def evaluate_state(
+    state,
+    split: input_pipeline.Split,
+    batch_size: int,
+    normalization: preprocess.Normalization | None = None,
+) -> dict:
+    """Mean loss and accuracy over every example of `split`, their count and the
+    "confusion" counts (true, predicted), evaluated as the training loop evaluates: the
+    split on the device, padded and masked batches gathered there (standardised by
+    `normalization`, the run's). `state` is on the default device (as `load_run` restores
+    it)."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    data = device_data.with_normalization(device_data.put_split(split, mesh), normalization, mesh)
+    rng = jax.random.key(0)  # Unused by a classifier's evaluation.
+    rows = range(split.num_examples)
+    evaluate = steps.compile_evaluation(
+        classification.eval_step, state, data, batch_size, mesh, rng, len(rows)
+    )
+    metrics, count = steps.evaluate(evaluate, state, data, rows, batch_size, mesh, rng)
+    return {**metrics, "count": count}
 
 
 def file_stem(split: str, dataset: str | None = None) -> str:
@@ -103,10 +101,8 @@ def evaluate_run(
     batch_size = batch_size or config.eval_batch_size
     if batch_size <= 0:
         raise ValueError(f"batch size must be positive, got {batch_size}")
-    evaluation = evaluate_state(run.state, split, batch_size)
-    report = reports.classification_report(
-        split.labels, evaluation["predictions"], run.num_classes, run.class_names
-    )
+    evaluation = evaluate_state(run.state, split, batch_size, run.normalization)
+    report = reports.report_from_confusion(evaluation["confusion"], run.class_names)
     results = {
         "dataset": dataset,
         "split": split_name,

@@ -37,12 +37,18 @@ def default_class_names(num_classes: int) -> list[str]:
 def classification_report(
     labels, predictions, num_classes: int, class_names: list[str] | None = None
 ) -> dict:
-    """Accuracy, count, confusion matrix and per-class accuracy, ready for `json.dump`
-    (a class without examples has accuracy None)."""
+    """`report_from_confusion` of the labels and predictions of a classifier."""
+    return report_from_confusion(confusion_matrix(labels, predictions, num_classes), class_names)
+
+
+def report_from_confusion(matrix: np.ndarray, class_names: list[str] | None = None) -> dict:
+    """Accuracy, count, confusion matrix and per-class accuracy of a (true, predicted) count
+    matrix, ready for `json.dump` (a class without examples has accuracy None)."""
+    matrix = np.rint(np.asarray(matrix)).astype(np.int64)
+    num_classes = len(matrix)
     class_names = list(class_names or default_class_names(num_classes))
     if len(class_names) != num_classes:
         raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
-    matrix = confusion_matrix(labels, predictions, num_classes)
     count = int(matrix.sum())
     return {
         "accuracy": float(np.trace(matrix) / count) if count else None,

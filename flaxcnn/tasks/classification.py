@@ -5,18 +5,12 @@ unchanged. Metrics come back as sums with an example `count`, so that batches of
 and padded evaluation batches (`mask`) average correctly on the host.
 """
 
-import os
-
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
-from flaxcnn.data import input_pipeline
 from flaxcnn.models import create_model
-from flaxcnn.reporting import reports
-from flaxcnn.runtime import sharding
 from flaxcnn.training import gradient_step
 from flaxcnn.training.gradient_step import num_microbatches as num_microbatches
 from flaxcnn.training.state import TrainState, create_optimizer, create_train_state, model_kwargs
@@ -100,48 +94,22 @@ def train_step(
 
 
 def eval_step(state: TrainState, batch: Batch, rng: jax.Array | None = None) -> Metrics:
-    """Summed loss and accuracy over the examples of `batch` whose `mask` is set.
+    """Summed loss and accuracy over the examples of `batch` whose `mask` is set, and their
+    "confusion" counts (true class, predicted class): the loop reports per-class accuracy
+    and the confusion matrix from the same evaluation.
 
     `rng` is unused: evaluation of a classifier is deterministic."""
     del rng
     logits = state.apply_fn(state.eval_variables(), batch["image"], train=False)
     weights = batch.get("mask", jnp.ones_like(batch["label"], bool)).astype(jnp.float32)
-    return classification_metrics(logits, batch["label"], weights)
+    metrics = classification_metrics(logits, batch["label"], weights)
+    num_classes = logits.shape[-1]
+    predicted = jax.nn.one_hot(jnp.argmax(logits, axis=-1), num_classes)
+    true = jax.nn.one_hot(batch["label"], num_classes) * weights[:, None]
+    return {**metrics, "confusion": true.T @ predicted}
 
 
 def predict(state: TrainState, batch: Batch) -> jax.Array:
     """The predicted class of every example of `batch`."""
     logits = state.apply_fn(state.eval_variables(), batch["image"], train=False)
     return jnp.argmax(logits, axis=-1)
-
-
-def extra_results(
-    state: TrainState,
-    config: ml_collections.ConfigDict,
-    workdir: str,
-    test_split: input_pipeline.Split,
-) -> dict:
-    """Per-class accuracy and the confusion matrix of the test split (also drawn in
-    `workdir/confusion_test.png`)."""
-    mesh = sharding.create_mesh()
-    # The mask comes back replicated with the predictions: every process keeps all of them.
-    predict_fn = jax.jit(
-        lambda state, batch: (predict(state, batch), batch["mask"]),
-        out_shardings=sharding.replicated(mesh),
-    )
-    predictions = []
-    for batch in input_pipeline.eval_batches(test_split, config.eval_batch_size):
-        batch_predictions, mask = predict_fn(state, sharding.shard_batch(batch, mesh))
-        predictions.append(np.asarray(batch_predictions)[np.asarray(mask)])
-    report = reports.classification_report(
-        test_split.labels,
-        np.concatenate(predictions),
-        test_split.num_classes,
-        test_split.class_names,
-    )
-    if jax.process_index() == 0:
-        path = os.path.join(workdir, "confusion_test.png")
-        reports.plot_confusion_matrix(
-            np.array(report["confusion_matrix"]), report["class_names"], path, "test"
-        )
-    return {key: report[key] for key in ("per_class_accuracy", "confusion_matrix")}

@@ -1,14 +1,28 @@
-"""The training loop, shared by every task: data, state, restore-or-init, compiled steps,
-validation, checkpoints, and the final test evaluation written to `results.json`."""
+"""The training loop, shared by every task, in four parts:
 
+1. Preparing a run: `open_run` reads the data and builds the state, restored from the
+   newest checkpoint; `start_run` records the run in its workdir, puts the data on the
+   device and compiles the steps.
+2. `train_to_boundary`: the compiled steps up to the end of an epoch (or of the run), with
+   the training metrics logged every `log_every_steps`.
+3. `at_boundary`, where the loop aligns after every epoch: validation, pictures, early
+   stopping, checkpoint, each a small function of the run and the state.
+4. `finish`: the test evaluation (of the best checkpoint with early stopping), results.json
+   and the curves.
+
+Checkpointers, writers and signal handlers are closed in one place, the `ExitStack` of
+`train_and_evaluate`, however the run ends.
+"""
+
+import contextlib
+import dataclasses
 import functools
-import json
 import os
 import resource
 import time
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -19,15 +33,14 @@ from flaxcnn.models import MODELS
 from flaxcnn.reporting import reports
 from flaxcnn.reporting.writers import MetricWriter, Progress, plot_curves
 from flaxcnn.runtime import sharding
+from flaxcnn.training import steps as compiled_steps
 from flaxcnn.training.checkpointing import Checkpointer
 from flaxcnn.training.early_stopping import EarlyStopping
 from flaxcnn.training.signals import StopOnSignal
 from flaxcnn.training.state import validate_optimization
 
-RESULTS_FILE = "results.json"
-EARLY_STOPPING_FILE = "early_stopping.json"
-BEST_CHECKPOINTS = "checkpoints_best"
 NUM_PICTURE_IMAGES = 32
+SPLITS = ("train", "validation", "test")
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -53,146 +66,341 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             )
 
 
-def write_json_atomically(path: str, data: dict) -> None:
-    """Writes `data` so that `path` holds either the old or the complete new content."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+@dataclasses.dataclass
+class Run:
+    """What the loop knows of a run: its settings, data, where it stands, and where it
+    writes. `step` is the host's count of the steps done (read from the state once, at
+    restore, so the loop never waits on the device for it)."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    task: Any
+    mesh: jax.sharding.Mesh
+    splits: dict[str, input_pipeline.Split]
+    steps_per_epoch: int
+    total_steps: int
+    step: int
+    checkpointer: Checkpointer
+    stopper: EarlyStopping
+    best_checkpointer: Checkpointer | None
+    rngs: dict[str, jax.Array]  # "init", "step" and "eval" keys of the run's seed.
+    is_main: bool = dataclasses.field(default_factory=lambda: jax.process_index() == 0)
+    # Set by `start_run`.
+    writer: MetricWriter | None = None
+    data: device_data.DeviceSplit | None = None
+    eval_data: device_data.DeviceSplit | None = None
+    eval_rows: dict[str, range] = dataclasses.field(default_factory=dict)
+    steps: compiled_steps.CompiledSteps | None = None
+    progress: Progress | None = None
+    skipped: int = 0  # Steps with non-finite values skipped (config.skip_nonfinite).
+
+    @property
+    def epoch(self) -> int:
+        return self.step // self.steps_per_epoch
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total_steps or self.stopper.should_stop
+
+    def evaluate(self, state, split: str) -> tuple[dict, int]:
+        """The task's metrics over the `split` ("validation" or "test") rows on the device."""
+        return compiled_steps.evaluate(
+            self.steps.evaluate,
+            state,
+            self.eval_data,
+            self.eval_rows[split],
+            self.config.eval_batch_size,
+            self.mesh,
+            self.rngs["eval"],
+        )
 
 
-def mean_metrics(batch_metrics: list[dict]) -> dict[str, float]:
-    """Sums metric sums (of batches, or stacked per step) on the host and divides them by
-    the example count; "skipped" (steps) stays a total."""
-    totals = jax.tree.map(
-        lambda *xs: float(sum(np.sum(x) for x in xs)), *jax.device_get(batch_metrics)
-    )
-    count = totals.pop("count")
+def load_splits(config: ml_collections.ConfigDict) -> dict[str, input_pipeline.Split]:
+    """The train, validation and test splits of `config.dataset`, in memory."""
     return {
-        name: value if name == "skipped" else (value / count if count else float("nan"))
-        for name, value in totals.items()
-    }
-
-
-def first_nonfinite_step(step_metrics: list[dict], last_step: int) -> int:
-    """The step whose loss was first not finite, given the stacked per-step metrics of the
-    steps up to `last_step`."""
-    losses = np.concatenate([np.ravel(m["loss"]) for m in jax.device_get(step_metrics)])
-    return last_step - len(losses) + 1 + int(np.argmin(np.isfinite(losses)))
-
-
-def evaluate(
-    eval_fns: dict, state, data: device_data.DeviceSplit, rows: range, batch_size: int, mesh, rng
-):
-    """The task's metrics over the examples `rows` of `data`, and their number: batches of
-    `batch_size`, as many per dispatch as `eval_fns` (see `compile_steps`) allows."""
-    indices, mask = device_data.eval_indices(len(rows), batch_size)
-    indices += rows.start
-    k = max(eval_fns)
-    batch_metrics, start = [], 0
-    while start < len(indices):
-        n = k if len(indices) - start >= k else 1
-        chunk = [device_data.shard_indices(a[start : start + n], mesh) for a in (indices, mask)]
-        batch_metrics.append(eval_fns[n](state, data, *chunk, rng))
-        start += n
-    count = int(sum(float(m["count"]) for m in batch_metrics))
-    return mean_metrics(batch_metrics), count
-
-
-def multi_step(train_step, state, data: device_data.DeviceSplit, indices: jax.Array, rng):
-    """`len(indices)` training steps in one dispatch, each on the batch `data[indices[i]]`,
-    with the per-step metrics stacked. `train_step` stays the pure single step."""
-    if len(indices) == 1:  # Not a loop of one: XLA:CPU runs convolutions in loops slowly.
-        state, metrics = train_step(state, device_data.gather_batch(data, indices[0]), rng)
-        return state, jax.tree.map(lambda m: m[None], metrics)
-
-    def body(state, batch_indices):
-        return train_step(state, device_data.gather_batch(data, batch_indices), rng)
-
-    return jax.lax.scan(body, state, indices)
-
-
-def multi_eval(eval_step, state, data: device_data.DeviceSplit, indices, mask, rng):
-    """The summed metrics of `len(indices)` evaluation batches `data[indices[i]]` (examples
-    where `mask[i]` is False not counted) in one dispatch."""
-
-    def batch_metrics(batch_indices, batch_mask):
-        batch = {**device_data.gather_batch(data, batch_indices), "mask": batch_mask}
-        return eval_step(state, batch, rng)
-
-    totals = batch_metrics(indices[0], mask[0])
-    if len(indices) == 1:
-        return totals
-
-    def body(totals, batch):
-        return jax.tree.map(jnp.add, totals, batch_metrics(*batch)), None
-
-    return jax.lax.scan(body, totals, (indices[1:], mask[1:]))[0]
-
-
-def resolve_steps_per_dispatch(requested: int, has_convolutions: bool) -> int:
-    """`config.steps_per_dispatch`, with -1 resolved to 16, or to 1 on CPUs for models with
-    `lax.conv` convolutions, which XLA:CPU runs many times slower inside a loop."""
-    if requested > 0:
-        return requested
-    return 1 if has_convolutions and jax.default_backend() == "cpu" else 16
-
-
-def compile_steps(task, config, state, data, eval_data, mesh, rng):
-    """The task's steps, compiled ahead of time for the shapes they see (so that another
-    shape is an error rather than a silent recompilation): `{k: fn}` running k training
-    steps per dispatch on `data`, and `{k: fn}` summing the metrics of k evaluation batches
-    of `eval_data` per dispatch: for training k in (steps per dispatch, a quarter of it, 1),
-    which cover what is left before a log step in a few dispatches (each dispatch takes CPU
-    time from the step on a small machine; each size is one more compilation); for
-    evaluation k in (steps per dispatch, 1)."""
-    replicated = sharding.replicated(mesh)
-
-    def index_spec(k, batch_size, dtype=np.int32):
-        return jax.ShapeDtypeStruct(
-            (k, batch_size),
-            dtype,
-            sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data")),
+        name: input_pipeline.load_split(
+            config.dataset,
+            config[f"{name}_split"],
+            config.data_dir,
+            config.image_size,
+            config.color_mode,
         )
+        for name in SPLITS
+    }
 
-    def lower_eval(k):
-        spec = index_spec(k, config.eval_batch_size)
-        mask = index_spec(k, config.eval_batch_size, bool)
-        return jax.jit(
-            functools.partial(multi_eval, task.eval_step), out_shardings=replicated
-        ).lower(state, eval_data, spec, mask, rng)
 
-    single_eval = lower_eval(1)
-    steps_per_dispatch = resolve_steps_per_dispatch(
-        config.steps_per_dispatch, "stablehlo.convolution" in single_eval.as_text()
-    )
-    train_step = functools.partial(task.train_step, **task.step_kwargs(config))
-    train_fns = {
-        k: jax.jit(
-            functools.partial(multi_step, train_step), donate_argnums=0, out_shardings=replicated
+def schedule_length(config: ml_collections.ConfigDict, num_examples: int) -> tuple[int, int]:
+    """(steps per epoch, total steps) of a run over `num_examples` training examples."""
+    steps_per_epoch = num_examples // config.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"config.batch_size={config.batch_size} is larger than the "
+            f"{num_examples} training examples"
         )
-        .lower(state, data, index_spec(k, config.batch_size), rng)
-        .compile()
-        for k in sorted({steps_per_dispatch, max(steps_per_dispatch // 4, 1), 1})
-    }
-    eval_fns = {
-        k: (single_eval if k == 1 else lower_eval(k)).compile()
-        for k in sorted({steps_per_dispatch, 1})
-    }
-    return train_fns, eval_fns
+    total_steps = config.num_train_steps
+    if total_steps <= 0:
+        total_steps = config.num_epochs * steps_per_epoch
+    return steps_per_epoch, total_steps
 
 
 def load_early_stopping(config: ml_collections.ConfigDict, workdir: str, epoch: int):
     """The early-stopping record of the run in `workdir` (forgetting epochs after `epoch`,
     which a resumed run redoes), or a fresh one."""
-    path = os.path.join(workdir, EARLY_STOPPING_FILE)
+    path = run_files.path(workdir, run_files.EARLY_STOPPING)
     history = []
     if os.path.exists(path):
-        with open(path) as f:
-            history = EarlyStopping.from_dict(json.load(f)).history
+        history = EarlyStopping.from_dict(run_files.read_json(path)).history
     stopper = EarlyStopping.from_config(config, history)
     stopper.truncate_after(epoch)
     return stopper
+
+
+def open_run(
+    config: ml_collections.ConfigDict, workdir: str, resources: contextlib.ExitStack
+) -> tuple[Run, Any]:
+    """Preparing a run, part one: the data in memory, the state restored from the newest
+    checkpoint (or initialised), and the early-stopping record."""
+    os.makedirs(workdir, exist_ok=True)
+    task = tasks.get_task(config.task)
+    mesh = sharding.create_mesh()
+    splits = load_splits(config)
+    steps_per_epoch, total_steps = schedule_length(config, splits["train"].num_examples)
+    rngs = dict(zip(("init", "step", "eval"), jax.random.split(jax.random.key(config.seed), 3)))
+    create_state = functools.partial(
+        task.create_state,
+        config,
+        input_shape=splits["train"].image_shape,
+        num_classes=splits["train"].num_classes,
+        total_steps=total_steps,
+    )
+    state = jax.jit(create_state, out_shardings=sharding.replicated(mesh))(rngs["init"])
+    checkpointer = resources.enter_context(
+        contextlib.closing(Checkpointer(workdir, config.keep_checkpoints))
+    )
+    state = checkpointer.restore_or(state)
+    step = int(state.step)
+    if step:
+        logging.info("Resumed from the checkpoint at step %d.", step)
+    stopper = load_early_stopping(config, workdir, step // steps_per_epoch)
+    best = None
+    if stopper.enabled:
+        best = Checkpointer(workdir, 1, run_files.BEST_CHECKPOINTS)
+        resources.callback(best.close)
+    run = Run(
+        config, workdir, task, mesh, splits, steps_per_epoch, total_steps, step,
+        checkpointer, stopper, best, rngs,
+    )  # fmt: skip
+    return run, state
+
+
+def finished_results(run: Run) -> dict | None:
+    """The results of a run that had already finished, or None."""
+    path = run_files.path(run.workdir, run_files.RESULTS)
+    if not (run.done and os.path.exists(path)):
+        return None
+    results = run_files.read_json(path)
+    logging.info("The run in %s is finished; its results: %s", run.workdir, results)
+    return results
+
+
+def record_run(run: Run, state) -> None:
+    """The resolved config and what a trained model needs to know of its data, so that it
+    loads without the data; a line saying what is trained."""
+    config, train = run.config, run.splits["train"]
+    with open(run_files.path(run.workdir, run_files.CONFIG), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    class_names = train.class_names or reports.default_class_names(train.num_classes)
+    info = run_files.DatasetInfo(tuple(train.image_shape), train.num_classes, class_names)
+    run_files.write_dataset_info(run.workdir, info)
+    logging.info(
+        "%s/%s: %s parameters; %d steps of %d examples (%d per epoch); %d devices.",
+        config.task,
+        config.model,
+        f"{sum(x.size for x in jax.tree.leaves(getattr(state, 'params', {}))):,}",
+        run.total_steps,
+        config.batch_size,
+        run.steps_per_epoch,
+        jax.device_count(),
+    )
+
+
+def start_run(run: Run, state, resources: contextlib.ExitStack) -> None:
+    """Preparing a run, part two: its records, its writer, the data on the device and the
+    compiled steps."""
+    if run.is_main:
+        record_run(run, state)
+    run.writer = resources.enter_context(
+        contextlib.closing(MetricWriter(run.workdir, enabled=run.is_main))
+    )
+    run.writer.truncate_after(run.step)
+    if run.step == 0:
+        run.writer.write_hparams(run.config.to_json_best_effort(indent=2))
+    run.data = device_data.put_split(run.splits["train"], run.mesh)
+    run.eval_data, rows = device_data.put_splits(
+        [run.splits["validation"], run.splits["test"]], run.mesh
+    )
+    run.eval_rows = dict(zip(("validation", "test"), rows))
+    run.steps = compiled_steps.compile_steps(
+        run.task, run.config, state, run.data, run.eval_data, run.mesh, run.rngs["step"]
+    )
+    config = run.config
+    run.progress = Progress(run.total_steps, run.step, config.batch_size, config.log_every_steps)
+    resources.callback(run.progress.close)
+
+
+def log_train_metrics(run: Run, pending: list[dict]) -> None:
+    """Writes the mean of the steps' metrics since the last log; stops the run at a
+    non-finite loss unless `config.skip_nonfinite`."""
+    metrics = compiled_steps.mean_metrics(pending)
+    if not (run.config.skip_nonfinite or np.isfinite(metrics["loss"])):
+        raise FloatingPointError(
+            f"non-finite training loss at step "
+            f"{compiled_steps.first_nonfinite_step(pending, run.step)} (the last checkpoint is "
+            "kept; config.skip_nonfinite=True skips such steps)"
+        )
+    run.skipped += int(metrics.get("skipped", 0))
+    run.writer.write(run.step, "train", metrics)
+    run.progress.update(run.step, metrics)
+
+
+def train_to_boundary(run: Run, state, stop: StopOnSignal):
+    """The steps up to the end of the epoch or of the run. Each dispatch runs as many steps
+    as fit before the next log step; the choice is a function of the step alone, so a
+    resumed run computes what an uninterrupted one does. A stop signal saves a checkpoint
+    of the current step and raises `signals.Interrupted`."""
+    config = run.config
+    position = run.step % run.steps_per_epoch
+    indices = device_data.epoch_indices(
+        run.splits["train"].num_examples, config.batch_size, config.seed, run.epoch
+    )
+    epoch_end = min(run.steps_per_epoch, position + run.total_steps - run.step)
+    pending = []  # Device-side metrics of the steps since the last log, fetched in one go.
+    while position < epoch_end:
+        room = min(epoch_end - position, config.log_every_steps - run.step % config.log_every_steps)
+        k = max(size for size in run.steps.train if size <= room)
+        chunk = device_data.shard_indices(indices[position : position + k], run.mesh)
+        state, metrics = run.steps.train[k](state, run.data, chunk, run.rngs["step"])
+        pending.append(metrics)
+        run.step, position = run.step + k, position + k
+        if run.step % config.log_every_steps == 0 or position == epoch_end:
+            log_train_metrics(run, pending)
+            pending = []
+        if stop.should_stop():
+            if pending:
+                run.writer.write(run.step, "train", compiled_steps.mean_metrics(pending))
+            run.checkpointer.save(state)
+            raise stop.interrupted(run.step)
+    return state
+
+
+def validate(run: Run, state) -> dict:
+    """Boundary hook: the validation metrics, written and logged."""
+    metrics, _ = run.evaluate(state, "validation")
+    metrics = compiled_steps.scalar_metrics(metrics)
+    run.writer.write(run.step, "validation", metrics)
+    text = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+    logging.info("epoch %d step %d: validation %s", run.epoch, run.step, text)
+    return metrics
+
+
+def write_pictures(run: Run, state) -> None:
+    """Boundary hook: the task's pictures of a fixed batch of validation images."""
+    if run.is_main and hasattr(run.task, "write_pictures"):
+        images = run.splits["validation"].images[:NUM_PICTURE_IMAGES].astype(np.float32) / 255
+        run.task.write_pictures(state, images, run.rngs["eval"], run.workdir, run.step, run.writer)
+
+
+def update_early_stopping(run: Run, state, metrics: dict) -> None:
+    """Boundary hook: records the epoch's validation metric, keeps the best checkpoint."""
+    stopper = run.stopper
+    if not stopper.enabled:
+        return
+    if stopper.update(run.epoch, metrics[stopper.metric]):
+        run.best_checkpointer.save(state)
+    if run.is_main:
+        path = run_files.path(run.workdir, run_files.EARLY_STOPPING)
+        run_files.write_json_atomically(path, stopper.to_dict())
+    if stopper.should_stop:
+        logging.info(
+            "Early stop: validation %s last improved at epoch %d (%.4f).",
+            stopper.metric,
+            stopper.best_epoch,
+            stopper.best_value,
+        )
+
+
+def save_checkpoint(run: Run, state) -> None:
+    """Boundary hook: a checkpoint every `checkpoint_every_epochs` and at the end."""
+    if run.epoch % run.config.checkpoint_every_epochs == 0 or run.done:
+        run.checkpointer.save(state)
+
+
+def at_boundary(run: Run, state) -> None:
+    """What happens after every epoch (and at the end of the run), in order."""
+    metrics = validate(run, state)
+    write_pictures(run, state)
+    update_early_stopping(run, state, metrics)
+    save_checkpoint(run, state)
+
+
+def classification_report(run: Run, test_metrics: dict) -> dict:
+    """Per-class accuracy and the confusion matrix of a task whose evaluation counts one
+    (also drawn in `workdir/confusion_test.png`); {} for other tasks."""
+    if "confusion" not in test_metrics:
+        return {}
+    report = reports.report_from_confusion(
+        test_metrics.pop("confusion"), run.splits["test"].class_names
+    )
+    if run.is_main:
+        path = os.path.join(run.workdir, "confusion_test.png")
+        reports.plot_confusion_matrix(
+            np.array(report["confusion_matrix"]), report["class_names"], path, "test"
+        )
+    return {key: report[key] for key in ("per_class_accuracy", "confusion_matrix")}
+
+
+def finish(run: Run, state, first_step: int, train_time: float) -> dict:
+    """The test evaluation (of the best validation state with early stopping), results.json
+    and the curves."""
+    if run.best_checkpointer is not None:
+        state = run.best_checkpointer.restore_or(state)
+        logging.info("Testing the best checkpoint, of step %d.", int(state.step))
+    test_metrics, test_count = run.evaluate(state, "test")
+    extra = classification_report(run, test_metrics)
+    steps_this_run = run.step - first_step
+    steps_per_s = steps_this_run / train_time if train_time else 0.0
+    results = {
+        **{f"test_{name}": value for name, value in test_metrics.items()},
+        "num_test_examples": test_count,
+        "steps": run.step,
+        "tested_step": int(state.step),
+        "steps_this_run": steps_this_run,
+        "compile_time_s": run.steps.compile_time_s,
+        "train_time_s": train_time,
+        "steps_per_s": steps_per_s,
+        "examples_per_s": steps_per_s * run.config.batch_size,
+        "skipped_steps": run.skipped,
+        "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **extra,
+    }
+    if hasattr(run.task, "extra_results"):
+        results.update(run.task.extra_results(state, run.config, run.workdir, run.splits["test"]))
+    logging.info(
+        "test %s on %d examples",
+        " ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()),
+        test_count,
+    )
+    return results
+
+
+def write_results(run: Run, results: dict) -> None:
+    """results.json (atomically: a run killed here leaves no partial file) and the curves."""
+    if run.is_main:
+        plot_curves(
+            run_files.path(run.workdir, run_files.METRICS),
+            run_files.path(run.workdir, run_files.CURVES),
+        )
+        run_files.write_json_atomically(run_files.path(run.workdir, run_files.RESULTS), results)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -201,216 +409,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     With early stopping on, the best validation checkpoint is kept beside the newest ones
     and the test evaluation uses it. SIGTERM or SIGINT saves a checkpoint of the current
-    step and raises `preemption.Interrupted`."""
+    step and raises `signals.Interrupted`."""
     start_time = time.perf_counter()
     validate_config(config)
-    task = tasks.get_task(config.task)
-    is_main = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
-    mesh = sharding.create_mesh()
-
-    splits = {
-        name: input_pipeline.load_split(
-            config.dataset,
-            config[f"{name}_split"],
-            config.data_dir,
-            config.image_size,
-            config.color_mode,
-        )
-        for name in ("train", "validation", "test")
-    }
-    train_split = splits["train"]
-    steps_per_epoch = train_split.num_examples // config.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"config.batch_size={config.batch_size} is larger than the "
-            f"{train_split.num_examples} training examples"
-        )
-    total_steps = config.num_train_steps
-    if total_steps <= 0:
-        total_steps = config.num_epochs * steps_per_epoch
-
-    init_rng, step_rng, eval_rng = jax.random.split(jax.random.key(config.seed), 3)
-    create_state = functools.partial(
-        task.create_state,
-        config,
-        input_shape=train_split.image_shape,
-        num_classes=train_split.num_classes,
-        total_steps=total_steps,
-    )
-    state = jax.jit(create_state, out_shardings=sharding.replicated(mesh))(init_rng)
-    checkpointer = Checkpointer(workdir, config.keep_checkpoints)
-    state = checkpointer.restore_or(state)
-    step = int(state.step)
-    if step:
-        logging.info("Resumed from the checkpoint at step %d.", step)
-    stopper = load_early_stopping(config, workdir, step // steps_per_epoch)
-    best_checkpointer = Checkpointer(workdir, 1, BEST_CHECKPOINTS) if stopper.enabled else None
-
-    results_path = os.path.join(workdir, RESULTS_FILE)
-    if (step >= total_steps or stopper.should_stop) and os.path.exists(results_path):
-        checkpointer.close()
-        if best_checkpointer is not None:
-            best_checkpointer.close()
-        with open(results_path) as f:
-            results = json.load(f)
-        logging.info("The run in %s is finished; its results: %s", workdir, results)
+    with contextlib.ExitStack() as resources:
+        run, state = open_run(config, workdir, resources)
+        results = finished_results(run)
+        if results is not None:
+            return results
+        start_run(run, state, resources)
+        first_step, train_start = run.step, time.perf_counter()
+        with StopOnSignal() as stop:
+            while not run.done:
+                state = train_to_boundary(run, state, stop)
+                at_boundary(run, state)
+        run.progress.close()
+        jax.block_until_ready(state)
+        train_time = time.perf_counter() - train_start
+        run.checkpointer.wait_until_finished()
+        results = finish(run, state, first_step, train_time)
+        results["wall_time_s"] = time.perf_counter() - start_time
+        write_results(run, results)
         return results
-
-    if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-        # What a trained model needs to know of its data, so that it loads without it.
-        run_files.write_dataset_info(
-            workdir,
-            run_files.DatasetInfo(
-                tuple(train_split.image_shape),
-                train_split.num_classes,
-                train_split.class_names or reports.default_class_names(train_split.num_classes),
-            ),
-        )
-        logging.info(
-            "%s/%s: %s parameters; %d steps of %d examples (%d per epoch); %d devices.",
-            config.task,
-            config.model,
-            f"{sum(x.size for x in jax.tree.leaves(getattr(state, 'params', {}))):,}",
-            total_steps,
-            config.batch_size,
-            steps_per_epoch,
-            jax.device_count(),
-        )
-    writer = MetricWriter(workdir, enabled=is_main)
-    writer.truncate_after(step)
-    if step == 0:
-        writer.write_hparams(config.to_json_best_effort(indent=2))
-
-    data = device_data.put_split(train_split, mesh)
-    eval_data, (validation_rows, test_rows) = device_data.put_splits(
-        [splits["validation"], splits["test"]], mesh
-    )
-    compile_start = time.perf_counter()
-    train_fns, eval_fns = compile_steps(task, config, state, data, eval_data, mesh, step_rng)
-    compile_time = time.perf_counter() - compile_start
-    picture_images = splits["validation"].images[:NUM_PICTURE_IMAGES].astype(np.float32) / 255
-
-    progress = Progress(total_steps, step, config.batch_size, config.log_every_steps)
-    train_start, first_step = time.perf_counter(), step
-    pending = []  # Device-side metrics of the steps since the last log, fetched in one go.
-    skipped = 0  # Steps with non-finite values skipped (config.skip_nonfinite).
-    with StopOnSignal() as stop:
-        while step < total_steps and not stopper.should_stop:
-            epoch, position = divmod(step, steps_per_epoch)
-            indices = device_data.epoch_indices(
-                train_split.num_examples, config.batch_size, config.seed, epoch
-            )
-            epoch_end = min(steps_per_epoch, position + total_steps - step)
-            while position < epoch_end:
-                # Several steps per dispatch, each dispatch ending at a log step or the end
-                # of the epoch; what is left over runs in fewer steps per dispatch. The
-                # choice is a function of the step alone, so a resumed run computes what an
-                # uninterrupted one does.
-                next_log = config.log_every_steps - step % config.log_every_steps
-                room = min(epoch_end - position, next_log)
-                k = max(size for size in train_fns if size <= room)
-                chunk = device_data.shard_indices(indices[position : position + k], mesh)
-                state, metrics = train_fns[k](state, data, chunk, step_rng)
-                pending.append(metrics)
-                step, position = step + k, position + k
-                if step % config.log_every_steps == 0 or position == epoch_end:
-                    train_metrics = mean_metrics(pending)
-                    if not (config.skip_nonfinite or np.isfinite(train_metrics["loss"])):
-                        raise FloatingPointError(
-                            "non-finite training loss at step "
-                            f"{first_nonfinite_step(pending, step)} (the last checkpoint is "
-                            "kept; config.skip_nonfinite=True skips such steps)"
-                        )
-                    pending = []
-                    skipped += int(train_metrics.get("skipped", 0))
-                    writer.write(step, "train", train_metrics)
-                    progress.update(step, train_metrics)
-                if stop.should_stop():
-                    if pending:
-                        writer.write(step, "train", mean_metrics(pending))
-                    checkpointer.save(state)
-                    checkpointer.close()
-                    if best_checkpointer is not None:
-                        best_checkpointer.close()
-                    writer.close()
-                    raise stop.interrupted(step)
-            epoch_done = position == steps_per_epoch
-            if epoch_done or step >= total_steps:
-                val_metrics, _ = evaluate(
-                    eval_fns,
-                    state,
-                    eval_data,
-                    validation_rows,
-                    config.eval_batch_size,
-                    mesh,
-                    eval_rng,
-                )
-                writer.write(step, "validation", val_metrics)
-                logging.info(
-                    "epoch %d step %d: validation %s",
-                    step // steps_per_epoch,
-                    step,
-                    " ".join(f"{k} {v:.4f}" for k, v in val_metrics.items()),
-                )
-                if is_main and hasattr(task, "write_pictures"):
-                    task.write_pictures(state, picture_images, eval_rng, workdir, step, writer)
-                if stopper.enabled:
-                    if stopper.update(step // steps_per_epoch, val_metrics[stopper.metric]):
-                        best_checkpointer.save(state)
-                    if is_main:
-                        write_json_atomically(
-                            os.path.join(workdir, EARLY_STOPPING_FILE), stopper.to_dict()
-                        )
-                    if stopper.should_stop:
-                        logging.info(
-                            "Early stop: validation %s last improved at epoch %d (%.4f).",
-                            stopper.metric,
-                            stopper.best_epoch,
-                            stopper.best_value,
-                        )
-            checkpoint_due = (step // steps_per_epoch) % config.checkpoint_every_epochs == 0
-            if checkpoint_due or step >= total_steps or stopper.should_stop:
-                checkpointer.save(state)
-    progress.close()
-    jax.block_until_ready(state)
-    train_time = time.perf_counter() - train_start
-    checkpointer.close()
-
-    if best_checkpointer is not None:
-        # The test evaluation (and what the run reports) uses the best validation state.
-        state = best_checkpointer.restore_or(state)
-        best_checkpointer.close()
-        logging.info("Testing the best checkpoint, of step %d.", int(state.step))
-    test_metrics, test_count = evaluate(
-        eval_fns, state, eval_data, test_rows, config.eval_batch_size, mesh, eval_rng
-    )
-    writer.close()
-    steps_this_run = step - first_step
-    results = {
-        **{f"test_{name}": value for name, value in test_metrics.items()},
-        "num_test_examples": test_count,
-        "steps": step,
-        "tested_step": int(state.step),
-        "steps_this_run": steps_this_run,
-        "compile_time_s": compile_time,
-        "train_time_s": train_time,
-        "steps_per_s": steps_this_run / train_time if train_time else 0.0,
-        "examples_per_s": steps_this_run * config.batch_size / train_time if train_time else 0.0,
-        "skipped_steps": skipped,
-        "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }
-    if hasattr(task, "extra_results"):
-        results.update(task.extra_results(state, config, workdir, splits["test"]))
-    results["wall_time_s"] = time.perf_counter() - start_time
-    if is_main:
-        plot_curves(run_files.path(workdir, run_files.METRICS), os.path.join(workdir, "curves.png"))
-        write_json_atomically(results_path, results)
-    logging.info(
-        "test %s on %d examples",
-        " ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()),
-        test_count,
-    )
-    return results
