@@ -80,7 +80,18 @@ class TinyClassifier(nn.Module):
     @nn.compact
     def __call__(self, x, train=False):
         x = nn.relu(nn.Dense(6)(x.reshape(x.shape[0], -1)))
+        self.sow("intermediates", gm.FEATURES, x)
         return nn.Dense(3)(x)
+
+
+class ConvHeadClassifier(nn.Module):
+    """Features sown from the middle; the last layer is a 1x1 convolution, not a Dense."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.relu(nn.Conv(5, (3, 3))(x))
+        self.sow("intermediates", gm.FEATURES, x)
+        return nn.Conv(3, (1, 1))(x).mean(axis=(1, 2))
 
 
 def tiny_scorer(batch_size=4):
@@ -97,13 +108,49 @@ def test_scorer_returns_probabilities_and_penultimate_features_in_batches():
     np.testing.assert_allclose(probs.sum(1), 1, rtol=1e-5)
     expected = jax.nn.softmax(model.apply(variables, jnp.asarray(images)))
     np.testing.assert_allclose(probs, expected, rtol=1e-5, atol=1e-6)
-    # The features are the last dense layer's input: the hidden relu activations.
+    # The features are the ones the model sows: the hidden relu activations.
     dense_0 = variables["params"]["Dense_0"]
     hidden = np.maximum(images.reshape(10, -1) @ dense_0["kernel"] + dense_0["bias"], 0)
     np.testing.assert_allclose(features, hidden, rtol=1e-5, atol=1e-6)
     # uint8 images are scaled to [0, 1].
     uint8 = np.round(images * 255).astype(np.uint8)
     np.testing.assert_allclose(scorer.logits_and_features(uint8)[0], probs, atol=1e-2)
+
+
+def test_scorer_features_do_not_depend_on_the_last_layer_class():
+    model = ConvHeadClassifier()
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)))
+    images = np.random.default_rng(0).random((3, 4, 4, 1), np.float32)
+    _, features = gm.Scorer(model.apply, variables, batch_size=4).logits_and_features(images)
+    conv = variables["params"]["Conv_0"]
+    hidden = jax.nn.relu(
+        jax.lax.conv_general_dilated(
+            images, conv["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        + conv["bias"]
+    )
+    np.testing.assert_allclose(features, np.asarray(hidden).reshape(3, -1), rtol=1e-4, atol=1e-5)
+
+
+def test_a_scorer_model_that_sows_no_features_is_refused():
+    model = nn.Dense(3)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 4)))
+
+    def apply_fn(variables, images, train, mutable):
+        return model.apply(variables, images.reshape(len(images), -1), mutable=mutable)
+
+    with pytest.raises(ValueError, match="sow"):
+        gm.Scorer(apply_fn, variables).logits_and_features(np.zeros((2, 2, 2, 1), np.float32))
+
+
+def test_the_cnn_sows_its_penultimate_features():
+    from flaxcnn.models.cnn import CNN
+
+    model = CNN(num_classes=10, widths=(4, 8))
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    scorer = gm.Scorer(model.apply, variables, batch_size=2)
+    probs, features = scorer.logits_and_features(np.zeros((3, 28, 28, 1), np.float32))
+    assert probs.shape == (3, 10) and features.shape == (3, 7 * 7 * 8)
 
 
 def test_score_generator_draws_the_samples_asked_for():
@@ -124,6 +171,22 @@ def test_score_generator_draws_the_samples_asked_for():
     assert again == scores
 
 
+def test_conditional_accuracy_is_per_class():
+    scorer, _, _ = tiny_scorer()
+    # Images the scorer gives each class.
+    images = np.random.default_rng(2).random((200, 4, 4, 1), np.float32)
+    predicted = np.argmax(scorer.logits_and_features(images)[0], 1)
+    pick = {c: images[predicted == c][:1] for c in range(3)}
+    assert all(len(p) for p in pick.values())
+
+    def generate_fn(rng, labels):  # Right for classes 0 and 2; class 1 draws a 2.
+        return np.repeat(pick[min(2 * int(labels[0]), 2)], len(labels), 0)
+
+    result = gm.conditional_accuracy(generate_fn, scorer, 3, per_class=5)
+    assert result["per_class_conditional_accuracy"] == [1.0, 0.0, 1.0]
+    assert result["conditional_accuracy"] == pytest.approx(2 / 3)
+
+
 def test_evaluate_generator_is_off_without_samples():
     from flaxcnn import default_config
 
@@ -131,27 +194,75 @@ def test_evaluate_generator_is_off_without_samples():
     assert gm.evaluate_generator(lambda rng, num: None, config) == {}
 
 
+def test_evaluate_generator_without_a_scorer_warns_and_scores_nothing(tmp_path, caplog):
+    from flaxcnn import default_config
+
+    config = default_config.get_config()
+    config.score_samples = 10
+    config.scorer_dir = str(tmp_path)
+    with caplog.at_level("WARNING"):
+        assert gm.evaluate_generator(lambda rng, num: None, config) == {}
+    assert "flaxcnn.cli.scorer" in caplog.text
+
+
+def test_scorer_workdir_names_the_image_settings():
+    assert gm.scorer_workdir("/s", "mnist") == "/s/mnist"
+    assert gm.scorer_workdir("/s", "mnist", (32, 32), "rgb") == "/s/mnist_32x32_rgb"
+
+
+def test_generative_metrics_imports_nothing_above_reporting():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, flaxcnn.reporting.generative_metrics; "
+        "print(sorted(m for m in sys.modules if m.startswith(('flaxcnn.training', "
+        "'flaxcnn.tasks', 'flaxcnn.cli', 'flaxcnn.inference'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_only_generative_runs_with_scores_need_a_scorer():
+    from flaxcnn import default_config
+    from flaxcnn.cli import scorer
+
+    config = default_config.get_config()
+    config.score_samples = 100
+    assert not scorer.needs_scorer(config)  # A classifier.
+    config.task = "gan"
+    assert scorer.needs_scorer(config)
+    config.score_samples = 0
+    assert not scorer.needs_scorer(config)
+
+
 @pytest.mark.slow
-def test_scorer_is_trained_once_then_restored(data_dir, tmp_path):
+def test_scorer_is_trained_once_then_loaded_like_any_run(data_dir, tmp_path):
+    from flaxcnn.cli import scorer as scorer_cli
+
     overrides = {"num_epochs": 1, "num_train_steps": 40, "eval_batch_size": 500}
-    scorer = gm.load_or_train_scorer("embedded_mnist", data_dir, str(tmp_path), overrides=overrides)
-    workdir = tmp_path / "embedded_mnist"
-    assert (workdir / "results.json").exists() and (workdir / gm.SCORER_CONFIG_FILE).exists()
+    workdir = scorer_cli.train_scorer(
+        "embedded_mnist", data_dir, str(tmp_path), overrides=overrides
+    )
+    assert workdir == str(tmp_path / "embedded_mnist")
+    assert gm.has_scorer(workdir)
+    scorer = gm.load_scorer(workdir)
+    assert 0 < scorer.test_accuracy <= 1
 
     from flaxcnn.data import input_pipeline
 
     test = input_pipeline.load_split("embedded_mnist", "test", data_dir)
     probs, features = scorer.logits_and_features(test.images[:600])
-    assert probs.shape == (600, 10) and features.shape[0] == 600
+    assert probs.shape == (600, 10) and features.shape == (600, 576)
     accuracy = np.mean(np.argmax(probs, 1) == test.labels[:600])
     assert accuracy > 0.5  # Forty steps already classify most digits.
     # Real digits of 10 classes, each confidently classified: a high score.
     assert gm.inception_score(probs) > 3
 
-    mtime = (workdir / "results.json").stat().st_mtime
-    restored = gm.load_or_train_scorer("embedded_mnist", data_dir, str(tmp_path))
-    assert (workdir / "results.json").stat().st_mtime == mtime  # Not trained again.
-    np.testing.assert_allclose(restored.logits_and_features(test.images[:600])[0], probs, atol=1e-5)
+    results = tmp_path / "embedded_mnist" / "results.json"
+    mtime = results.stat().st_mtime
+    assert scorer_cli.train_scorer("embedded_mnist", data_dir, str(tmp_path)) == workdir
+    assert results.stat().st_mtime == mtime  # Not trained again.
 
     def noise(rng, num):
         return jax.random.uniform(rng, (num, 28, 28, 1))

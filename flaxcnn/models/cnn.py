@@ -49,5 +49,8 @@ class CNN(nn.Module):
                 x = nn.relu(x)
             x = max_pool_2x2(x)
         x = x.reshape(x.shape[0], -1)
+        # The penultimate features, for generative scores (a no-op unless "intermediates" is
+        # mutable in `apply`).
+        self.sow("intermediates", "features", x)
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)

@@ -10,12 +10,15 @@ score and the inputs of its last dense layer (the penultimate features) the dist
 - frechet_distance: between Gaussians fitted to two feature sets,
   ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)); 0 for identical statistics.
 
-Scores are comparable only under the same scorer: it is trained once per dataset by this
-project's own training loop into `cache_dir/<dataset>` and restored from there afterwards.
+Scores are comparable only under the same scorer. It is an ordinary classification run kept
+in `scorer_dir/<dataset>`, trained before a generative run starts by the command line
+(`python -m flaxcnn.cli.scorer --dataset mnist`, or the train command when the run asks for
+scores), never from inside a run; this module only loads it (`flaxcnn.inference.load_run`)
+and computes scores: it imports nothing above reporting, data and models.
 """
 
 import dataclasses
-import json
+import logging
 import os
 import re
 import warnings
@@ -25,7 +28,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import linen as nn
+from flax import traverse_util
+
+from flaxcnn import run_files
 
 try:
     import scipy.linalg as _scipy_linalg
@@ -33,8 +38,10 @@ except ImportError:  # scipy comes with jax; the eigen-decomposition route needs
     _scipy_linalg = None
 
 DEFAULT_SCORER_DIR = "~/.cache/flaxcnn/scorers"
-SCORER_CONFIG_FILE = "scorer_config.json"
-RESULTS_FILE = "results.json"  # Written by the training loop when a run finishes.
+# The scorer model sows its penultimate features under this name ("intermediates"), so they
+# do not depend on which layer class comes last.
+FEATURES = "features"
+GENERATIVE_TASKS = ("gan", "vae")
 
 
 def inception_score(probs: np.ndarray) -> float:
@@ -100,36 +107,36 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
     return float(max(distance, 0.0))
 
 
-def _capture_dense_inputs(apply: Callable) -> tuple:
-    """Runs `apply()` and returns its output and the input of the last `nn.Dense` it called
-    (a classifier's penultimate features), flattened per example."""
-    inputs = []
-
-    def interceptor(next_fun, args, kwargs, context):
-        if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
-            inputs.append(args[0])
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(interceptor):
-        out = apply()
-    if not inputs:
-        raise ValueError("the scorer model has no dense layer to take features from")
-    return out, inputs[-1].reshape(inputs[-1].shape[0], -1)
+def _sown_features(intermediates: dict) -> jax.Array:
+    """The one array sown as `FEATURES` anywhere in a model's "intermediates", flattened per
+    example."""
+    found = [
+        value
+        for path, value in traverse_util.flatten_dict(intermediates).items()
+        if path[-1] == FEATURES
+    ]
+    if len(found) != 1:
+        raise ValueError(
+            f"the scorer model must sow exactly one {FEATURES!r} array into 'intermediates' "
+            f"(self.sow('intermediates', {FEATURES!r}, x)); found {len(found)}"
+        )
+    features = found[0][-1] if isinstance(found[0], tuple) else found[0]  # sow keeps a tuple.
+    return features.reshape(features.shape[0], -1)
 
 
 @dataclasses.dataclass
 class Scorer:
     """A trained classifier: class probabilities and penultimate features of images."""
 
-    apply_fn: Callable  # (variables, images, train=False) -> logits, a Flax `Module.apply`.
+    apply_fn: Callable  # (variables, images, train=False, mutable=...) -> logits, Module.apply.
     variables: dict
     batch_size: int = 500
+    test_accuracy: float | None = None  # On its dataset's test split, when known.
 
     def __post_init__(self):
         def probs_and_features(variables, images):
-            logits, features = _capture_dense_inputs(
-                lambda: self.apply_fn(variables, images, train=False)
-            )
+            logits, state = self.apply_fn(variables, images, train=False, mutable=["intermediates"])
+            features = _sown_features(state.get("intermediates", {}))
             return jax.nn.softmax(logits.astype(jnp.float32)), features.astype(jnp.float32)
 
         self._apply = jax.jit(probs_and_features)
@@ -154,7 +161,27 @@ class Scorer:
         return np.concatenate(probs), np.concatenate(features)
 
 
-def scorer_config(dataset: str, data_dir: str | None) -> ml_collections.ConfigDict:
+def scorer_workdir(
+    scorer_dir: str, dataset: str, image_size=None, color_mode: str | None = None
+) -> str:
+    """The workdir of `dataset`'s scorer under `scorer_dir`: one per dataset and image
+    settings (a scorer reads images as the generator's data were read)."""
+    name = dataset
+    if image_size is not None:
+        name += "_{}x{}".format(*image_size)
+    if color_mode is not None:
+        name += f"_{color_mode}"
+    return os.path.join(os.path.expanduser(scorer_dir), re.sub(r"[^\w.-]+", "_", name))
+
+
+def has_scorer(workdir: str) -> bool:
+    """Whether `workdir` holds a finished scorer run (its results are written last)."""
+    return os.path.isfile(run_files.path(workdir, run_files.RESULTS))
+
+
+def scorer_config(
+    dataset: str, data_dir: str | None, image_size=None, color_mode: str | None = None
+) -> ml_collections.ConfigDict:
     """The scorer's recipe: a small `CNN` (widths 16, 32, 64: 576 penultimate features on
     28x28 images, few enough for fast covariance square roots), 3 epochs of Adam 1e-3 on a cosine
     schedule, batch 128, on the whole train split (99% on MNIST's test set)."""
@@ -164,6 +191,8 @@ def scorer_config(dataset: str, data_dir: str | None) -> ml_collections.ConfigDi
     config.task = "classification"
     config.dataset = dataset
     config.data_dir = data_dir
+    config.image_size = image_size
+    config.color_mode = color_mode
     config.model = "CNN"
     config.model_kwargs = ml_collections.ConfigDict({"widths": (16, 32, 64), "dropout_rate": 0.3})
     config.train_split = "train[:95%]"
@@ -176,48 +205,36 @@ def scorer_config(dataset: str, data_dir: str | None) -> ml_collections.ConfigDi
     return config
 
 
-def load_or_train_scorer(
-    dataset: str, data_dir: str | None, cache_dir: str, *, overrides: dict | None = None
-) -> Scorer:
-    """The scorer of `dataset` kept in `cache_dir/<dataset>`, trained there first (with
-    `scorer_config` updated by `overrides`) when that folder holds no finished run.
+def load_scorer(workdir: str, batch_size: int = 500) -> Scorer:
+    """The scorer trained in `workdir`, loaded like any run (`flaxcnn.inference.load_run`),
+    with the variables evaluation uses and its test accuracy."""
+    from flaxcnn import inference  # Here: inference imports training's checkpointing.
 
-    A kept scorer is restored with the config it was trained with, whatever `overrides` say.
-    """
-    # Imported here: the training loop imports the tasks, and the tasks import this module.
-    from flaxcnn.data import input_pipeline
-    from flaxcnn.tasks import classification
-    from flaxcnn.training import loop
-    from flaxcnn.training.checkpointing import Checkpointer
+    if not has_scorer(workdir):
+        raise ValueError(f"no finished scorer run in {workdir}")
+    run = inference.load_run(workdir)
+    accuracy = run_files.read_json(run_files.path(workdir, run_files.RESULTS)).get("test_accuracy")
+    return Scorer(run.apply_fn, jax.device_get(run.variables), batch_size, accuracy)
 
-    workdir = os.path.join(os.path.expanduser(cache_dir), re.sub(r"[^\w.-]+", "_", dataset))
-    config_path = os.path.join(workdir, SCORER_CONFIG_FILE)
-    if not os.path.exists(os.path.join(workdir, RESULTS_FILE)):
-        config = scorer_config(dataset, data_dir)
-        config.update(overrides or {})
-        os.makedirs(workdir, exist_ok=True)
-        with open(config_path, "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-        loop.train_and_evaluate(config, workdir)
-    with open(config_path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    config.data_dir = data_dir  # The data may have moved since; the model has not.
-    # The model's input shape and classes, from the split its training was tested on.
-    test = input_pipeline.load_split(
-        dataset, config.test_split, data_dir, config.get("image_size"), config.get("color_mode")
+
+def draw_samples(
+    generate_fn: Callable[[jax.Array, int], np.ndarray],
+    num_samples: int,
+    rng: jax.Array,
+    chunk_size: int = 1000,
+) -> np.ndarray:
+    """`num_samples` images of `generate_fn(rng, num)`, drawn in chunks of `chunk_size` with
+    keys folded from `rng`."""
+    return np.concatenate(
+        [
+            np.asarray(
+                jax.device_get(
+                    generate_fn(jax.random.fold_in(rng, i), min(chunk_size, num_samples - start))
+                )
+            )
+            for i, start in enumerate(range(0, num_samples, chunk_size))
+        ]
     )
-    state = classification.create_state(
-        config, jax.random.key(0), test.image_shape, test.num_classes, 1
-    )
-    checkpointer = Checkpointer(workdir, 1)
-    if checkpointer.latest_step() is None:
-        checkpointer.close()
-        raise ValueError(f"no scorer checkpoint in {workdir}: delete the folder to retrain it")
-    state = checkpointer.restore_or(state)
-    checkpointer.close()
-    # The variables evaluation uses (a moving average of the parameters, where kept).
-    variables = getattr(state, "eval_variables", state.variables)()
-    return Scorer(state.apply_fn, jax.device_get(variables))
 
 
 def score_generator(
@@ -233,15 +250,9 @@ def score_generator(
     if num_samples < 2:
         raise ValueError(f"num_samples must be at least 2, got {num_samples}")
     rng = jax.random.key(0) if rng is None else rng
-    samples = [
-        np.asarray(
-            jax.device_get(
-                generate_fn(jax.random.fold_in(rng, i), min(chunk_size, num_samples - start))
-            )
-        )
-        for i, start in enumerate(range(0, num_samples, chunk_size))
-    ]
-    probs, features = scorer.logits_and_features(np.concatenate(samples))
+    probs, features = scorer.logits_and_features(
+        draw_samples(generate_fn, num_samples, rng, chunk_size)
+    )
     _, test_features = scorer.logits_and_features(test_images)
     return {
         "inception_score": inception_score(probs),
@@ -249,33 +260,94 @@ def score_generator(
     }
 
 
+def real_scores(scorer: Scorer, real_images: np.ndarray, test_images: np.ndarray) -> dict:
+    """The scale of the scores: the inception score of real (train) images and their Frechet
+    distance to the test images, what a generator of perfect samples would reach."""
+    probs, features = scorer.logits_and_features(real_images)
+    _, test_features = scorer.logits_and_features(test_images)
+    return {
+        "real_inception_score": inception_score(probs),
+        "real_frechet_distance": frechet_distance(features, test_features),
+    }
+
+
+def conditional_accuracy(
+    generate_fn: Callable[[jax.Array, jax.Array], np.ndarray],
+    scorer: Scorer,
+    num_classes: int,
+    per_class: int = 1000,
+    rng: jax.Array | None = None,
+) -> dict:
+    """The scorer's accuracy on `per_class` samples of `generate_fn(rng, labels)` drawn for
+    each class: "conditional_accuracy" (mean over the classes) and, per class,
+    "per_class_conditional_accuracy"."""
+    rng = jax.random.key(1) if rng is None else rng
+    accuracies = []
+    for label in range(num_classes):
+        labels = jnp.full((per_class,), label, jnp.int32)
+        images = np.asarray(jax.device_get(generate_fn(jax.random.fold_in(rng, label), labels)))
+        probs, _ = scorer.logits_and_features(images)
+        accuracies.append(float(np.mean(np.argmax(probs, axis=1) == label)))
+    return {
+        "conditional_accuracy": float(np.mean(accuracies)),
+        "per_class_conditional_accuracy": accuracies,
+    }
+
+
+def _config_scorer_workdir(config: ml_collections.ConfigDict) -> str:
+    return scorer_workdir(
+        config.get("scorer_dir") or DEFAULT_SCORER_DIR,
+        config.dataset,
+        config.get("image_size"),
+        config.get("color_mode"),
+    )
+
+
 def evaluate_generator(
     generate_fn: Callable[[jax.Array, int], np.ndarray],
     config: ml_collections.ConfigDict,
     test_images: np.ndarray | None = None,
     rng: jax.Array | None = None,
-) -> dict[str, float]:
+    *,
+    conditional_fn: Callable[[jax.Array, jax.Array], np.ndarray] | None = None,
+    num_classes: int = 0,
+) -> dict:
     """`score_generator` as a task's `extra_results` runs it: `config.score_samples` samples
-    (0 or absent: off, {}) against `test_images` (by default `config.test_split` of
-    `config.dataset`), under the scorer kept in `config.scorer_dir`. Also reports the
-    inception score of the test images themselves: what a perfect generator would reach."""
+    (0 or absent: off, {}) against `test_images` (by default `config.test_split`), under the
+    scorer kept for the run's data (see `scorer_workdir`), with the scorer's test accuracy
+    and `real_scores` of as many train images; with `conditional_fn(rng, labels)`, also the
+    `conditional_accuracy` of its `num_classes` classes. Without a scorer: a warning, {}."""
     num_samples = config.get("score_samples", 0)
     if not num_samples:
         return {}
-    # The scorer sees images as the generator's data were read.
-    image_settings = {key: config.get(key) for key in ("image_size", "color_mode")}
-    scorer = load_or_train_scorer(
-        config.dataset,
-        config.data_dir,
-        config.get("scorer_dir", DEFAULT_SCORER_DIR),
-        overrides={k: v for k, v in image_settings.items() if v is not None},
-    )
-    if test_images is None:
-        from flaxcnn.data import input_pipeline
+    workdir = _config_scorer_workdir(config)
+    if not has_scorer(workdir):
+        logging.warning(
+            "No scorer in %s: samples not scored (train it with python -m flaxcnn.cli.scorer "
+            "--dataset %s).",
+            workdir,
+            config.dataset,
+        )
+        return {}
+    from flaxcnn.data import input_pipeline
 
-        test_images = input_pipeline.load_split(
-            config.dataset, config.test_split, config.data_dir, **image_settings
+    scorer = load_scorer(workdir)
+
+    def split_images(split: str) -> np.ndarray:
+        return input_pipeline.load_split(
+            config.dataset,
+            split,
+            config.data_dir,
+            config.get("image_size"),
+            config.get("color_mode"),
         ).images
-    scores = score_generator(generate_fn, scorer, test_images, num_samples, rng)
-    real_probs, _ = scorer.logits_and_features(test_images)
-    return {**scores, "real_inception_score": inception_score(real_probs)}
+
+    test_images = split_images(config.test_split) if test_images is None else test_images
+    results = score_generator(generate_fn, scorer, test_images, num_samples, rng)
+    results["scorer_test_accuracy"] = scorer.test_accuracy
+    train_images = split_images(config.train_split)[:num_samples]
+    results.update(real_scores(scorer, train_images, test_images))
+    if conditional_fn is not None:
+        per_class = max(num_samples // max(num_classes, 1), 1)
+        results.update(conditional_accuracy(conditional_fn, scorer, num_classes, per_class))
+    return results
