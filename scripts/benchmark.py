@@ -1,23 +1,35 @@
-"""Side-by-side training throughput of the Keras MNIST CNN: flaxcnn, Keras 3 and PyTorch.
+"""Side-by-side speed of the Keras MNIST CNN: flaxcnn, Keras 3 and PyTorch.
 
     python scripts/benchmark.py [--batch-sizes 32 128] [--repeats 5] [--out benchmark]
 
-Each trainer runs in its own subprocess, on full MNIST from ../shared/data (flaxcnn through
-tfds, the peers from the npz). The trainers take turns: each repeat runs every trainer once,
-so that a machine whose speed drifts (a shared one) slows them alike. Reported per trainer and
-batch size: examples/s of a training epoch of 54,000 images with its validation pass (median
-over the repeats; flaxcnn and Keras time their second epoch, so that one-time compilation,
-reported separately, is not in it), pure step throughput on one in-memory batch, and peak
-memory (max RSS). Then time to accuracy: wall
-seconds from the start of a run until its test accuracy (checked every epoch) first reaches
-98.5%, for flaxcnn (`configs/seed_fast.py`) and Keras `fit` (batch 32 and 128, Adam 1e-3, up
-to 15 epochs). Writes JSON and markdown.
+First the whole command, as a user waits for it: each contender's command run as a fresh
+process, timed from its start to its exit (the answer printed): `python -m flaxcnn.main
+--config configs/seed_keras.py --config.num_epochs=3 --config.batch_size=B` against
+`scripts/peers/keras_mnist.py` and `scripts/peers/torch_mnist.py`, each training 3 epochs on
+full MNIST with the 10% validation pass each epoch and the test evaluation at the end. The
+first run of each has empty caches (a fresh XDG cache folder: no decoded splits, no compiled
+steps); then `--whole-command-repeats` runs with what the first left, the contenders taking
+turns. Also the README's main job (`python -m flaxcnn.main --workdir W`), first with a fresh
+tfds folder, then warm.
+
+Then throughput. Each trainer runs in its own subprocess, on full MNIST from ../shared/data
+(flaxcnn through tfds, the peers from the npz). The trainers take turns: each repeat runs every
+trainer once, so that a machine whose speed drifts (a shared one) slows them alike. Reported
+per trainer and batch size: examples/s of a training epoch of 54,000 images with its validation
+pass (median over the repeats; flaxcnn and Keras time their second epoch, so that one-time
+compilation, reported separately, is not in it), pure step throughput on one in-memory batch,
+and peak memory (max RSS). Then time to accuracy: wall seconds from the start of a run until
+its test accuracy (checked every epoch) first reaches 98.5%, for flaxcnn
+(`configs/seed_fast.py`) and Keras `fit` (batch 32 and 128, Adam 1e-3, up to 15 epochs). Writes
+JSON and markdown.
 """
 
 import argparse
 import json
 import os
+import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -58,7 +70,7 @@ def bench_flaxcnn(args) -> dict:
     import jax
 
     from flaxcnn import tasks
-    from flaxcnn.data import device_data, input_pipeline
+    from flaxcnn.data import batching, device_data, input_pipeline
     from flaxcnn.reporting.writers import read_metrics
     from flaxcnn.runtime import sharding
     from flaxcnn.training import loop, steps
@@ -81,7 +93,7 @@ def bench_flaxcnn(args) -> dict:
     data = device_data.put_split(split, mesh)
     train_fns = steps.compile_steps(task, config, state, data, data, mesh, rng).train
     k = max(train_fns)
-    indices = device_data.epoch_indices(split.num_examples, args.batch_size, 0, 0)[:1]
+    indices = batching.epoch_indices(split.num_examples, args.batch_size, 0, 0)[:1]
     chunk = device_data.shard_indices(np.repeat(indices, k, axis=0), mesh)
     state, metrics = train_fns[k](state, data, chunk, rng)
     jax.block_until_ready(metrics)
@@ -311,6 +323,156 @@ def tta_table(rows: list[dict]) -> list[str]:
     return table
 
 
+WHOLE_COMMAND_CONTENDERS = ("flaxcnn", "keras", "torch")
+PEER_NAMES = {"keras": "Keras fit (TF)", "torch": "PyTorch"}
+ANSWER = re.compile(r"test accuracy ([0-9.]+)")
+
+
+def contender_command(name: str, batch_size: int, workdir: str, args) -> list[str]:
+    """The shell command of a whole-command contender: `--whole-command-epochs` epochs of the
+    seed model on full MNIST, validation each epoch, the test split at the end, the answer
+    printed; or (`flaxcnn-default`) the README's main job as it is written there."""
+    command = [sys.executable, "-m", "flaxcnn.main", "--workdir", workdir]
+    epochs = str(args.whole_command_epochs)
+    if name == "flaxcnn":
+        command += ["--config", os.path.join(REPO, "configs", "seed_keras.py")]
+        command += [f"--config.num_epochs={epochs}", f"--config.batch_size={batch_size}"]
+    elif name != "flaxcnn-default":
+        script = os.path.join(REPO, "scripts", "peers", f"{name}_mnist.py")
+        command = [sys.executable, script, "--npz", args.npz, "--epochs", epochs]
+        command += ["--batch-size", str(batch_size)]
+    return command
+
+
+def time_command(name: str, batch_size: int, cache_home: str, tfds_dir: str, args) -> dict | None:
+    """Wall seconds of one contender's command as a fresh process, from its start to its
+    exit, and its printed test accuracy; None (the reason printed) when it fails.
+    `cache_home` is the XDG cache folder (flaxcnn's decoded splits and compiled steps)."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env.update(XDG_CACHE_HOME=cache_home, TFDS_DATA_DIR=tfds_dir, TF_CPP_MIN_LOG_LEVEL="2")
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    with tempfile.TemporaryDirectory() as workdir:
+        command = contender_command(name, batch_size, workdir, args)
+        start = time.perf_counter()
+        proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
+        seconds = time.perf_counter() - start
+    answer = ANSWER.search(proc.stdout)
+    if proc.returncode or not answer:
+        print(f"{name} at batch {batch_size} failed:\n{proc.stderr[-3000:]}")
+        return None
+    return {"seconds": seconds, "accuracy": float(answer.group(1))}
+
+
+def run_whole_commands(args) -> list[dict]:
+    """Every contender's command at every batch size: first with empty caches (a fresh XDG
+    cache folder per batch size; the README's main job also with a fresh tfds folder), then
+    `--whole-command-repeats` times with the caches that first run left, the contenders
+    taking turns in an order rotated each repeat (the machine is shared: its speed drifts)."""
+    contenders = [c for c in WHOLE_COMMAND_CONTENDERS if c != "torch" or _has_torch()]
+    jobs = [(c, b) for b in args.batch_sizes for c in contenders] + [("flaxcnn-default", 32)]
+    scratch = tempfile.mkdtemp(prefix="flaxcnn-bench-")
+    folders = {b: os.path.join(scratch, f"cache-{b}") for b in args.batch_sizes}
+    default_tfds = os.path.join(scratch, "tfds")  # The main job prepares its dataset here.
+    runs = {job: [] for job in jobs}
+    try:
+        for repeat in range(args.whole_command_repeats + 1):
+            shift = repeat % len(contenders)
+            for name, batch_size in jobs[shift:] + jobs[:shift]:
+                default = name == "flaxcnn-default"
+                cache_home = (
+                    os.path.join(scratch, "cache-default") if default else folders[batch_size]
+                )
+                result = time_command(
+                    name, batch_size, cache_home, default_tfds if default else args.tfds, args
+                )
+                runs[name, batch_size].append(result)  # None for a failed run: pairs stay.
+                if result is not None:
+                    print(
+                        f"{'first' if repeat == 0 else f'repeat {repeat}'}: {name:15s} batch "
+                        f"{batch_size:4d}: {result['seconds']:6.1f} s, test accuracy "
+                        f"{result['accuracy']:.4f}",
+                        flush=True,
+                    )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return [
+        {"contender": name, "batch_size": batch_size, "runs": results}
+        for (name, batch_size), results in runs.items()
+    ]
+
+
+def _has_torch() -> bool:
+    if subprocess.run([sys.executable, "-c", "import torch"]).returncode:
+        print("torch is not installed: skipped (pip install torch==2.13.0)")
+        return False
+    return True
+
+
+def _median_seconds(results: list[dict | None]) -> float | None:
+    done = [r["seconds"] for r in results if r is not None]
+    return statistics.median(done) if done else None
+
+
+def whole_command_table(rows: list[dict]) -> list[str]:
+    """Per batch size: the first run (empty caches) and the median of the later runs of each
+    contender, flaxcnn's speed-up over the best peer (ratio of the medians, and the median of
+    the per-repeat ratios), and each contender's test accuracy (median)."""
+    by_key = {(r["contender"], r["batch_size"]): r["runs"] for r in rows}
+    peers = [c for c in WHOLE_COMMAND_CONTENDERS[1:] if any(k[0] == c for k in by_key)]
+    table = [
+        "| batch | run | flaxcnn s | "
+        + " | ".join(f"{PEER_NAMES[p]} s" for p in peers)
+        + " | flaxcnn vs best peer | per-repeat | test accuracy (flaxcnn / "
+        + " / ".join(PEER_NAMES[p] for p in peers)
+        + ") |",
+        "| --- " * (6 + len(peers)) + "|",
+    ]
+    for batch_size in sorted({b for c, b in by_key if c == "flaxcnn"}):
+        series = [by_key[("flaxcnn", batch_size)]] + [by_key[(p, batch_size)] for p in peers]
+        for label, part in (
+            ("first (empty caches)", slice(0, 1)),
+            ("later (median)", slice(1, None)),
+        ):
+            table.append(_whole_command_row(batch_size, label, [s[part] for s in series]))
+    default = by_key.get(("flaxcnn-default", 32))
+    if default:
+        for label, part in (
+            ("first (empty caches)", slice(0, 1)),
+            ("later (median)", slice(1, None)),
+        ):
+            seconds = _median_seconds(default[part])
+            accuracy = _median_accuracy(default[part])
+            table.append(
+                f"| README main job | {label} | {_fmt(seconds)} |"
+                + " - |" * len(peers)
+                + f" - | - | {_fmt(accuracy, '.4f')} |"
+            )
+    return table
+
+
+def _whole_command_row(batch_size: int, label: str, series: list[list]) -> str:
+    medians = [_median_seconds(s) for s in series]
+    ours, peer_medians = medians[0], [m for m in medians[1:] if m is not None]
+    ratio = f"{min(peer_medians) / ours:.2f}x" if ours and peer_medians else "-"
+    paired = []
+    for results in zip(*series):  # One repeat: every contender's run.
+        if all(r is not None for r in results):
+            paired.append(min(r["seconds"] for r in results[1:]) / results[0]["seconds"])
+    per_repeat = f"{statistics.median(paired):.2f}x" if len(series) > 1 and paired else "-"
+    accuracies = " / ".join(_fmt(_median_accuracy(s), ".4f") for s in series)
+    cells = " | ".join(_fmt(m) for m in medians)
+    return f"| {batch_size} | {label} | {cells} | {ratio} | {per_repeat} | {accuracies} |"
+
+
+def _median_accuracy(results: list[dict | None]) -> float | None:
+    done = [r["accuracy"] for r in results if r is not None]
+    return statistics.median(done) if done else None
+
+
+def _fmt(value: float | None, spec: str = ".1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128])
@@ -328,6 +490,13 @@ def main() -> None:
         default=True,
         help=f"also time flaxcnn and Keras to {TARGET_ACCURACY * 100:.1f}%% test accuracy",
     )
+    parser.add_argument(
+        "--whole-command-repeats",
+        type=int,
+        default=3,
+        help="runs of each whole command after its first (0 and 0 epochs: none at all)",
+    )
+    parser.add_argument("--whole-command-epochs", type=int, default=3)
     parser.add_argument("--npz", default=os.path.join(SHARED, "mnist", "mnist.npz"))
     parser.add_argument("--tfds", default=os.path.join(SHARED, "tfds"))
     parser.add_argument("--out", default="benchmark")
@@ -336,6 +505,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args)
+
+    report = []
+    whole_rows = []
+    if args.whole_command_epochs > 0:
+        whole_rows = run_whole_commands(args)
+        report += ["## Whole command (seconds from the prompt to the answer)", ""]
+        report += [*whole_command_table(whole_rows), ""]
 
     runs = {(trainer, b): [] for b in args.batch_sizes for trainer in args.trainers}
     for repeat in range(args.repeats):
@@ -361,7 +537,7 @@ def main() -> None:
         for (trainer, batch_size), results in runs.items()
         if (done := [r for r in results if r is not None])
     ]
-    report = ["## Throughput", "", *throughput_table(rows)]
+    report += ["## Throughput", "", *throughput_table(rows)]
 
     tta_rows = []
     if args.time_to_accuracy:
@@ -376,7 +552,8 @@ def main() -> None:
 
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "benchmark.json"), "w") as f:
-        json.dump({"throughput": rows, "time_to_accuracy": tta_rows}, f, indent=2)
+        results = {"whole_command": whole_rows, "throughput": rows, "time_to_accuracy": tta_rows}
+        json.dump(results, f, indent=2)
     with open(os.path.join(args.out, "benchmark.md"), "w") as f:
         f.write("\n".join(report) + "\n")
     print("\n".join(report))
