@@ -280,7 +280,7 @@ def parse_value(text: str, field_type: type | None, dotted: str) -> Any:
         return float(value)
     if field_type is tuple and isinstance(value, list):
         return tuple(value)
-    if field_type is not None and not isinstance(value, field_type):
+    if field_type is not None and value is not None and not isinstance(value, field_type):
         raise ConfigError(f"--config.{dotted}: {text!r} is not a {field_type.__name__}")
     return value
 

@@ -74,6 +74,9 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     for key, value in default_config.get_config().items():
         if key not in config:
             config[key] = value
+    from flaxcnn import config as config_lib
+
+    config_lib.import_user_modules(config)  # E.g. the run's own tfds builder.
     return config
 
 

@@ -58,6 +58,7 @@ def model_summary(state: Any, input_shape: tuple[int, ...], name: str = "") -> s
             table = None
     if table is None:
         table = parameter_table(params)
-    title = f"Model {name or type(module).__name__}, input {tuple(input_shape)}"
+    name = name or (type(module).__name__ if module is not None else type(state).__name__)
+    title = f"Model {name}, input {tuple(input_shape)}"
     total = f"Total parameters: {parameter_count(params):,}"
     return f"{title}\n{table.rstrip()}\n{total}\n"

@@ -27,17 +27,16 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from flaxcnn import config as config_lib
 from flaxcnn import run_files, tasks
 from flaxcnn.data import device_data, input_pipeline
-from flaxcnn.models import MODELS
-from flaxcnn.reporting import reports
+from flaxcnn.reporting import reports, summary
 from flaxcnn.reporting.writers import MetricWriter, Progress, plot_curves
 from flaxcnn.runtime import sharding
 from flaxcnn.training import steps as compiled_steps
 from flaxcnn.training.checkpointing import Checkpointer
 from flaxcnn.training.early_stopping import EarlyStopping
 from flaxcnn.training.signals import StopOnSignal
-from flaxcnn.training.state import validate_optimization
 
 NUM_PICTURE_IMAGES = 32
 SPLITS = ("train", "validation", "test")
@@ -45,25 +44,8 @@ SPLITS = ("train", "validation", "test")
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first setting that cannot work (before anything is
-    traced, so that the message stays one line)."""
-    tasks.get_task(config.task)
-    if config.model not in MODELS:
-        raise ValueError(f"unknown model {config.model!r}; valid: {', '.join(sorted(MODELS))}")
-    validate_optimization(config)
-    for key in ("learning_rate", "batch_size", "eval_batch_size"):
-        if not config[key] > 0:
-            raise ValueError(f"config.{key} must be positive, got {config[key]}")
-    if not (config.steps_per_dispatch > 0 or config.steps_per_dispatch == -1):
-        raise ValueError(
-            f"config.steps_per_dispatch must be positive or -1, got {config.steps_per_dispatch}"
-        )
-    if config.num_train_steps <= 0 and config.num_epochs <= 0:
-        raise ValueError(f"config.num_epochs must be positive, got {config.num_epochs}")
-    for key in ("batch_size", "eval_batch_size"):
-        if config[key] % jax.device_count():
-            raise ValueError(
-                f"config.{key}={config[key]} is not divisible by the {jax.device_count()} devices"
-            )
+    traced, so that the message stays one line): flaxcnn.config.validate, the one place."""
+    config_lib.validate(config)
 
 
 @dataclasses.dataclass
@@ -212,6 +194,10 @@ def record_run(run: Run, state) -> None:
     class_names = train.class_names or reports.default_class_names(train.num_classes)
     info = run_files.DatasetInfo(tuple(train.image_shape), train.num_classes, class_names)
     run_files.write_dataset_info(run.workdir, info)
+    model_summary = summary.model_summary(state, train.image_shape)
+    with open(run_files.path(run.workdir, run_files.MODEL_SUMMARY), "w") as f:
+        f.write(model_summary)
+    logging.info("%s", model_summary)
     logging.info(
         "%s/%s: %s parameters; %d steps of %d examples (%d per epoch); %d devices.",
         config.task,
