@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 
 from flaxcnn import run_files
-from flaxcnn.data import image_folder, input_pipeline, preprocess
+from flaxcnn.data import batching, image_folder, input_pipeline, preprocess
 from flaxcnn.run_files import DatasetInfo
 from flaxcnn.training.checkpointing import Checkpointer
 
@@ -158,6 +158,8 @@ class Run:
     std: tuple[float, ...] | None = None
 
     def __post_init__(self):
+        if not hasattr(self.state, "apply_fn"):  # A GAN's state: nothing to classify with.
+            return
         apply_fn = self.state.apply_fn
         self._probabilities = jax.jit(
             lambda variables, x: jax.nn.softmax(apply_fn(variables, x, train=False), axis=-1)
@@ -179,8 +181,8 @@ class Run:
 
     def predict_proba(self, images, batch_size: int = PREDICT_BATCH_SIZE) -> np.ndarray:
         """Class probabilities (N, num_classes) of images (N, H, W, C), uint8 or float in
-        [0, 1] ((N, H, W) for one channel). Batches of `batch_size`; a smaller last batch is
-        padded to a power of two, so few shapes are ever compiled."""
+        [0, 1] ((N, H, W) for one channel), in padded batches of at most `batch_size`
+        (`batching.map_padded`), so few shapes are ever compiled."""
         images = to_model_input(images, self.mean, self.std)
         if images.ndim == 3 and self.image_shape[2] == 1:
             images = images[..., None]
@@ -189,16 +191,12 @@ class Run:
                 f"images of shape {images.shape[1:]} given; the model takes "
                 f"{tuple(self.image_shape)} (H, W, C)"
             )
-        variables = self.variables
-        outputs = []
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            size = min(batch_size, 1 << (len(chunk) - 1).bit_length())
-            padded = np.pad(chunk, [(0, size - len(chunk))] + [(0, 0)] * 3)
-            outputs.append(np.asarray(self._probabilities(variables, padded))[: len(chunk)])
-        if not outputs:
+        if len(images) == 0:
             return np.zeros((0, self.num_classes), np.float32)
-        return np.concatenate(outputs)
+        variables = self.variables
+        return batching.map_padded(
+            lambda batch: self._probabilities(variables, batch), images, batch_size
+        )
 
 
 def load_run(
@@ -207,17 +205,21 @@ def load_run(
     *,
     dataset: str | None = None,
     data_dir: str | None = None,
+    task_names: tuple[str, ...] = ("classification",),
 ) -> Run:
     """The classifier trained in `workdir`, restored from its latest checkpoint or its best
     (`which="best"`, falling back to the latest when there is none). Without
     `workdir/dataset_info.json`, the input shape and classes come from the run's dataset, or
-    from `dataset` / `data_dir` when given (a dataset moved since training)."""
+    from `dataset` / `data_dir` when given (a dataset moved since training). `task_names`:
+    the tasks whose runs may be loaded (a generative run's state has no `predict_proba`)."""
     from flaxcnn import tasks
 
     config = load_config(workdir)
     task = config.get("task", "classification")
-    if task != "classification":
-        raise ValueError(f"{workdir} holds a {task!r} run; only classifiers can be loaded")
+    if task not in task_names:
+        raise ValueError(
+            f"{workdir} holds a {task!r} run; only {', '.join(task_names)} runs load here"
+        )
     directory, which = checkpoint_dir(workdir, which)
     if not _has_checkpoint(directory):
         raise ValueError(f"{workdir} has no checkpoint in {directory}")

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import optax
 
-from flaxcnn.data import device_data, input_pipeline
+from flaxcnn.data import batching, device_data, input_pipeline
 from flaxcnn.models import create_model
 from flaxcnn.runtime import sharding
 from flaxcnn.tasks import classification
@@ -26,20 +26,23 @@ def test_gathered_batches_equal_the_host_pipelines():
     split = make_split()
     mesh = sharding.create_mesh()
     data = device_data.put_split(split, mesh)
-    indices = device_data.epoch_indices(split.num_examples, 16, seed=3, epoch=1)
+    indices = batching.epoch_indices(split.num_examples, 16, seed=3, epoch=1)
     assert indices.shape == (6, 16) and indices.dtype == np.int32
-    host = list(input_pipeline.train_batches(split, 16, seed=3, epoch=1))
-    for step, batch in enumerate(host):
+    order = np.random.default_rng([3, 1]).permutation(split.num_examples)
+    np.testing.assert_array_equal(indices.ravel(), order[:96])
+    for step in range(len(indices)):
         gathered = jax.jit(device_data.gather_batch)(data, indices[step])
-        np.testing.assert_array_equal(gathered["label"], batch["label"])
-        np.testing.assert_allclose(gathered["image"], batch["image"], rtol=1e-7)
+        rows = order[16 * step : 16 * (step + 1)]
+        np.testing.assert_array_equal(gathered["label"], split.labels[rows])
+        expected = split.images[rows].astype(np.float32) / np.float32(255)
+        np.testing.assert_allclose(gathered["image"], expected, rtol=1e-7)
 
 
 def test_epoch_indices_are_a_permutation_fixed_by_seed_and_epoch():
-    a = device_data.epoch_indices(100, 32, seed=0, epoch=0)
+    a = batching.epoch_indices(100, 32, seed=0, epoch=0)
     assert a.shape == (3, 32) and len(set(a.ravel())) == 96  # The partial batch is dropped.
-    np.testing.assert_array_equal(a, device_data.epoch_indices(100, 32, seed=0, epoch=0))
-    assert not np.array_equal(a, device_data.epoch_indices(100, 32, seed=0, epoch=1))
+    np.testing.assert_array_equal(a, batching.epoch_indices(100, 32, seed=0, epoch=0))
+    assert not np.array_equal(a, batching.epoch_indices(100, 32, seed=0, epoch=1))
 
 
 def test_several_steps_per_dispatch_equal_single_steps():
@@ -47,7 +50,7 @@ def test_several_steps_per_dispatch_equal_single_steps():
     mesh = sharding.create_mesh()
     data = device_data.put_split(split, mesh)
     indices = device_data.shard_indices(
-        device_data.epoch_indices(split.num_examples, 16, 0, 0)[:4], mesh
+        batching.epoch_indices(split.num_examples, 16, 0, 0)[:4], mesh
     )
     rng = jax.random.key(1)
     step = functools.partial(classification.train_step, microbatch_size=0)
@@ -69,7 +72,7 @@ def test_several_steps_per_dispatch_equal_single_steps():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_evaluation_on_the_device_equals_the_host_pipelines():
+def test_evaluation_on_the_device_equals_eager_evaluation_of_each_batch():
     # Two splits side by side; the second is evaluated in 2 dispatches of 2 batches of 8 and
     # one single batch whose last 3 rows are padding (37 = 4 * 8 + 5).
     first, second = make_split(50, seed=1), make_split(37, seed=2)
@@ -84,10 +87,18 @@ def test_evaluation_on_the_device_equals_the_host_pipelines():
     metrics, count = steps.evaluate(
         {2: multi_eval, 1: multi_eval}, state, data, rows[1], 8, mesh, rng
     )
+    indices, mask = batching.padded_indices(second.num_examples, 8)
     host = steps.mean_metrics(
         [
-            classification.eval_step(state, sharding.shard_batch(batch, mesh))
-            for batch in input_pipeline.eval_batches(second, 8)
+            classification.eval_step(
+                state,
+                {
+                    "image": second.images[rows].astype(np.float32) / np.float32(255),
+                    "label": second.labels[rows],
+                    "mask": valid,
+                },
+            )
+            for rows, valid in zip(indices, mask)
         ]
     )
     assert count == 37

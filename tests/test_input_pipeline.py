@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from flaxcnn.data import input_pipeline
+from flaxcnn.data import batching, input_pipeline
 
 
 def test_embedded_dataset_prepares_offline_with_the_right_splits(data_dir):
@@ -14,48 +14,49 @@ def test_embedded_dataset_prepares_offline_with_the_right_splits(data_dir):
         assert s.image_shape == (28, 28, 1) and s.num_classes == 10
         sizes[split] = s.num_examples
     assert sizes == {"train[:90%]": 9000, "train[90%:]": 1000, "test": 2000}
-    batch = next(input_pipeline.train_batches(s, 64, seed=0, epoch=0))
-    assert batch["image"].shape == (64, 28, 28, 1) and batch["image"].dtype == np.float32
-    assert batch["label"].dtype == np.int32 and set(batch["label"]) <= set(range(10))
-    assert batch["image"].min() >= 0.0 and batch["image"].max() <= 1.0
-    assert batch["image"].max() == 1.0  # Real digits: scaled from 255.
+    assert s.images.dtype == np.uint8 and s.images.max() == 255  # Real digits.
+    assert s.labels.dtype == np.int32 and set(s.labels) == set(range(10))
 
 
 def test_embedded_classes_are_stratified(data_dir):
     split = input_pipeline.load_split("embedded_mnist", "test", data_dir)
-    labels = np.concatenate([b["label"] for b in input_pipeline.eval_batches(split, 500)])
-    np.testing.assert_array_equal(np.bincount(labels), [200] * 10)
+    np.testing.assert_array_equal(np.bincount(split.labels), [200] * 10)
 
 
-def test_training_order_is_a_function_of_seed_and_epoch(data_dir):
-    split = input_pipeline.load_split("embedded_mnist", "test", data_dir)
-
-    def labels(seed, epoch, skip=0):
-        batches = input_pipeline.train_batches(split, 100, seed, epoch, skip)
-        return np.concatenate([b["label"] for b in batches])
-
-    first = labels(0, 0)
-    assert len(first) == 2000
-    np.testing.assert_array_equal(first, labels(0, 0))
-    assert not np.array_equal(first, labels(0, 1))
-    assert not np.array_equal(first, labels(1, 0))
-    np.testing.assert_array_equal(first[700:], labels(0, 0, skip=7))
+def test_training_order_is_a_function_of_seed_and_epoch():
+    first = batching.epoch_indices(2000, 100, seed=0, epoch=0)
+    assert first.shape == (20, 100) and sorted(first.ravel()) == list(range(2000))
+    np.testing.assert_array_equal(first, batching.epoch_indices(2000, 100, seed=0, epoch=0))
+    assert not np.array_equal(first, batching.epoch_indices(2000, 100, seed=0, epoch=1))
+    assert not np.array_equal(first, batching.epoch_indices(2000, 100, seed=1, epoch=0))
 
 
-def test_training_drops_only_the_last_partial_batch(data_dir):
-    split = input_pipeline.load_split("embedded_mnist", "test", data_dir)
-    batches = list(input_pipeline.train_batches(split, 300, seed=0, epoch=0))
-    assert len(batches) == 6 and all(len(b["label"]) == 300 for b in batches)
+def test_training_drops_only_the_last_partial_batch():
+    indices = batching.epoch_indices(2000, 300, seed=0, epoch=0)
+    assert indices.shape == (6, 300) and len(set(indices.ravel())) == 1800
 
 
-def test_evaluation_counts_every_example_once_with_padding(data_dir):
-    split = input_pipeline.load_split("embedded_mnist", "test", data_dir)
-    batches = list(input_pipeline.eval_batches(split, 768))  # 2000 = 2 * 768 + 464
-    assert [len(b["label"]) for b in batches] == [768, 768, 768]
-    assert [int(b["mask"].sum()) for b in batches] == [768, 768, 464]
-    images = np.concatenate([b["image"][b["mask"]] for b in batches])
-    assert len(np.unique(images.reshape(2000, -1), axis=0)) == len(images) == 2000
-    assert not batches[-1]["image"][~batches[-1]["mask"]].any()
+def test_evaluation_counts_every_example_once_with_padding():
+    indices, mask = batching.padded_indices(2000, 768)  # 2000 = 2 * 768 + 464
+    assert indices.shape == mask.shape == (3, 768)
+    assert [int(m.sum()) for m in mask] == [768, 768, 464]
+    np.testing.assert_array_equal(np.sort(indices[mask]), np.arange(2000))
+
+
+def test_map_padded_drops_the_padding_and_keeps_the_order():
+    inputs = np.arange(37, dtype=np.float32)[:, None]
+    shapes = []
+
+    def double(x):
+        shapes.append(x.shape)
+        return 2 * x, x[:, 0]
+
+    doubled, same = batching.map_padded(double, inputs, 16)
+    np.testing.assert_array_equal(doubled, 2 * inputs)
+    np.testing.assert_array_equal(same, inputs[:, 0])
+    assert set(shapes) == {(16, 1)}
+    batching.map_padded(double, inputs[:3], 16)
+    assert shapes[-1] == (4, 1)  # A small input runs in the power of two that holds it.
 
 
 def test_any_tfds_dataset_by_name_under_mock_data(monkeypatch):
@@ -65,8 +66,7 @@ def test_any_tfds_dataset_by_name_under_mock_data(monkeypatch):
     with tfds.testing.mock_data(num_examples=50):
         split = input_pipeline.load_split("mnist", "train", data_dir=None)
         assert split.num_examples == 50 and split.image_shape == (28, 28, 1)
-        batch = next(input_pipeline.train_batches(split, 10, seed=0, epoch=0))
-        assert batch["image"].shape == (10, 28, 28, 1)
+        assert split.images.shape == (50, 28, 28, 1)
 
 
 def test_unknown_dataset_is_a_clear_error(tmp_path):

@@ -2,7 +2,7 @@
 
 The split goes to every device once, as uint8 (full MNIST is 42 MB). Each epoch the host
 computes the example order (a pure function of seed and epoch, see
-`input_pipeline.epoch_order`) and sends only indices; the jitted step gathers its batch and
+`batching.epoch_order`) and sends only indices; the jitted step gathers its batch and
 scales it to [0, 1] float32 itself. That leaves no per-step host work but a dispatch, which
 is what lets several steps run per dispatch (`lax.scan`). Evaluation does the same with the
 validation and test splits, side by side in one array.
@@ -38,24 +38,6 @@ def put_splits(splits: list[input_pipeline.Split], mesh: Mesh) -> tuple[DeviceSp
         splits[0].num_classes,
     )
     return put_split(joined, mesh), [range(a, b) for a, b in zip(starts[:-1], starts[1:])]
-
-
-def epoch_indices(num_examples: int, batch_size: int, seed: int, epoch: int) -> np.ndarray:
-    """(steps_per_epoch, batch_size) example indices of the epoch's full batches; the last
-    partial batch is dropped (a different one each epoch)."""
-    order = input_pipeline.epoch_order(num_examples, seed, epoch)
-    steps = num_examples // batch_size
-    return order[: steps * batch_size].reshape(steps, batch_size).astype(np.int32)
-
-
-def eval_indices(num_examples: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(batches, batch_size) indices covering every example once, and the mask that is
-    False on the padding of the last batch (which repeats index 0)."""
-    batches = -(-num_examples // batch_size)
-    flat = np.arange(batches * batch_size)
-    mask = flat < num_examples
-    indices = np.where(mask, flat, 0).astype(np.int32)
-    return indices.reshape(batches, batch_size), mask.reshape(batches, batch_size)
 
 
 def shard_indices(indices: np.ndarray, mesh: Mesh) -> jax.Array:

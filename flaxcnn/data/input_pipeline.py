@@ -14,10 +14,8 @@ import functools
 import os
 import socket
 import threading
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-import jax
 import numpy as np
 
 from flaxcnn.data import cache, image_folder
@@ -183,45 +181,3 @@ def _decode_tfds_split(
         images, np.concatenate(labels), labels_feature.num_classes, list(labels_feature.names)
     )
     return result, str(builder.data_dir)
-
-
-def _batch(split: Split, indices: np.ndarray) -> dict[str, np.ndarray]:
-    return {
-        "image": split.images[indices].astype(np.float32) / np.float32(255),
-        "label": split.labels[indices],
-    }
-
-
-def _process_slice(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """This process's contiguous share of a global batch."""
-    per_process = len(batch["label"]) // jax.process_count()
-    start = jax.process_index() * per_process
-    return {key: value[start : start + per_process] for key, value in batch.items()}
-
-
-def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
-    """The permutation of the examples that epoch `epoch` of a run seeded `seed` visits."""
-    return np.random.default_rng([seed, epoch]).permutation(num_examples)
-
-
-def train_batches(
-    split: Split, batch_size: int, seed: int, epoch: int, skip: int = 0
-) -> Iterator[dict[str, np.ndarray]]:
-    """The epoch's full batches of `batch_size` (global), in an order fixed by (seed, epoch),
-    starting after `skip` batches. The last partial batch is dropped (a new one each epoch)."""
-    order = epoch_order(split.num_examples, seed, epoch)
-    for start in range(skip * batch_size, split.num_examples - batch_size + 1, batch_size):
-        yield _process_slice(_batch(split, order[start : start + batch_size]))
-
-
-def eval_batches(split: Split, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Every example once, in batches padded to `batch_size` with `mask` False on padding."""
-    for start in range(0, split.num_examples, batch_size):
-        indices = np.arange(start, min(start + batch_size, split.num_examples))
-        batch = {key: _pad(value, batch_size) for key, value in _batch(split, indices).items()}
-        batch["mask"] = np.arange(batch_size) < len(indices)
-        yield _process_slice(batch)
-
-
-def _pad(array: np.ndarray, size: int) -> np.ndarray:
-    return np.pad(array, [(0, size - len(array))] + [(0, 0)] * (array.ndim - 1))

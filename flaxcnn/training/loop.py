@@ -29,7 +29,7 @@ from absl import logging
 
 from flaxcnn import config as config_lib
 from flaxcnn import run_files, tasks
-from flaxcnn.data import device_data, input_pipeline
+from flaxcnn.data import batching, device_data, input_pipeline, preprocess
 from flaxcnn.reporting import reports, summary
 from flaxcnn.reporting.writers import MetricWriter, Progress, plot_curves
 from flaxcnn.runtime import sharding
@@ -66,6 +66,8 @@ class Run:
     stopper: EarlyStopping
     best_checkpointer: Checkpointer | None
     rngs: dict[str, jax.Array]  # "init", "step" and "eval" keys of the run's seed.
+    # The resolved config.normalize (None: inputs in [0, 1]), carried by the device data.
+    normalization: preprocess.Normalization | None = None
     is_main: bool = dataclasses.field(default_factory=lambda: jax.process_index() == 0)
     # Set by `start_run`.
     writer: MetricWriter | None = None
@@ -91,7 +93,7 @@ class Run:
             state,
             self.eval_data,
             self.eval_rows[split],
-            self.config.eval_batch_size,
+            config_lib.eval_batch_size(self.config),
             self.mesh,
             self.rngs["eval"],
         )
@@ -146,6 +148,8 @@ def open_run(
     task = tasks.get_task(config.task)
     mesh = sharding.create_mesh()
     splits = load_splits(config)
+    # "dataset" becomes the training split's numbers, in the config config.json records.
+    normalization = preprocess.resolve_config(config, splits["train"].images)
     steps_per_epoch, total_steps = schedule_length(config, splits["train"].num_examples)
     rngs = dict(zip(("init", "step", "eval"), jax.random.split(jax.random.key(config.seed), 3)))
     create_state = functools.partial(
@@ -170,7 +174,7 @@ def open_run(
         resources.callback(best.close)
     run = Run(
         config, workdir, task, mesh, splits, steps_per_epoch, total_steps, step,
-        checkpointer, stopper, best, rngs,
+        checkpointer, stopper, best, rngs, normalization,
     )  # fmt: skip
     return run, state
 
@@ -192,7 +196,10 @@ def record_run(run: Run, state) -> None:
     with open(run_files.path(run.workdir, run_files.CONFIG), "w") as f:
         f.write(config.to_json_best_effort(indent=2))
     class_names = train.class_names or reports.default_class_names(train.num_classes)
-    info = run_files.DatasetInfo(tuple(train.image_shape), train.num_classes, class_names)
+    mean, std = run.normalization or (None, None)
+    info = run_files.DatasetInfo(
+        tuple(train.image_shape), train.num_classes, class_names, mean, std
+    )
     run_files.write_dataset_info(run.workdir, info)
     model_summary = summary.model_summary(state, train.image_shape)
     with open(run_files.path(run.workdir, run_files.MODEL_SUMMARY), "w") as f:
@@ -221,10 +228,13 @@ def start_run(run: Run, state, resources: contextlib.ExitStack) -> None:
     run.writer.truncate_after(run.step)
     if run.step == 0:
         run.writer.write_hparams(run.config.to_json_best_effort(indent=2))
-    run.data = device_data.put_split(run.splits["train"], run.mesh)
+    run.data = device_data.with_normalization(
+        device_data.put_split(run.splits["train"], run.mesh), run.normalization, run.mesh
+    )
     run.eval_data, rows = device_data.put_splits(
         [run.splits["validation"], run.splits["test"]], run.mesh
     )
+    run.eval_data = device_data.with_normalization(run.eval_data, run.normalization, run.mesh)
     run.eval_rows = dict(zip(("validation", "test"), rows))
     run.steps = compiled_steps.compile_steps(
         run.task, run.config, state, run.data, run.eval_data, run.mesh, run.rngs["step"]
@@ -256,7 +266,7 @@ def train_to_boundary(run: Run, state, stop: StopOnSignal):
     of the current step and raises `signals.Interrupted`."""
     config = run.config
     position = run.step % run.steps_per_epoch
-    indices = device_data.epoch_indices(
+    indices = batching.epoch_indices(
         run.splits["train"].num_examples, config.batch_size, config.seed, run.epoch
     )
     epoch_end = min(run.steps_per_epoch, position + run.total_steps - run.step)

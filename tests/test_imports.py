@@ -1,0 +1,89 @@
+"""The package's shape: every module imports on its own in a fresh interpreter, and the graph
+of imports between flaxcnn's modules (function-level imports included) has no cycle, so the
+layers stay layers (data, models and runtime at the bottom, the command line on top)."""
+
+import ast
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "flaxcnn"
+
+
+def module_names() -> list[str]:
+    names = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return names
+
+
+def imported_modules(module: str, known: set[str]) -> set[str]:
+    """The flaxcnn modules `module` imports anywhere in its code: `import a.b`, `from a
+    import b` (b a module, or a name of module a)."""
+    path = PACKAGE.parent / (module.replace(".", "/") + ".py")
+    if not path.exists():
+        path = PACKAGE.parent / module.replace(".", "/") / "__init__.py"
+    targets = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:
+                child = f"{node.module}.{alias.name}"
+                targets.add(child if child in known else node.module)
+    return {t for t in targets if t in known and t != module}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A cycle of `graph` as a list of nodes (first == last), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done.
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node] = 2
+        path.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def import_graph() -> dict[str, set[str]]:
+    known = set(module_names())
+    # A package's own __init__ may import its submodules; those edges go down, not around.
+    return {
+        m: {t for t in imported_modules(m, known) if not m.startswith(f"{t}.")} for m in known
+    }
+
+
+def test_find_cycle_finds_one_and_only_one():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def test_import_graph_is_acyclic():
+    graph = import_graph()
+    assert graph["flaxcnn.training.loop"]  # The graph sees the loop's imports.
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+@pytest.mark.timeout(300)
+def test_every_module_imports_in_a_fresh_interpreter():
+    code = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)"
+    result = subprocess.run(
+        [sys.executable, "-c", code, *module_names()], capture_output=True, text=True, timeout=280
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
