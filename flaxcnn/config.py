@@ -387,12 +387,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     import jax
 
     from flaxcnn import models, tasks
+    from flaxcnn.data import preprocess
     from flaxcnn.training.state import validate_optimization
 
     import_user_modules(config)
     tasks.get_task(config.task)
     models.model_arguments(config.model, dict(config.model_kwargs))
     validate_optimization(config)
+    preprocess.validate(config)  # config.normalize, and the tasks that take none.
     for key in ("learning_rate", "batch_size", "eval_batch_size"):
         if not config[key] > 0:
             raise ValueError(f"config.{key} must be positive, got {config[key]}")

@@ -246,3 +246,65 @@ def test_both_exports_of_a_normalised_model_match_predict(normalised_run, tmp_pa
     saved = tf.saved_model.load(os.path.join(tmp_path, export.SAVED_MODEL_DIR))
     served = saved.signatures[export.SIGNATURE](images=tf.constant(images))["probabilities"]
     np.testing.assert_allclose(served.numpy(), expected, atol=TOLERANCE)
+
+
+# --- A normalised run, end to end ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def normalised_training(data_dir, tmp_path_factory) -> tuple[str, dict]:
+    """(workdir, results) of a short classification run with normalize="dataset"."""
+    from flaxcnn.training import loop
+
+    workdir = str(tmp_path_factory.mktemp("normalised"))
+    config = tiny_config(data_dir, num_train_steps=8, normalize="dataset")
+    config.augment.update(crop=2, flip_horizontal=True)
+    return workdir, loop.train_and_evaluate(config, workdir)
+
+
+def test_a_run_records_the_statistics_of_its_training_split_only(normalised_training, data_dir):
+    workdir, _ = normalised_training
+    config = tiny_config(data_dir)
+    split = functools.partial(input_pipeline.load_split, config.dataset, data_dir=data_dir)
+    expected = preprocess.channel_stats(split(config.train_split).images)
+    others = np.concatenate([split(config.validation_split).images, split("test").images])
+    assert preprocess.channel_stats(others) != expected
+    info = run_files.read_dataset_info(workdir)
+    assert (info.mean, info.std) == expected and len(info.mean) == 1
+    saved = run_files.read_json(run_files.path(workdir, run_files.CONFIG))
+    assert saved["normalize"] == [list(expected.mean), list(expected.std)]
+    assert inference.load_run(workdir).normalization == expected
+
+
+def test_evaluate_and_predict_of_a_normalised_run_agree_with_its_test_results(
+    normalised_training, data_dir
+):
+    from flaxcnn.cli import evaluate
+
+    workdir, results = normalised_training
+    assert evaluate.main(["--workdir", workdir, "--split", "test"]) == 0
+    evaluated = run_files.read_json(os.path.join(workdir, "eval_test.json"))
+    assert evaluated["accuracy"] == results["test_accuracy"]
+    np.testing.assert_allclose(evaluated["loss"], results["test_loss"], rtol=1e-5)
+    run = inference.load_run(workdir)
+    test = input_pipeline.load_split(run.config.dataset, "test", data_dir)
+    predicted = run.predict_proba(test.images).argmax(axis=-1)
+    assert np.mean(predicted == test.labels) == results["test_accuracy"]
+
+
+def test_image_target_tasks_refuse_normalisation_in_one_line(tmp_path, capsys):
+    from flaxcnn.cli import train
+
+    with pytest.raises(SystemExit) as exit_info:
+        train.run(
+            [
+                "--workdir",
+                str(tmp_path),
+                "--config.task=autoencoder",
+                "--config.model=ConvAutoencoder",
+            ]
+            + ["--config.normalize=dataset"]
+        )
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "normalize='none'" in err and "\n" not in err

@@ -115,6 +115,14 @@ def check_task(task: str, normalize: Any) -> None:
         )
 
 
+def validate(config: Any) -> None:
+    """Raises ValueError for a `config.normalize` that cannot work, before any data is read:
+    its form, and a task that takes no normalisation (`check_task`)."""
+    normalize = config.get("normalize", NONE)
+    parse(normalize)
+    check_task(config.get("task", "classification"), normalize)
+
+
 def resolve(normalize: Any, train_images: np.ndarray) -> Normalization | None:
     """Concrete per-channel numbers for `normalize`: "dataset" is computed from
     `train_images` (the training split only), a given pair is checked against their
