@@ -396,7 +396,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     validate_optimization(config)
     preprocess.validate(config)  # config.normalize, and the tasks that take none.
     for key in ("learning_rate", "batch_size", "eval_batch_size"):
-        if not config[key] > 0:
+        if not (config[key] > 0 or (key == "eval_batch_size" and config[key] == -1)):
             raise ValueError(f"config.{key} must be positive, got {config[key]}")
     if not (config.steps_per_dispatch > 0 or config.steps_per_dispatch == -1):
         raise ValueError(
@@ -405,10 +405,36 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.num_train_steps <= 0 and config.num_epochs <= 0:
         raise ValueError(f"config.num_epochs must be positive, got {config.num_epochs}")
     for key in ("batch_size", "eval_batch_size"):
-        if config[key] % jax.device_count():
-            raise ValueError(
-                f"config.{key}={config[key]} is not divisible by the {jax.device_count()} devices"
-            )
+        check_divisible(key, config[key], jax.device_count())
+
+
+DEFAULT_EVAL_BATCH_SIZE = 100  # Keeps a batch's activations in CPU caches (see default_config).
+
+
+def eval_batch_size(config: ml_collections.ConfigDict, device_count: int | None = None) -> int:
+    """`config.eval_batch_size`, with -1 (the default) derived: 100 rounded up to a multiple
+    of the device count, so the default works on any number of devices (evaluation pads and
+    masks its last batch, so the size changes no metric)."""
+    if config.eval_batch_size != -1:
+        return config.eval_batch_size
+    if device_count is None:
+        import jax
+
+        device_count = jax.device_count()
+    return -(-DEFAULT_EVAL_BATCH_SIZE // device_count) * device_count
+
+
+def check_divisible(key: str, value: int, device_count: int) -> None:
+    """Raises ValueError, naming the nearest values that work, when `value` (a batch size
+    the user set; -1 is derived) cannot be split evenly over the devices."""
+    if value == -1 or value % device_count == 0:
+        return
+    below = value // device_count * device_count
+    options = [str(x) for x in (below, below + device_count) if x > 0]
+    raise ValueError(
+        f"config.{key}={value} is not divisible by the {device_count} devices: use a "
+        f"multiple of {device_count}, e.g. {' or '.join(options)}"
+    )
 
 
 def check_dataset_name(config: ml_collections.ConfigDict) -> None:

@@ -89,13 +89,21 @@ def test_num_microbatches_splits_evenly(batch, micro, expected):
 
 
 def test_batch_stats_update_in_training_only():
+    """Training moves the batch statistics; evaluation uses them (not the batch's own), so
+    an example's metrics do not depend on the batch it is evaluated in."""
     state, batch = make_state("CNN"), make_batch()
     trained, _ = classification.train_step(state, batch, jax.random.key(1))
     assert max_abs_diff(trained.batch_stats, state.batch_stats) > 0
-    classification.eval_step(trained, batch)  # Pure: nothing to compare but the returned metrics.
-    assert jax.tree.map(jnp.shape, trained.batch_stats) == jax.tree.map(
-        jnp.shape, state.batch_stats
-    )
+    whole = classification.eval_step(trained, batch)
+    halves = [
+        classification.eval_step(trained, {key: value[part] for key, value in batch.items()})
+        for part in (slice(0, 8), slice(8, 16))
+    ]
+    for name in ("loss", "accuracy", "count"):
+        np.testing.assert_allclose(whole[name], halves[0][name] + halves[1][name], rtol=1e-5)
+    # The statistics trained are the ones evaluation reads.
+    untrained = classification.eval_step(trained.replace(batch_stats=state.batch_stats), batch)
+    assert float(untrained["loss"]) != pytest.approx(float(whole["loss"]), rel=1e-6)
 
 
 def test_eval_step_counts_only_masked_examples():

@@ -4,6 +4,7 @@ conversion, clear errors, and RGB images trained end to end through the loop."""
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 from conftest import tiny_config
@@ -202,7 +203,19 @@ def test_rgb_folder_trains_evaluates_and_predicts_end_to_end(tmp_path):
     Image.fromarray(stripes(1, (64, 48), seed=99)).save(image)
     predictions, errors = predict.predict_files(run, [str(image)], k=2)
     assert not errors
-    assert {c["class"] for c in predictions[0]["top_k"]} == set(CLASSES)
+    # The same file computed independently: decoded and resized by PIL as the training images
+    # were, through the model; the ranking, names, indices and probabilities must match.
+    pixels = Image.open(image).convert("RGB").resize((16, 16), Image.Resampling.BILINEAR)
+    model_input = inference.to_model_input(
+        np.asarray(pixels)[None], getattr(run, "mean", None), getattr(run, "std", None)
+    )
+    logits = run.apply_fn(run.variables, model_input, train=False)
+    probabilities = np.asarray(jax.nn.softmax(logits[0]))
+    order = np.argsort(-probabilities)
+    top = predictions[0]["top_k"]
+    assert [c["index"] for c in top] == order.tolist()
+    assert [c["class"] for c in top] == [CLASSES[i] for i in order]
+    np.testing.assert_allclose([c["probability"] for c in top], probabilities[order], rtol=1e-5)
 
 
 @pytest.mark.parametrize("color_mode, channels", [("rgb", 3), ("grayscale", 1)])
@@ -218,3 +231,134 @@ def test_folder_of_three_sizes_trains_with_image_size_and_color_mode(
     run = inference.load_run(workdir)
     assert run.image_shape == (16, 16, channels)
     assert run.variables["params"]["Conv_0"]["kernel"].shape[2] == channels
+
+
+# --- Bad data and files ---------------------------------------------------------------------
+
+
+def awkward_folder(root) -> str:
+    """A flat folder of 2 classes holding what real folders hold besides plain PNGs."""
+    horizontal, vertical = root / CLASSES[0], root / CLASSES[1]
+    for folder in (horizontal, vertical, root / ".ipynb_checkpoints" / "x"):
+        folder.mkdir(parents=True)
+    save(stripes(0, (16, 16), 0), horizontal / "a.PNG", "RGB")  # Upper-case extensions.
+    save(stripes(0, (16, 16), 1), horizontal / "b.JPG", "RGB")
+    (horizontal / "2024").mkdir()  # Nested folders count.
+    save(stripes(0, (16, 16), 2), horizontal / "2024" / "c.png", "L")
+    # CMYK JPEG and 16-bit grayscale PNG.
+    Image.fromarray(stripes(1, (16, 16), 3)).convert("CMYK").save(vertical / "cmyk.jpg")
+    deep = stripes(1, (16, 16), 4)[..., 0].astype(np.uint16) * 257
+    Image.fromarray(deep).save(vertical / "deep.png")
+    # An EXIF-rotated photo: horizontal stripes stored, with a tag asking for a quarter turn.
+    exif = Image.Exif()
+    exif[image_folder.ORIENTATION_TAG] = 6  # Rotate 90 degrees clockwise to display.
+    Image.fromarray(stripes(0, (16, 16), 5)).save(vertical / "rotated.jpg", exif=exif)
+    # Ignored: hidden files and folders, other files.
+    (horizontal / ".DS_Store").write_bytes(b"\0\1")
+    (horizontal / "._a.png").write_bytes(b"AppleDouble")
+    save(stripes(0, (16, 16), 6), root / ".ipynb_checkpoints" / "x" / "d.png", "RGB")
+    (vertical / "notes.txt").write_text("not an image")
+    (vertical / "Thumbs.db").write_bytes(b"\0" * 10)
+    return f"folder:{root}"
+
+
+def test_awkward_folder_loads_what_is_documented(tmp_path):
+    split = input_pipeline.load_split(awkward_folder(tmp_path), "train")
+    assert split.class_names == list(CLASSES)  # Not the hidden folder.
+    np.testing.assert_array_equal(np.bincount(split.labels), [3, 3])
+    assert split.images.shape == (6, 16, 16, 3)
+    by_file = {
+        name: image_folder.to_array(image_folder.open_image(str(tmp_path / name)), (16, 16, 3))
+        for name in ("vertical/cmyk.jpg", "vertical/deep.png", "vertical/rotated.jpg")
+    }
+    images = {x.tobytes() for x in split.images}
+    assert all(x.tobytes() in images for x in by_file.values())
+    # The 16-bit image keeps its stripes (scaled, not clipped to white).
+    assert len(np.unique(by_file["vertical/deep.png"])) > 1
+    # The EXIF turn is applied: horizontal stripes stored, vertical ones seen (columns even).
+    rotated = by_file["vertical/rotated.jpg"].astype(float).mean(-1)
+    assert rotated.var(axis=1).mean() > 100 * rotated.var(axis=0).mean()
+
+
+def test_exif_rotated_photo_of_another_shape_is_measured_as_shown(tmp_path):
+    exif = Image.Exif()
+    exif[image_folder.ORIENTATION_TAG] = 8
+    path = tmp_path / "tall.jpg"
+    Image.fromarray(stripes(0, (8, 16), 0)).save(path, exif=exif)  # Stored 8 high, 16 wide.
+    image = image_folder.open_image(str(path))
+    assert image_folder.oriented_size(image) == (16, 8)
+    assert image_folder.to_array(image, (16, 8, 1)).shape == (16, 8, 1)
+
+
+def test_empty_class_and_a_class_missing_from_the_test_split(tmp_path):
+    name = make_folder(tmp_path, per_class=4, splits=("train", "test"))
+    for path in (tmp_path / "test" / CLASSES[1]).iterdir():
+        path.unlink()  # An empty class folder in test ...
+    test = input_pipeline.load_split(name, "test")
+    assert test.class_names == list(CLASSES) and test.labels.tolist() == [0] * 4
+    (tmp_path / "test" / CLASSES[1]).rmdir()  # ... or none at all.
+    test = input_pipeline.load_split(name, "test")
+    assert test.num_classes == 2 and test.labels.tolist() == [0] * 4
+
+
+@pytest.mark.parametrize("damage", ["zero bytes", "truncated", "text"])
+def test_broken_image_is_one_error_naming_it(tmp_path, damage):
+    name = make_folder(tmp_path, per_class=2, splits=[None])
+    bad = tmp_path / CLASSES[1] / "000.png"
+    data = bad.read_bytes()
+    bad.write_bytes({"zero bytes": b"", "truncated": data[: len(data) // 2], "text": b"hi"}[damage])
+    with pytest.raises(input_pipeline.DataError, match=f"^{bad}: not (an|a readable) image") as e:
+        input_pipeline.load_split(name, "train")
+    assert "\n" not in str(e.value)
+
+
+def tiny_run(image_shape=(16, 16, 3)) -> inference.Run:
+    """An untrained classifier of CLASSES as a Run, without a workdir."""
+    from flaxcnn.tasks import classification
+
+    config = tiny_config(None, model="SeedCNN")
+    state = classification.create_state(config, jax.random.key(0), image_shape, 2, 10)
+    return inference.Run("unused", config, state, image_shape, 2, list(CLASSES), 0, "latest")
+
+
+def test_predict_on_directories_gifs_bombs_and_failures(tmp_path, monkeypatch):
+    run = tiny_run()
+    awkward_folder(tmp_path / "photos")
+    gif = tmp_path / "animated.gif"
+    frames = [Image.fromarray(stripes(i % 2, (20, 20), i)).convert("P") for i in range(3)]
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=50, loop=0)
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (200, 200)).save(bomb)  # 40,000 pixels: a bomb under the limit set below.
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 15_000)  # Warning at 15k, error at 30k.
+    paths = [str(tmp_path / "photos"), str(gif), str(bomb), str(tmp_path / "empty")]
+    paths.append(str(tmp_path / "missing.png"))
+    predictions, errors = predict.predict_files(run, paths, k=1)
+    predicted = [p["path"] for p in predictions]
+    assert len(predicted) == 7 and predicted[-1] == str(gif)  # The folder's 6 images, the GIF.
+    first_frame = np.asarray(frames[0].convert("RGB").resize((16, 16), Image.Resampling.BILINEAR))
+    expected = run.predict_proba(first_frame[None])[0].max()
+    assert predictions[-1]["top_k"][0]["probability"] == pytest.approx(float(expected))
+    assert set(errors) == {str(bomb), str(tmp_path / "empty"), str(tmp_path / "missing.png")}
+    assert "decompression bomb" in errors[str(bomb)]
+    assert "no image files" in errors[str(tmp_path / "empty")]
+    assert all("\n" not in message for message in errors.values())
+
+    Image.new("1", (100, 100)).save(bomb)  # 10,000 pixels: under the limit, predicted.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 6_000)  # Between 1x and 2x: PIL only warns.
+    assert set(predict.predict_files(run, [str(bomb)], k=1)[1]) == {str(bomb)}
+
+
+def test_predict_command_when_every_file_fails(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(predict, "load_run", lambda *args, **kwargs: tiny_run())
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "b.txt").write_text("text")
+    status = predict.main(
+        ["--workdir", "unused", "--json", str(tmp_path / "a.png"), str(tmp_path / "b.txt")]
+    )
+    captured = capsys.readouterr()
+    assert status == 1
+    assert json.loads(captured.out)["predictions"] == []
+    lines = captured.err.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["error", "error"]
+    assert "Traceback" not in captured.err

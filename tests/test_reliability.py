@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import REPO
 
+from flaxcnn import config as config_lib
 from flaxcnn import run_files
 from flaxcnn.cli import train as train_cli
 from flaxcnn.data import input_pipeline
@@ -587,3 +588,83 @@ def test_a_hung_test_is_stopped_by_the_default_timeout(tmp_path):
         timeout=60,
     )
     assert result.returncode == 1 and "Timeout (>1.0s)" in result.stdout, result.stdout[-2000:]
+
+
+# --- Any device count -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "devices, expected", [(1, 100), (2, 100), (3, 102), (6, 102), (8, 104), (128, 128)]
+)
+def test_default_eval_batch_size_is_derived_for_any_device_count(devices, expected):
+    config = _config(eval_batch_size=-1)
+    assert config_lib.eval_batch_size(config, devices) == expected
+    config_lib.check_divisible("eval_batch_size", -1, devices)  # The default never fails.
+
+
+def test_a_batch_size_the_devices_cannot_split_names_values_that_work():
+    message = "config.batch_size=30 is not divisible by the 8 devices: use a multiple of 8, "
+    with pytest.raises(ValueError, match=rf"^{message}e\.g\. 24 or 32$"):
+        config_lib.check_divisible("batch_size", 30, 8)
+    with pytest.raises(ValueError, match=r"e\.g\. 3$"):
+        config_lib.check_divisible("eval_batch_size", 2, 3)
+    config_lib.check_divisible("batch_size", 32, 8)
+
+
+DEVICE_COUNTS = (1, 2, 3, 8)
+ZOO = ["default", *sorted(p.stem for p in (REPO / "configs").glob("*.py"))]
+# Shrunk to a few steps over small evaluation splits; nothing about batches or devices set.
+SHRINK = [
+    "--config.num_train_steps=12",
+    "--config.num_epochs=1",
+    "--config.log_every_steps=6",
+    "--config.validation_split=train[:300]",
+    "--config.test_split=test[:500]",
+    "--config.score_samples=0",
+]
+# Equal within: data-parallel steps sum the gradients of the devices' shards in another
+# order (float32 rounding), so 12 steps of Adam agree to about 1e-4 in the loss; a test
+# metric may differ by one or two of the 500 test examples.
+TOLERANCE = {"rel": 2e-3, "abs": 5e-3}
+
+
+def run_on_devices(devices: int, *args) -> subprocess.CompletedProcess:
+    xla_flags = (
+        f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    )
+    env = {
+        **os.environ,
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": xla_flags,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "flaxcnn.main", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=600,
+    )
+
+
+@pytest.mark.slow  # Four starts of the command line per config.
+@pytest.mark.timeout(2400)
+@pytest.mark.parametrize("name", ZOO)
+def test_config_runs_on_1_2_3_and_8_devices_with_equal_results(
+    name, shared_tfds, data_dir, tmp_path
+):
+    config = [] if name == "default" else [f"--config=configs/{name}.py"]
+    data = [f"--config.data_dir={data_dir if name == 'default' else shared_tfds}"]
+    results = {}
+    for devices in DEVICE_COUNTS:
+        workdir = tmp_path / f"devices-{devices}"
+        result = run_on_devices(devices, f"--workdir={workdir}", *config, *data, *SHRINK)
+        assert result.returncode == 0, (devices, result.stderr[-3000:])
+        results[devices] = json.loads((workdir / "results.json").read_text())
+    reference = results[1]
+    for devices, result in results.items():
+        assert result["steps"] == 12 and result.get("num_test_examples", 500) == 500
+        for key, value in reference.items():
+            if key.startswith("test_") and isinstance(value, float):
+                assert result[key] == pytest.approx(value, **TOLERANCE), (devices, key)

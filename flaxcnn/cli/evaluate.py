@@ -23,6 +23,7 @@ import sys
 import jax
 import numpy as np
 
+from flaxcnn import config as config_lib
 from flaxcnn.data import device_data, input_pipeline, preprocess
 from flaxcnn.inference import Run, load_config, load_run
 from flaxcnn.reporting import reports
@@ -98,7 +99,7 @@ def evaluate_run(
         raise ValueError(
             f"{dataset!r} has {split.num_classes} classes; the model has {run.num_classes}"
         )
-    batch_size = batch_size or config.eval_batch_size
+    batch_size = batch_size or config_lib.eval_batch_size(config)
     if batch_size <= 0:
         raise ValueError(f"batch size must be positive, got {batch_size}")
     evaluation = evaluate_state(run.state, split, batch_size, run.normalization)

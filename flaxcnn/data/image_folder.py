@@ -9,9 +9,12 @@ Two layouts are recognised:
   are carved out of it by slicing, e.g. `train[:80%]`, `train[80%:90%]`, `train[90%:]`.
 
 Classes are the sorted folder names (of `root/train` in the split layout), numbered from 0;
-a class folder may be empty. Images are the files ending in .png, .jpg or .jpeg (any case;
-hidden files skipped); anything else is ignored. An image that cannot be decoded stops
-loading with an error naming it.
+a class folder may be empty, and a split (e.g. `test`) may lack some classes' folders. Images
+are the files ending in .png, .jpg or .jpeg (any case) in a class folder or any folder below
+it; hidden files and folders (names starting with '.') and anything else are ignored. An
+image that cannot be decoded (an empty or truncated file, not an image, one of more than
+PIL's `Image.MAX_IMAGE_PIXELS` pixels: a possible decompression bomb) stops loading with an
+error naming it. The first frame of an animated image is used.
 
 Split strings follow tfds: `NAME`, `NAME[a%:b%]`, `NAME[i:j]` (negative bounds allowed), and
 `+` to join several. Every split has one fixed order, independent of the run's seed: its
@@ -31,6 +34,7 @@ PIL's BILINEAR filter (antialiased when shrinking) if the size differs. Without
 import dataclasses
 import os
 import re
+import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -101,16 +105,21 @@ def open_image(path: str) -> Image.Image:
     """The image at `path`, decoded; FolderError naming the file if it is not a readable
     image."""
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image
+        with warnings.catch_warnings():
+            # Over MAX_IMAGE_PIXELS PIL only warns (it raises from twice that): refuse both.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                return image
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise FolderError(f"{path}: refused, a possible decompression bomb ({e})") from None
     except FileNotFoundError:
         raise FolderError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise FolderError(f"{path}: is a directory") from None
     except Image.UnidentifiedImageError:
         raise FolderError(f"{path}: not an image (PIL cannot identify it)") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise FolderError(f"{path}: not a readable image ({reason})") from None
 
@@ -129,14 +138,19 @@ def _subfolders(path: str) -> list[str]:
     )
 
 
-def _image_files(path: str) -> list[str]:
-    return sorted(
-        entry.name
-        for entry in os.scandir(path)
-        if entry.is_file()
-        and not entry.name.startswith(".")
-        and entry.name.lower().endswith(EXTENSIONS)
-    )
+def image_files(path: str) -> list[str]:
+    """The image files under `path` (subfolders included; hidden files and folders skipped),
+    as sorted paths relative to it."""
+    found = []
+    for folder, subfolders, names in os.walk(path):
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        relative = os.path.relpath(folder, path)
+        found += [
+            os.path.normpath(os.path.join(relative, name))
+            for name in names
+            if not name.startswith(".") and name.lower().endswith(EXTENSIONS)
+        ]
+    return sorted(found)
 
 
 def _is_split_layout(root: str) -> bool:
@@ -182,7 +196,7 @@ def _split_files(root: str, split_name: str, classes: list[str]) -> _Files:
     for label, name in enumerate(classes):
         folder = os.path.join(base, name)
         if os.path.isdir(folder):
-            files = _image_files(folder)
+            files = image_files(folder)
             paths += [os.path.join(folder, f) for f in files]
             labels += [label] * len(files)
     order = np.random.default_rng(ORDER_SEED).permutation(len(paths))
