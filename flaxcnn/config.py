@@ -391,7 +391,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     from flaxcnn.training.state import validate_optimization
 
     import_user_modules(config)
-    tasks.get_task(config.task)
+    task = tasks.get_task(config.task)
+    if callable(getattr(task, "validate", None)):
+        task.validate(config)  # Training settings the task cannot honour.
     models.model_arguments(config.model, dict(config.model_kwargs))
     validate_optimization(config)
     preprocess.validate(config)  # config.normalize, and the tasks that take none.

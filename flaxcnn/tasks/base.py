@@ -70,8 +70,17 @@ class ResultsHook(Protocol):
     ) -> dict: ...
 
 
+class ValidateHook(Protocol):
+    """Optional: raise ValueError (one line) for a training setting the task cannot honour
+    (augmentation, microbatches, L2, clipping, EMA, skip_nonfinite: tasks whose step is
+    `flaxcnn.training.gradient_step` honour them all). Called by `flaxcnn.config.validate`
+    before any data is read."""
+
+    def validate(self, config: ml_collections.ConfigDict) -> None: ...
+
+
 REQUIRED = ("create_state", "train_step", "eval_step", "step_kwargs")
-OPTIONAL = ("write_pictures", "extra_results")
+OPTIONAL = ("write_pictures", "extra_results", "validate")
 
 
 def check_task(task: Any, name: str) -> None:
