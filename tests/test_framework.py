@@ -142,7 +142,7 @@ def test_user_model_file_trains_resumes_and_is_recorded_absolute(user_run, user_
     assert config["model"] == f"{user_dir / 'my_nets.py'}:TinyNet"
     assert config["model_kwargs"] == {"width": 6}
     summary = (user_dir / "run" / run_files.MODEL_SUMMARY).read_text()
-    assert "Conv" in summary and "Total parameters" in summary
+    assert "Conv" in summary and "Total Parameters: " in summary
 
 
 def test_user_model_evaluates_predicts_and_exports_with_parity(user_run, tmp_path, data_dir):
@@ -232,7 +232,7 @@ def test_a_module_defined_in_main_is_refused_before_training(tmp_path):
             def __call__(self, x, train=False):
                 return nn.Dense(10)(x.reshape(x.shape[0], -1))
 
-        flaxcnn.fit(Net(), "embedded_mnist", {str(workdir)!r})
+        flaxcnn.fit(Net(), "embedded_mnist", {str(workdir)!r}, num_train_steps=2)
         """)
     )
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
@@ -360,3 +360,23 @@ def test_an_optimizer_by_import_path(user_dir):
     tx = create_optimizer(config, 10)
     updates, _ = tx.update({"w": jnp.ones(2)}, tx.init({"w": jnp.zeros(2)}))
     np.testing.assert_allclose(updates["w"], -0.25)
+
+
+def test_model_summary_is_a_layer_table_or_a_parameter_list():
+    from flaxcnn.reporting.summary import model_summary
+    from flaxcnn.training.state import create_train_state
+
+    model = create_model("CNN", widths=(4, 8))
+    state = create_train_state(model, optax.adam(1e-3), jax.random.key(0), (28, 28, 1))
+    table = model_summary(state, (28, 28, 1))
+    assert table.startswith("Model CNN, input (28, 28, 1)")
+    assert "Conv_0" in table and "float32[1,28,28,4]" in table and "Total Parameters: " in table
+
+    class NoModule:  # E.g. a GAN's state: its parameters, one line each, and the total.
+        params = state.params
+
+    listed = model_summary(NoModule(), (28, 28, 1))
+    assert "Dense_0/kernel     392x10" in listed
+    assert listed.endswith(
+        f"Total parameters: {sum(x.size for x in jax.tree.leaves(state.params)):,}\n"
+    )

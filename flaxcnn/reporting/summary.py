@@ -60,5 +60,6 @@ def model_summary(state: Any, input_shape: tuple[int, ...], name: str = "") -> s
         table = parameter_table(params)
     name = name or (type(module).__name__ if module is not None else type(state).__name__)
     title = f"Model {name}, input {tuple(input_shape)}"
-    total = f"Total parameters: {parameter_count(params):,}"
-    return f"{title}\n{table.rstrip()}\n{total}\n"
+    if "Total Parameters" in table:  # nn.tabulate's own total.
+        return f"{title}\n{table.rstrip()}\n"
+    return f"{title}\n{table.rstrip()}\nTotal parameters: {parameter_count(params):,}\n"
