@@ -67,6 +67,10 @@ def _optimizer(
             f"task 'gan' trains with optimizer 'adam' (b1 from config.adam_b1), "
             f"got {config.optimizer!r}"
         )
+    if config.get("optimizer_kwargs"):
+        raise ValueError(
+            "task 'gan' takes no config.optimizer_kwargs (its Adam's b1 is config.adam_b1)"
+        )
     if config.lr_schedule not in SCHEDULES:
         raise ValueError(
             f"unknown schedule {config.lr_schedule!r}; valid: {', '.join(sorted(SCHEDULES))}"
