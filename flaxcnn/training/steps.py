@@ -18,7 +18,6 @@ import numpy as np
 from flaxcnn import config as config_lib
 from flaxcnn.data import batching, device_data
 from flaxcnn.runtime import sharding
-from flaxcnn.training import executable_cache
 
 # Metrics that stay totals on the host rather than being divided by the example count.
 TOTAL_METRICS = ("skipped", "confusion")
@@ -144,35 +143,22 @@ def compile_steps(task, config, state, data, eval_data, mesh, rng) -> CompiledSt
             task.eval_step, state, eval_data, config_lib.eval_batch_size(config), mesh, rng, k
         )
 
-    # A second run of a config loads the executables whole: no tracing, no lowering.
-    eval_args = (state, eval_data, rng)
-    has_convolutions = executable_cache.cached_flag(
-        "eval_has_convolutions",
-        config,
-        eval_args,
-        lambda: "stablehlo.convolution" in lower_eval(1).as_text(),
+    single_eval = lower_eval(1)
+    steps_per_dispatch = resolve_steps_per_dispatch(
+        config.steps_per_dispatch, "stablehlo.convolution" in single_eval.as_text()
     )
-    steps_per_dispatch = resolve_steps_per_dispatch(config.steps_per_dispatch, has_convolutions)
     train_step = functools.partial(task.train_step, **task.step_kwargs(config))
     train = jax.jit(
         functools.partial(multi_step, train_step),
         donate_argnums=0,
         out_shardings=sharding.replicated(mesh),
     )
-
-    def train_fn(k):
-        args = (state, data, _index_spec(mesh, k, config.batch_size), rng)
-        return executable_cache.load_or_compile(
-            f"train_{k}", config, args, lambda: train.lower(*args)
-        )
-
     train_fns = {
-        k: train_fn(k) for k in sorted({steps_per_dispatch, max(steps_per_dispatch // 4, 1), 1})
+        k: train.lower(state, data, _index_spec(mesh, k, config.batch_size), rng).compile()
+        for k in sorted({steps_per_dispatch, max(steps_per_dispatch // 4, 1), 1})
     }
     eval_fns = {
-        k: executable_cache.load_or_compile(
-            f"eval_{k}", config, eval_args, lambda k=k: lower_eval(k)
-        )
+        k: (single_eval if k == 1 else lower_eval(k)).compile()
         for k in sorted({steps_per_dispatch, 1})
     }
     return CompiledSteps(train_fns, eval_fns, time.perf_counter() - start)
