@@ -1,8 +1,7 @@
 """`python -m flaxcnn.evaluate --workdir DIR ...`: see flaxcnn.cli.evaluate."""
 
-import sys
-
+from flaxcnn.cli import exit_now
 from flaxcnn.cli.evaluate import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -1,8 +1,7 @@
 """`python -m flaxcnn.predict --workdir DIR ...`: see flaxcnn.cli.predict."""
 
-import sys
-
+from flaxcnn.cli import exit_now
 from flaxcnn.cli.predict import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
