@@ -354,13 +354,25 @@ def time_command(name: str, batch_size: int, cache_home: str, tfds_dir: str, arg
     with tempfile.TemporaryDirectory() as workdir:
         command = contender_command(name, batch_size, workdir, args)
         start = time.perf_counter()
-        proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
+        try:
+            proc = subprocess.run(
+                command,
+                capture_output=True,
+                text=True,
+                env=env,
+                cwd=REPO,
+                timeout=args.whole_command_timeout,
+            )
+        except subprocess.TimeoutExpired:
+            print(f"{name} at batch {batch_size}: over {args.whole_command_timeout} s, stopped")
+            return None
         seconds = time.perf_counter() - start
     answer = ANSWER.search(proc.stdout)
     if proc.returncode or not answer:
         print(f"{name} at batch {batch_size} failed:\n{proc.stderr[-3000:]}")
         return None
-    return {"seconds": seconds, "accuracy": float(answer.group(1))}
+    # The machine's load average over the last minute: a shared machine's is part of the story.
+    return {"seconds": seconds, "accuracy": float(answer.group(1)), "load": os.getloadavg()[0]}
 
 
 def run_whole_commands(args) -> list[dict]:
@@ -390,7 +402,7 @@ def run_whole_commands(args) -> list[dict]:
                     print(
                         f"{'first' if repeat == 0 else f'repeat {repeat}'}: {name:15s} batch "
                         f"{batch_size:4d}: {result['seconds']:6.1f} s, test accuracy "
-                        f"{result['accuracy']:.4f}",
+                        f"{result['accuracy']:.4f} (load {result['load']:.1f})",
                         flush=True,
                     )
     finally:
@@ -497,6 +509,12 @@ def main() -> None:
         help="runs of each whole command after its first (0 and 0 epochs: none at all)",
     )
     parser.add_argument("--whole-command-epochs", type=int, default=3)
+    parser.add_argument(
+        "--whole-command-timeout",
+        type=float,
+        default=1800,
+        help="seconds after which a whole command is stopped and counted as failed",
+    )
     parser.add_argument("--npz", default=os.path.join(SHARED, "mnist", "mnist.npz"))
     parser.add_argument("--tfds", default=os.path.join(SHARED, "tfds"))
     parser.add_argument("--out", default="benchmark")
