@@ -127,7 +127,7 @@ class MetricWriter:
         """Drops records past `step`: those of a run interrupted after its last checkpoint."""
         if not (self.enabled and os.path.exists(self.path)):
             return
-        records = read_metrics(self.path)
+        records = read_metrics(self.path, torn_tail_ok=True)
         with open(self.path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records if r["step"] <= step)
 
@@ -162,9 +162,27 @@ class MetricWriter:
             self.tensorboard.close()
 
 
-def read_metrics(path: str) -> list[dict]:
+def read_metrics(path: str, torn_tail_ok: bool = False) -> list[dict]:
+    """The records of `path`. A line that is not a JSON record raises a ValueError naming the
+    file and line, except, with `torn_tail_ok`, a last line cut short (a run killed while
+    appending it), which is dropped with a warning."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = f.read().split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or "step" not in record:
+                raise ValueError("not a record with a step")
+        except ValueError as e:
+            if torn_tail_ok and not any(rest.strip() for rest in lines[number:]):
+                logging.warning("Dropped the torn last line of %s: %s", path, line[:80])
+                break
+            raise ValueError(f"{path} is damaged (line {number}: {e}); move it away") from None
+        records.append(record)
+    return records
 
 
 PANEL = (500, 400)  # Pixels of one metric's panel.

@@ -184,7 +184,11 @@ def finished_results(run: Run) -> dict | None:
     path = run_files.path(run.workdir, run_files.RESULTS)
     if not (run.done and os.path.exists(path)):
         return None
-    results = run_files.read_json(path)
+    try:
+        results = run_files.read_json(path)
+    except ValueError as e:  # Damaged: the run is finished, so its test is run again.
+        logging.warning("%s; testing the final state again to rewrite it.", e)
+        return None
     logging.info("The run in %s is finished; its results: %s", run.workdir, results)
     return results
 
