@@ -58,7 +58,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_epochs = 10
     config.num_train_steps = -1  # > 0 overrides num_epochs.
     # Gradients are accumulated over microbatches of this many examples (0: whole batch).
-    # Smaller working sets run several times faster on CPUs; -1 picks 32 on CPU, 0 elsewhere.
+    # Smaller working sets run several times faster on CPUs; -1: the task's choice (the
+    # classifier 32 per device on CPUs, the autoencoder and VAE the whole batch; 0 elsewhere).
+    # The GAN trains on whole batches and refuses sizes > 0.
     config.microbatch_size = -1
     # Training steps (and evaluation batches) run per dispatch, a lax.scan over the data kept
     # on the device: fewer round trips to the host. -1: 16, except 1 on CPUs for models with
