@@ -115,7 +115,7 @@ def test_parse_rejects(normalize, message):
         preprocess.parse(normalize, 3)
 
 
-@pytest.mark.parametrize("task", preprocess.IMAGE_TARGET_TASKS)
+@pytest.mark.parametrize("task", ["autoencoder", "vae", "gan"])
 def test_tasks_whose_targets_are_images_reject_normalisation(task):
     preprocess.check_task(task, "none")
     preprocess.check_task("classification", "dataset")
