@@ -384,8 +384,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     optimizer, schedule or dtype, an optimizer argument it does not take, a number out of
     range. Imports `config.imports` first. Needs no data; run it before anything is traced
     so that the message stays one line."""
-    import jax
-
     from flaxcnn import models, tasks
     from flaxcnn.data import preprocess
     from flaxcnn.training.state import validate_optimization
@@ -406,8 +404,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         )
     if config.num_train_steps <= 0 and config.num_epochs <= 0:
         raise ValueError(f"config.num_epochs must be positive, got {config.num_epochs}")
-    for key in ("batch_size", "eval_batch_size"):
-        check_divisible(key, config[key], jax.device_count())
+    # A batch size the devices cannot split runs whole on each (device_data.index_sharding);
+    # the command line refuses one the user set there (check_divisible).
 
 
 DEFAULT_EVAL_BATCH_SIZE = 100  # Keeps a batch's activations in CPU caches (see default_config).

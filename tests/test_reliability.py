@@ -731,3 +731,18 @@ def test_damaged_config_is_not_compared_for_training_and_a_clear_error_for_loadi
     assert any("not comparing it" in r.getMessage() for r in caplog.records)
     with pytest.raises(ValueError, match=f"cannot read {workdir / run_files.CONFIG}"):
         inference.load_config(str(workdir))
+
+
+@pytest.mark.slow  # A start of the command line on 8 simulated devices.
+def test_own_batch_size_the_devices_cannot_split_is_an_error_naming_values_that_work(
+    data_dir, tmp_path
+):
+    result = run_on_devices(
+        8, f"--workdir={tmp_path}", f"--config.data_dir={data_dir}", "--config.batch_size=30"
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: config.batch_size=30 is not divisible by the 8 devices: use a multiple of 8, "
+        "e.g. 24 or 32"
+    )
+    assert os.listdir(tmp_path) == []  # Refused before the workdir is touched.

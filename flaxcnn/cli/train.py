@@ -273,6 +273,9 @@ def main(args: argparse.Namespace, config) -> None:
         fail(str(e), code=1)
     try:
         config_lib.validate(config)  # Before the workdir is touched: names, numbers.
+        for key in ("batch_size", "eval_batch_size"):
+            if key in getattr(args, "overridden", ()):  # The user's own: split, or say how.
+                config_lib.check_divisible(key, config[key], jax.device_count())
         prepare_workdir(args.workdir, config, args.force)
     except ValueError as e:  # DataError included.
         if args.verbose:
@@ -340,6 +343,7 @@ def run(argv: list[str] | None = None) -> None:
     logging.use_absl_handler()
     logging.set_verbosity(logging.INFO)
     args, config = parse_args(argv)
+    args.overridden = {key for key, _ in split_overrides(argv)[1]}
     main(args, config)
 
 

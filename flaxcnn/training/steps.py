@@ -106,7 +106,7 @@ class CompiledSteps:
 
 
 def _index_spec(mesh, k: int, batch_size: int, dtype=np.int32) -> jax.ShapeDtypeStruct:
-    sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
+    sharded = device_data.index_sharding(mesh, batch_size)
     return jax.ShapeDtypeStruct((k, batch_size), dtype, sharding=sharded)
 
 
