@@ -218,7 +218,10 @@ def test_rgb_folder_trains_evaluates_and_predicts_end_to_end(tmp_path):
     np.testing.assert_allclose([c["probability"] for c in top], probabilities[order], rtol=1e-5)
 
 
-@pytest.mark.parametrize("color_mode, channels", [("rgb", 3), ("grayscale", 1)])
+@pytest.mark.parametrize(
+    "color_mode, channels",
+    [("rgb", 3), pytest.param("grayscale", 1, marks=pytest.mark.slow)],  # A training each.
+)
 def test_folder_of_three_sizes_trains_with_image_size_and_color_mode(
     tmp_path, color_mode, channels
 ):
