@@ -168,13 +168,10 @@ def test_user_model_evaluates_predicts_and_exports_with_parity(user_run, tmp_pat
 def test_console_command_runs_each_command(user_run, capsys):
     from flaxcnn import cli
 
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["evaluate", "--workdir", user_run, "--split", "test[:100]"])
-    assert exit_info.value.code == 0
+    assert cli.run_command(["evaluate", "--workdir", user_run, "--split", "test[:100]"]) == 0
     assert "accuracy" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["fly"])
-    assert exit_info.value.code == 2
+    assert cli.run_command(["fly"]) == 2
+    assert "unknown command 'fly'" in capsys.readouterr().err
     with open(REPO / "pyproject.toml", "rb") as f:
         import tomllib
 

@@ -24,21 +24,26 @@ COMMANDS = {
 USAGE = f"usage: flaxcnn {{{','.join(COMMANDS)}}} [--help] ..."
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`flaxcnn COMMAND ARGS...`: runs COMMAND with ARGS; exit code as `python -m` gives."""
-    argv = sys.argv[1:] if argv is None else list(argv)
+def run_command(argv: list[str]) -> int:
+    """Runs `flaxcnn COMMAND ARGS...` (`argv` without the program name) and returns its exit
+    code (train exits by itself on errors and signals, as `python -m flaxcnn.main` does)."""
     if not argv or argv[0] in ("-h", "--help"):
         print(f"{USAGE}\n\nCommands: {', '.join(COMMANDS)}; `flaxcnn COMMAND --help` for each.")
-        sys.exit(0 if argv else 2)
+        return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         print(f"error: unknown command {command!r}; valid: {', '.join(COMMANDS)}", file=sys.stderr)
-        sys.exit(2)
+        return 2
     module = importlib.import_module(COMMANDS[command])
     if command == "train":
-        module.run(rest)  # Exits by itself on errors and signals.
-        return
-    sys.exit(module.main(rest))
+        module.run(rest)
+        return 0
+    return module.main(rest)
+
+
+def main() -> None:
+    """The `flaxcnn` console command: runs the command, then ends the process at once."""
+    exit_now(run_command(sys.argv[1:]))
 
 
 def exit_now(code: int = 0) -> None:
