@@ -1,14 +1,20 @@
+import unittest.mock
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
 
+from flaxcnn.models import layers
+from flaxcnn.models.cnn import SeedCNN
 from flaxcnn.models.layers import (
     Conv,
     ConvReluMaxPool,
+    ConvTranspose2x,
     FlattenDense,
     conv_relu_max_pool,
+    fused_layers_win,
     max_pool_2x2,
 )
 
@@ -124,5 +130,85 @@ def test_flatten_dense_matches_flatten_then_dense_and_its_gradients(shape):
     expected = jax.grad(lambda p, x: loss(p, x.reshape(shape[0], -1), reference), argnums=(0, 1))(
         params, x
     )
+    for got, wanted in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(got, wanted, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layer", [ConvReluMaxPool(6, (3, 3), padding="VALID"), FlattenDense(7)])
+def test_fused_layers_and_their_fallback_share_parameters_outputs_and_gradients(layer):
+    x = jax.random.normal(jax.random.key(0), (3, 9, 8, 2))
+    fused, plain = layer.clone(fused=True), layer.clone(fused=False)
+    params = fused.init(jax.random.key(1), x)
+    # Identical trees and values: a checkpoint written by one restores into the other.
+    jax.tree.map(np.testing.assert_array_equal, params, plain.init(jax.random.key(1), x))
+    params = jax.tree.map(lambda p: p + 0.1, params)  # A nonzero bias.
+
+    def loss(module, params, x):
+        return jnp.sum(jnp.sin(module.apply(params, x)))
+
+    np.testing.assert_allclose(fused.apply(params, x), plain.apply(params, x), atol=1e-5)
+    grads = jax.grad(loss, argnums=(1, 2))(fused, params, x)
+    expected = jax.grad(loss, argnums=(1, 2))(plain, params, x)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_fused_layers_run_on_cpu_by_default():
+    assert fused_layers_win() == (jax.default_backend() == "cpu")
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_seed_cnn_computes_in_its_dtype_with_float32_parameters(fused):
+    x = jax.random.uniform(jax.random.key(0), (2, 28, 28, 1))
+    model = SeedCNN(dtype=jnp.bfloat16)
+    params = model.init(jax.random.key(1), x)
+    assert {p.dtype for p in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+    with unittest.mock.patch.object(layers, "fused_layers_win", lambda: fused):
+        logits = model.apply(params, x)
+        hlo = jax.jit(model.apply).lower(params, x).as_text()
+    assert logits.dtype == jnp.float32  # Cast back for the loss.
+    assert "bf16" in hlo
+    want = SeedCNN().apply(params, x)
+    np.testing.assert_allclose(logits, want, atol=0.05, rtol=0.05)
+    for layer in (ConvReluMaxPool(3), FlattenDense(4)):  # Each layer computes in bfloat16.
+        layer = layer.clone(dtype=jnp.bfloat16, fused=fused)
+        out, _ = layer.init_with_output(jax.random.key(0), jnp.ones((2, 6, 6, 1)))
+        assert out.dtype == jnp.bfloat16, layer
+
+
+@pytest.mark.parametrize(
+    "kernel_size, use_bias, channels, features",
+    [
+        (2, True, 3, 4),
+        (3, True, 3, 4),
+        (4, False, 3, 4),
+        (5, True, 3, 4),
+        # Wider windows than MAX_SUBPIXEL_PATCH: convolution routes.
+        (4, True, 30, 4),  # One convolution to the four phases.
+        (3, True, 70, 16),  # One per phase.
+        (5, False, 30, 16),
+    ],
+)
+def test_conv_transpose_2x_is_flax_conv_transpose_with_its_gradients(
+    kernel_size, use_bias, channels, features
+):
+    x = jax.random.normal(jax.random.key(1), (2, 5, 6, channels))
+    reference = nn.ConvTranspose(features, (kernel_size,) * 2, (2, 2), use_bias=use_bias)
+    ours = ConvTranspose2x(features, kernel_size, use_bias=use_bias)
+    variables = jax.tree.map(lambda v: v + 0.1, reference.init(jax.random.key(0), x))
+    jax.tree.map(  # The same parameters from the same key.
+        np.testing.assert_array_equal,
+        ours.init(jax.random.key(0), x),
+        reference.init(jax.random.key(0), x),
+    )
+
+    def loss(module, variables, x):
+        return jnp.sum(jnp.sin(module.apply(variables, x)))
+
+    want = reference.apply(variables, x)
+    assert want.shape == (2, 10, 12, features)
+    np.testing.assert_allclose(ours.apply(variables, x), want, atol=1e-5)
+    grads = jax.jit(jax.grad(loss, argnums=(1, 2)), static_argnums=0)(ours, variables, x)
+    expected = jax.grad(loss, argnums=(1, 2))(reference, variables, x)
     for got, wanted in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
         np.testing.assert_allclose(got, wanted, atol=1e-4, rtol=1e-4)

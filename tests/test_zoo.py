@@ -166,7 +166,7 @@ def test_autoencoder_rejects_images_of_another_shape():
     [
         (StridedConv(4), nn.Conv(4, (3, 3), strides=(2, 2)), (2, 6, 7, 3), (2, 3, 4, 4)),
         (
-            ConvTranspose2x(4),
+            ConvTranspose2x(4, 3),
             nn.ConvTranspose(4, (3, 3), strides=(2, 2)),
             (2, 5, 6, 3),
             (2, 10, 12, 4),

@@ -4,11 +4,12 @@ The encoder halves the resolution with each strided convolution; the decoder mir
 strided transposed convolutions from ceil(H / 2^n) x ceil(W / 2^n) and crops to exactly
 (H, W, C), so any image size works (28x28x1 and 32x32x3 alike).
 
-Both resampling layers are computed as patches @ kernel matmuls, with the parameters and
-numerics of `nn.Conv` / `nn.ConvTranspose`. XLA:CPU runs convolutions inside loops (the
-training loop's multi-step `lax.scan`) tens of times slower than outside, and computes the
-kernel gradient of `nn.ConvTranspose`'s input-dilated convolution slowly everywhere; matmuls
-are fast in both places.
+Both resampling layers are computed as matmuls of input windows by kernel taps, with the
+parameters and numerics of `nn.Conv` / `nn.ConvTranspose` (the transposed one is
+`flaxcnn.models.layers.ConvTranspose2x`, shared with the GAN). XLA:CPU runs convolutions
+inside loops (the training loop's multi-step `lax.scan`) tens of times slower than outside,
+and computes the kernel gradient of `nn.ConvTranspose`'s input-dilated convolution slowly
+everywhere; matmuls are fast in both places.
 """
 
 import math
@@ -16,16 +17,9 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
-from flaxcnn.models.layers import extract_patches
-
-# _SUBPIXEL_TAPS[d, a, k] = 1 where, along one axis, output pixel 2m + a of a 3-tap stride-2
-# 'SAME' transposed convolution takes input pixel m + d - 1 times kernel tap k:
-# y[2m] = x[m - 1] k[0] + x[m] k[2] and y[2m + 1] = x[m] k[1].
-_SUBPIXEL_TAPS = np.zeros((2, 2, 3), np.float32)
-_SUBPIXEL_TAPS[0, 0, 0] = _SUBPIXEL_TAPS[1, 0, 2] = _SUBPIXEL_TAPS[1, 1, 1] = 1.0
+from flaxcnn.models.layers import ConvTranspose2x
 
 
 class StridedConv(nn.Module):
@@ -57,31 +51,6 @@ class StridedConv(nn.Module):
         return jnp.concatenate(taps, axis=-1) @ kernel.reshape(-1, self.features) + bias
 
 
-class ConvTranspose2x(nn.Module):
-    """A 3x3 stride-2 'SAME' transposed convolution, (B, h, w, C) -> (B, 2h, 2w, features):
-    numerically `nn.ConvTranspose(features, (3, 3), strides=(2, 2))`, with its parameters.
-
-    Computed as a stride-1 2x2 convolution (2x2 patches @ kernel) to the four output phases
-    (2 x 2 x features channels), then a depth-to-space reshape.
-    """
-
-    features: int
-    kernel_init: Callable = nn.initializers.lecun_normal()
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        batch, height, width, channels = x.shape
-        kernel = self.param("kernel", self.kernel_init, (3, 3, channels, self.features))
-        bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        taps = jnp.asarray(_SUBPIXEL_TAPS)
-        phases = jnp.einsum("yak,xbl,klcf->yxcabf", taps, taps, kernel)
-        phases = phases.reshape(4 * channels, 4 * self.features)
-        x = jnp.pad(x, ((0, 0), (1, 0), (1, 0), (0, 0)))
-        y = extract_patches(x, (2, 2), "VALID") @ phases
-        y = y.reshape(batch, height, width, 2, 2, self.features).transpose(0, 1, 3, 2, 4, 5)
-        return y.reshape(batch, 2 * height, 2 * width, self.features) + bias
-
-
 class ConvEncoder(nn.Module):
     """(B, H, W, C) -> (B, F): stride-2 3x3 convolutions with relu, flattened."""
 
@@ -108,8 +77,8 @@ class ConvDecoder(nn.Module):
         start = (math.ceil(height / scale), math.ceil(width / scale), self.widths[-1])
         x = nn.relu(nn.Dense(math.prod(start))(z)).reshape(z.shape[0], *start)
         for features in reversed(self.widths[:-1]):
-            x = nn.relu(ConvTranspose2x(features)(x))
-        x = ConvTranspose2x(channels)(x)
+            x = nn.relu(ConvTranspose2x(features, 3)(x))
+        x = ConvTranspose2x(channels, 3)(x)
         return x[:, :height, :width, :]
 
 

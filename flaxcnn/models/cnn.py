@@ -13,18 +13,25 @@ class SeedCNN(nn.Module):
     """The classic Keras MNIST CNN, layer for layer (54,410 parameters on 28x28x1).
 
     Conv2D(32, 3x3, 'valid', relu) -> MaxPool(2) -> Flatten -> Dense(num_classes); Keras's
-    glorot-uniform kernels and zero biases. Returns logits: the softmax is in the loss.
+    glorot-uniform kernels and zero biases. Returns float32 logits: the softmax is in the
+    loss. `dtype` is the compute dtype (parameters stay float32). The layers are fused for
+    XLA:CPU there and plain `lax.conv` / `nn.max_pool` / dense elsewhere, with the same
+    parameters either way.
     """
 
     num_classes: int = 10
+    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         del train  # No dropout or batch norm here.
         init = nn.initializers.glorot_uniform()
         # Named as the nn.Conv and nn.Dense they compute: parameters keep Keras's layer names.
-        x = ConvReluMaxPool(32, (3, 3), padding="VALID", kernel_init=init, name="Conv_0")(x)
-        return FlattenDense(self.num_classes, kernel_init=init, name="Dense_0")(x)
+        x = ConvReluMaxPool(
+            32, (3, 3), padding="VALID", kernel_init=init, dtype=self.dtype, name="Conv_0"
+        )(x)
+        x = FlattenDense(self.num_classes, kernel_init=init, dtype=self.dtype, name="Dense_0")(x)
+        return x.astype(jnp.float32)
 
 
 class CNN(nn.Module):

@@ -10,7 +10,9 @@ its flattened output contracts position by position (`flatten_dense`), so that n
 operation's output has the flattened features as its minor axis (XLA:CPU emits such a fusion
 with an index division per element, 5x slower than the same fusion over (positions, features)).
 Parameters keep Flax's `nn.Conv` and `nn.Dense` names and layout, so checkpoints and counts
-are unchanged.
+are unchanged. The fused layers are an optimisation for XLA:CPU, where they were measured: on
+other backends (`fused=None`) they compute the plain `lax.conv` / `nn.max_pool` / dense
+formulation, with the same parameters.
 """
 
 import functools
@@ -19,7 +21,14 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
+
+
+def fused_layers_win() -> bool:
+    """Whether the hand-fused layers run here: on XLA:CPU, the backend they were measured on."""
+    return jax.default_backend() == "cpu"
+
 
 # Patches of at most this many values (3x3 over 3 channels) go through a matmul; wider
 # inputs make patch tensors too large to win, and go through `lax.conv`.
@@ -170,13 +179,17 @@ conv_relu_max_pool.defvjp(_conv_relu_max_pool_fwd, _conv_relu_max_pool_bwd)
 
 class ConvReluMaxPool(nn.Module):
     """`nn.Conv` (stride 1, with bias), relu and 2x2 `nn.max_pool`, computed by
-    `conv_relu_max_pool`. Meant for a first layer: the windows hold (kh + 1) * (kw + 1) * C
-    values per output, which only pays for narrow inputs."""
+    `conv_relu_max_pool` where it wins (`fused`; None: on XLA:CPU) and by `lax.conv` and
+    `nn.max_pool` elsewhere, with the same parameters. Meant for a first layer: the windows
+    hold (kh + 1) * (kw + 1) * C values per output, which only pays for narrow inputs.
+    `dtype` is the compute dtype (parameters stay float32)."""
 
     features: int
     kernel_size: tuple[int, int] = (3, 3)
     padding: str = "SAME"
     kernel_init: Callable = nn.initializers.lecun_normal()
+    dtype: jnp.dtype | None = None
+    fused: bool | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -185,7 +198,15 @@ class ConvReluMaxPool(nn.Module):
             "kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features), jnp.float32
         )
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-        return conv_relu_max_pool(pad_for(x, self.kernel_size, self.padding), kernel, bias)
+        dtype = self.dtype or x.dtype
+        x, kernel, bias = x.astype(dtype), kernel.astype(dtype), bias.astype(dtype)
+        x = pad_for(x, self.kernel_size, self.padding)
+        if fused_layers_win() if self.fused is None else self.fused:
+            return conv_relu_max_pool(x, kernel, bias)
+        y = jax.lax.conv_general_dilated(
+            x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return nn.max_pool(jax.nn.relu(y + bias), (2, 2), strides=(2, 2))
 
 
 def flatten_dense(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -228,10 +249,13 @@ _per_position_dense.defvjp(_per_position_dense_fwd, _per_position_dense_bwd)
 
 class FlattenDense(nn.Module):
     """Flatten then `nn.Dense` (same parameter names and shapes), computed by
-    `flatten_dense`."""
+    `flatten_dense` where it wins (`fused`; None: on XLA:CPU) and as one matmul elsewhere.
+    `dtype` is the compute dtype (parameters stay float32)."""
 
     features: int
     kernel_init: Callable = nn.initializers.lecun_normal()
+    dtype: jnp.dtype | None = None
+    fused: bool | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -239,4 +263,125 @@ class FlattenDense(nn.Module):
             "kernel", self.kernel_init, (math.prod(x.shape[1:]), self.features), jnp.float32
         )
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-        return flatten_dense(x, kernel) + bias
+        dtype = self.dtype or x.dtype
+        x, kernel, bias = x.astype(dtype), kernel.astype(dtype), bias.astype(dtype)
+        if fused_layers_win() if self.fused is None else self.fused:
+            return flatten_dense(x, kernel) + bias
+        return x.reshape(x.shape[0], -1) @ kernel + bias
+
+
+def transpose_padding(size: int) -> int:
+    """The zeros `lax.conv_transpose(..., strides=2, padding='SAME')` puts before the
+    stride-dilated input along an axis, for a kernel of `size` taps."""
+    return size - 1 if size <= 2 else -(-size // 2)
+
+
+def phase_taps(size: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Along one axis of a `size`-tap stride-2 'SAME' transposed convolution, for each
+    output phase a (even, odd) the (tap t, input offset d) pairs with
+    y[2q + a] = sum over the pairs of x[q + d] * kernel[t]. Each tap serves one phase."""
+    pad = transpose_padding(size)
+    phases = ([], [])
+    for tap in range(size):
+        for phase in (0, 1):
+            if (phase + tap - pad) % 2 == 0:
+                phases[phase].append((tap, (phase + tap - pad) // 2))
+    return phases
+
+
+def subpixel_kernel(kernel: jax.Array) -> jax.Array:
+    """(k, k, C, F) transposed-convolution kernel -> (D * D * C, 4 * F): the weights of the
+    D x D input window (offsets `min(d)`.. `max(d)` of `phase_taps`) for each of the four
+    output phases (row, column parity), zero where a phase has no tap."""
+    taps = phase_taps(kernel.shape[0])
+    offsets = sorted({d for phase in taps for _, d in phase})
+    table = np.zeros((len(offsets), 2, kernel.shape[0]), np.float32)
+    for phase, pairs in enumerate(taps):
+        for tap, offset in pairs:
+            table[offsets.index(offset), phase, tap] = 1.0
+    table = jnp.asarray(table, kernel.dtype)
+    weights = jnp.einsum("yak,xbl,klcf->yxcabf", table, table, kernel)
+    return weights.reshape(len(offsets) ** 2 * kernel.shape[2], 4 * kernel.shape[3])
+
+
+# Transposed convolutions whose input windows hold at most this many values run as one
+# matmul of patches (no `lax.conv`, so the model can run in the multi-step `lax.scan`: the
+# autoencoder's and VAE's decoders); wider ones as stride-1 convolutions, which measured
+# 2.4-3.4x faster than the patches on the GAN's generator.
+MAX_SUBPIXEL_PATCH = 256
+# With fewer output channels than this, the four phases of the convolution route run as one
+# convolution (XLA:CPU is slow on convolutions with very few output channels); with more, as
+# one each, without the zero taps.
+MIN_FEATURES_PER_PHASE = 16
+
+
+def _conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+def _phase_convolutions(x: jax.Array, kernel: jax.Array, low: int, height: int, width: int):
+    """(B, h, w, 2, 2, F): each output phase as a 'VALID' convolution of the window of `x`
+    (a (h, w) input padded by `low` before) that its taps read, by those taps."""
+    taps = phase_taps(kernel.shape[0])
+
+    def phase(rows, cols):
+        (top, bottom), (left, right) = [(pairs[0][1], pairs[-1][1]) for pairs in (rows, cols)]
+        window = x[:, low + top : low + bottom + height, low + left : low + right + width]
+        phase_kernel = kernel[np.array([t for t, _ in rows])][:, np.array([t for t, _ in cols])]
+        return _conv(window, phase_kernel)
+
+    return jnp.stack([jnp.stack([phase(r, c) for c in taps], axis=3) for r in taps], axis=3)
+
+
+def conv_transpose_2x(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """`lax.conv_transpose(x, kernel, (2, 2), 'SAME')` (Flax's `nn.ConvTranspose`, kernel
+    not flipped) for a (k, k, C, F) kernel: (B, h, w, C) -> (B, 2h, 2w, F).
+
+    XLA:CPU computes the kernel gradient of the input-dilated convolution a transposed
+    convolution lowers to several times slower than stride-1 forms: here the four output
+    phases (row, column parity) come from the D x D input windows, as one matmul of patches
+    by `subpixel_kernel` (windows of at most MAX_SUBPIXEL_PATCH values), else as one
+    convolution by it (fewer than MIN_FEATURES_PER_PHASE features), else as one
+    convolution per phase; then a depth-to-space reshape.
+    """
+    batch, height, width, channels = x.shape
+    features = kernel.shape[-1]
+    offsets = [d for phase in phase_taps(kernel.shape[0]) for _, d in phase]
+    low, high = -min(offsets), max(offsets)
+    size = low + high + 1
+    x = jnp.pad(x, ((0, 0), (low, high), (low, high), (0, 0)))
+    if size * size * channels <= MAX_SUBPIXEL_PATCH:
+        y = extract_patches(x, (size, size), "VALID") @ subpixel_kernel(kernel)
+    elif features < MIN_FEATURES_PER_PHASE:
+        y = _conv(x, subpixel_kernel(kernel).reshape(size, size, channels, 4 * features))
+    else:
+        y = _phase_convolutions(x, kernel, low, height, width)
+    y = y.reshape(batch, height, width, 2, 2, features).transpose(0, 1, 3, 2, 4, 5)
+    return y.reshape(batch, 2 * height, 2 * width, features)
+
+
+class ConvTranspose2x(nn.Module):
+    """A `kernel_size` x `kernel_size` stride-2 'SAME' transposed convolution (doubles height
+    and width), numerically `nn.ConvTranspose(features, (k, k), strides=(2, 2))` with its
+    parameters, computed by `conv_transpose_2x`. `dtype` is the compute dtype (parameters
+    stay float32)."""
+
+    features: int
+    kernel_size: int = 4
+    use_bias: bool = True
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    dtype: jnp.dtype | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        size = self.kernel_size
+        kernel = self.param(
+            "kernel", self.kernel_init, (size, size, x.shape[-1], self.features), jnp.float32
+        )
+        dtype = self.dtype or x.dtype
+        y = conv_transpose_2x(x.astype(dtype), kernel.astype(dtype))
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(dtype)
+        return y
