@@ -3,91 +3,12 @@ discriminator scoring images as real or generated, held in one module as two sub
 separate parameter trees ("generator", "discriminator")."""
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
-# y[2q] = x[q-1] w[0] + x[q] w[2] and y[2q+1] = x[q] w[1] + x[q+1] w[3] along each axis of
-# a 4-tap stride-2 transposed convolution (lax/flax 'SAME' padding): the taps each output
-# phase (even, odd) applies to the input positions (q-1, q, q+1); -1: none.
-_PHASE_TAPS = ((0, 2, -1), (-1, 1, 3))
-# With fewer output channels than this, the four phases run as one convolution (XLA:CPU is
-# slow on convolutions with very few output channels); with more, as one each.
-MIN_FEATURES_PER_PHASE = 16
-
-
-def _phase_kernel(kernel: jax.Array, row_phase: int, col_phase: int) -> jax.Array:
-    """The (3, 3, I, O) stride-1 kernel computing one output phase of the (4, 4, I, O)
-    transposed-convolution `kernel` (zeros where the phase has no tap)."""
-    padded = jnp.pad(kernel, ((0, 1), (0, 1), (0, 0), (0, 0)))  # Index -1: a zero tap.
-    rows, cols = np.array(_PHASE_TAPS[row_phase]), np.array(_PHASE_TAPS[col_phase])
-    return padded[rows[:, None], cols[None, :]]
-
-
-def _conv(x: jax.Array, kernel: jax.Array, padding: str) -> jax.Array:
-    return jax.lax.conv_general_dilated(
-        x, kernel, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
-    )
-
-
-def conv_transpose_2x(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """`lax.conv_transpose(x, kernel, (2, 2), 'SAME')` for a (4, 4, I, O) kernel, as stride-1
-    convolutions: XLA:CPU computes the kernel gradient of the input-dilated convolution a
-    transposed convolution is several times slower than these.
-
-    Each of the four output phases (row, column parity) is a 2x2 convolution of the input;
-    with few output channels they run as one 3x3 convolution with 4 O channels instead.
-    """
-    b, h, w, _ = x.shape
-    features = kernel.shape[-1]
-    if features < MIN_FEATURES_PER_PHASE:
-        phases = [_phase_kernel(kernel, r, c) for r in range(2) for c in range(2)]
-        subpixel = jnp.stack(phases, axis=-2).reshape(3, 3, kernel.shape[2], 4 * features)
-        y = _conv(x, subpixel, "SAME")
-        y = y.reshape(b, h, w, 2, 2, features)
-    else:
-        padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-        # Phase 0 reads positions q-1, q (padded rows q, q+1); phase 1 reads q, q+1.
-        y = jnp.stack(
-            [
-                jnp.stack(
-                    [
-                        _conv(
-                            padded[:, r : r + h + 1, c : c + w + 1],
-                            _phase_kernel(kernel, r, c)[r : r + 2, c : c + 2],
-                            "VALID",
-                        )
-                        for c in range(2)
-                    ],
-                    axis=3,
-                )
-                for r in range(2)
-            ],
-            axis=3,
-        )  # (b, h, w, row phase, col phase, features)
-    y = y.transpose(0, 1, 3, 2, 4, 5)  # (b, h, row phase, w, col phase, features)
-    return y.reshape(b, 2 * h, 2 * w, features)
-
-
-class ConvTranspose2x(nn.Module):
-    """A 4x4 stride-2 'SAME' transposed convolution (doubles height and width), numerically
-    `nn.ConvTranspose(features, (4, 4), strides=(2, 2))` with the same parameters, computed
-    by `conv_transpose_2x`."""
-
-    features: int
-    use_bias: bool = True
-    kernel_init: Callable = nn.initializers.lecun_normal()
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", self.kernel_init, (4, 4, x.shape[-1], self.features))
-        y = conv_transpose_2x(x, kernel)
-        if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,))
-        return y
+from flaxcnn.models.layers import ConvTranspose2x
 
 
 class Generator(nn.Module):
