@@ -377,3 +377,33 @@ def test_model_summary_is_a_layer_table_or_a_parameter_list():
     assert listed.endswith(
         f"Total parameters: {sum(x.size for x in jax.tree.leaves(state.params)):,}\n"
     )
+
+
+def test_a_config_file_may_define_its_model_and_point_at_itself(tmp_path, monkeypatch):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "mine.py").write_text(
+        textwrap.dedent("""
+        from flax import linen as nn
+
+        from flaxcnn import default_config
+
+
+        class Mine(nn.Module):
+            num_classes: int = 10
+
+            @nn.compact
+            def __call__(self, x, train=False):
+                return nn.Dense(self.num_classes)(x.reshape(x.shape[0], -1))
+
+
+        def get_config():
+            config = default_config.get_config()
+            config.model = "configs/mine.py:Mine"  # Relative to where the command runs.
+            return config
+        """)
+    )
+    monkeypatch.chdir(tmp_path)
+    config = config_lib.load("configs/mine.py")
+    assert config.model == f"{tmp_path / 'configs' / 'mine.py'}:Mine"
+    config_lib.validate(config)
+    assert type(create_model(config.model, num_classes=3)).__name__ == "Mine"
