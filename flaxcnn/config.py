@@ -393,6 +393,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if callable(getattr(task, "validate", None)):
         task.validate(config)  # Training settings the task cannot honour.
     models.model_arguments(config.model, dict(config.model_kwargs))
+    if config.task in tasks.TASKS:  # A user's task may call its model as it likes.
+        models.check_call(config.model)
     validate_optimization(config)
     preprocess.validate(config)  # config.normalize, and the tasks that take none.
     for key in ("learning_rate", "batch_size", "eval_batch_size"):

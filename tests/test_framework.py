@@ -407,3 +407,16 @@ def test_a_config_file_may_define_its_model_and_point_at_itself(tmp_path, monkey
     assert config.model == f"{tmp_path / 'configs' / 'mine.py'}:Mine"
     config_lib.validate(config)
     assert type(create_model(config.model, num_classes=3)).__name__ == "Mine"
+
+
+def test_a_model_without_a_train_argument_is_refused_by_name(tmp_path):
+    (tmp_path / "plain.py").write_text(
+        "from flax import linen as nn\n\n\nclass NoTrain(nn.Module):\n"
+        "    @nn.compact\n    def __call__(self, x):\n        return nn.Dense(10)(x)\n"
+    )
+    config = tiny_config("unused", model=f"{tmp_path / 'plain.py'}:NoTrain")
+    with pytest.raises(ValueError, match=r"NoTrain': __call__ must accept `train: bool`"):
+        config_lib.validate(config)
+    config.task = str(tmp_path / "plain.py")  # Not a task: the task is checked first.
+    with pytest.raises(ValueError, match="lacks create_state"):
+        config_lib.validate(config)

@@ -55,6 +55,20 @@ def argument_names(model: Any) -> set[str] | None:
     return {p.name for p in parameters}
 
 
+def check_call(name: str) -> None:
+    """Raises ValueError (one line) when the module class `name` cannot be called as the
+    tasks call it, `module(x, train=...)`, before anything is traced."""
+    model = resolve_model(name)
+    if not (isinstance(model, type) and issubclass(model, nn.Module)):
+        return  # A factory: its module is checked when built.
+    parameters = inspect.signature(model.__call__).parameters.values()
+    if not any(p.name == "train" or p.kind is p.VAR_KEYWORD for p in parameters):
+        raise ValueError(
+            f"model {name!r}: __call__ must accept `train: bool` (True in training steps, "
+            "False in evaluation), e.g. `def __call__(self, x, train: bool = False)`"
+        )
+
+
 def model_arguments(name: str, kwargs: dict) -> dict:
     """`kwargs` for the module `name`: the dataset's `num_classes` / `image_shape` dropped if
     it does not take them; any other argument it does not take is a one-line ValueError."""
