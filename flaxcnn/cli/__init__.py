@@ -1,12 +1,14 @@
 """Command-line layer: arguments, workdir checks, one-line errors -> library calls.
 
 `flaxcnn COMMAND ...` (the console script of pyproject.toml) runs the same commands as
-`python -m flaxcnn.main|evaluate|predict|export ...`:
+`python -m flaxcnn.main|evaluate|predict|export|sample ...` and `python -m flaxcnn.cli.scorer`:
 
     flaxcnn train --workdir W [--config FILE] [--config.KEY=VALUE ...]
     flaxcnn evaluate --workdir W [--split test] ...
     flaxcnn predict --workdir W IMAGE ...
     flaxcnn export --workdir W --out DIR
+    flaxcnn sample --workdir W ...
+    flaxcnn scorer --dataset mnist
 """
 
 import importlib
@@ -20,6 +22,8 @@ COMMANDS = {
     "evaluate": "flaxcnn.cli.evaluate",
     "predict": "flaxcnn.cli.predict",
     "export": "flaxcnn.cli.export",
+    "sample": "flaxcnn.cli.sample",
+    "scorer": "flaxcnn.cli.scorer",
 }
 USAGE = f"usage: flaxcnn {{{','.join(COMMANDS)}}} [--help] ..."
 
