@@ -250,7 +250,6 @@ def test_gradient_step_tasks_accept_every_setting():
         ({"microbatch_size": 16}, "task 'gan' trains on whole batches"),
         ({"l2": 1e-4}, "task 'gan' has no L2 penalty"),
         ({"ema_decay": 0.999}, "set config.g_ema_decay"),
-        ({"augment.noise": 0.1}, "task 'gan' does not augment images"),
     ],
 )
 def test_gan_rejects_what_it_cannot_honour(overrides, message):
@@ -261,6 +260,53 @@ def test_gan_rejects_what_it_cannot_honour(overrides, message):
         gan.validate(config)
     with pytest.raises(ValueError, match=message):
         gan.create_state(config, key(0), SHAPE, 10, 100)
+
+
+def gan_state(**overrides):
+    config = config_for("gan", optimizer="adam", model_kwargs=TINY_GAN, **overrides)
+    return jax.jit(lambda rng: gan.create_state(config, rng, SHAPE, 10, 100))(key(0))
+
+
+def test_gan_augments_real_and_generated_images_for_both_updates():
+    """DiffAugment: off, the step is the plain one; on, the discriminator judges augmented
+    images in its update and the generator's gradient passes through the augmentation."""
+    state, batch, strengths = gan_state(), make_batch(8), dict(AUGMENTATION)
+    plain, plain_metrics = jax.jit(gan.train_step)(state, batch, key(1))
+    off, off_metrics = jax.jit(functools.partial(gan.train_step, augmentation=None))(
+        state, batch, key(1)
+    )
+    assert max_abs_diff(off.params, plain.params) == 0
+    step = jax.jit(functools.partial(gan.train_step, augmentation=strengths))
+    augmented, metrics = step(state, batch, key(1))
+    assert all_finite(augmented.params) and all_finite(metrics)
+    assert float(metrics["d_real"]) != float(plain_metrics["d_real"])
+    assert float(metrics["d_fake"]) != float(plain_metrics["d_fake"])
+    # The generator alone, against the same discriminator: the augmentation is in its loss.
+    g_plain, _ = jax.jit(gan.generator_update, static_argnums=2)(state, key(2), 8)
+    g_update = functools.partial(gan.generator_update, augmentation=strengths)
+    g_augmented, _ = jax.jit(g_update, static_argnums=2)(state, key(2), 8)
+    assert max_abs_diff(g_augmented.params["generator"], g_plain.params["generator"]) > 0
+    assert gan.step_kwargs(gan_config_with_noise())["augmentation"]["noise"] == 0.1
+
+
+def gan_config_with_noise():
+    config = config_for("gan", optimizer="adam", model_kwargs=TINY_GAN)
+    config.augment.noise = 0.1
+    gan.validate(config)
+    return config
+
+
+@pytest.mark.parametrize(
+    "strengths",
+    [{"rotation": 20.0}, {"translation": 3.0}, {"scale": 0.2}, {"noise": 0.1}, {"crop": 2}]
+    + [{"flip_horizontal": True}],
+)
+def test_every_augmentation_passes_gradients_to_the_images(strengths):
+    # What DiffAugment needs: the generator learns through the augmentation.
+    images = make_batch(4)["image"]
+    weights = jax.random.normal(key(5), images.shape)
+    grads = jax.grad(lambda x: jnp.sum(augment.augment(x, key(4), **strengths) * weights))(images)
+    assert all_finite(grads) and float(jnp.max(jnp.abs(grads))) > 0
 
 
 def test_gan_clips_each_network_when_asked():

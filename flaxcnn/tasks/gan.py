@@ -41,6 +41,9 @@ NUM_PICTURE_SAMPLES = 64
 # The sample pictures' latents come from key(0) folded with this, whatever the run's seed, so
 # every epoch (and every run of a config) pictures the same latent vectors.
 _FIXED_LATENT_FOLD = 0x6A4
+# An update's augmentations draw from its key folded with this: its other draws stay as
+# they are without augmentation.
+_AUGMENT_FOLD = 0xA06
 
 
 class GANState(struct.PyTreeNode):
@@ -117,8 +120,9 @@ def create_state(
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError (one line) for a training setting this task cannot honour. Its two
-    updates honour `skip_nonfinite` and `grad_clip_norm` (each network's gradients);
-    microbatches, L2, the moving average of all parameters and augmentation are refused."""
+    updates honour `skip_nonfinite`, `grad_clip_norm` (each network's gradients) and
+    `augment` (`diff_augment`); microbatches, L2 and the moving average of all parameters
+    are refused."""
     if config.get("microbatch_size", 0) > 0:
         raise ValueError(
             "task 'gan' trains on whole batches (the generator's batch norm needs them): "
@@ -131,17 +135,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
             "task 'gan' averages only the generator's parameters: set config.g_ema_decay, "
             f"and config.ema_decay to 0 (not {config.ema_decay})"
         )
-    if "augment" in config and augment.enabled(dict(config.augment)):
-        raise ValueError(
-            "task 'gan' does not augment images (augmenting real images alone would teach "
-            "the generator the augmentations): turn config.augment off"
-        )
 
 
 def step_kwargs(config: ml_collections.ConfigDict) -> dict:
-    """`train_step`'s static settings: whether to skip non-finite updates."""
+    """`train_step`'s static settings: whether to skip non-finite updates, and the
+    augmentation of real and generated images."""
     validate(config)
-    return {"skip_nonfinite": bool(config.get("skip_nonfinite", False))}
+    return {
+        "skip_nonfinite": bool(config.get("skip_nonfinite", False)),
+        "augmentation": augment.from_config(config) if "augment" in config else None,
+    }
 
 
 def latents(state: GANState, rng: jax.Array, num: int) -> jax.Array:
@@ -200,13 +203,29 @@ def discriminator_losses(
     }
 
 
-def discriminator_update(state: GANState, batch: Batch, rng: jax.Array) -> tuple[GANState, Metrics]:
+def diff_augment(rng: jax.Array, augmentation: dict | None, *batches: jax.Array) -> list:
+    """Each batch of images augmented (`augment.augment`'s `augmentation`) with its own key
+    folded from `rng`; unchanged when `augmentation` is None or off. DiffAugment (Zhao et al.,
+    2020): the discriminator sees real and generated images through the same kind of random
+    transformations, and the generator's gradient passes through them (they are
+    differentiable), so the generator is not taught to produce augmented images."""
+    if not augmentation or not augment.enabled(augmentation):
+        return list(batches)
+    keys = jax.random.split(jax.random.fold_in(rng, _AUGMENT_FOLD), len(batches))
+    return [augment.augment(images, k, **augmentation) for images, k in zip(batches, keys)]
+
+
+def discriminator_update(
+    state: GANState, batch: Batch, rng: jax.Array, augmentation: dict | None = None
+) -> tuple[GANState, Metrics]:
     """One optimizer update of the discriminator on `batch` (real) and as many generated
-    images (from latents drawn with `rng`). The generator is applied in training mode, as in
-    its own update, but its batch statistics are not updated here."""
+    images (from latents drawn with `rng`), both through `diff_augment`. The generator is
+    applied in training mode, as in its own update, but its batch statistics are not
+    updated here."""
     real = batch["image"]
     fake, _ = _generate(state, state.params["generator"], latents(state, rng, len(real)), True)
     fake = jax.lax.stop_gradient(fake)
+    real, fake = diff_augment(rng, augmentation, real, fake)
 
     def loss_fn(d_params):
         metrics = discriminator_losses(
@@ -227,13 +246,17 @@ def discriminator_update(state: GANState, batch: Batch, rng: jax.Array) -> tuple
     return new_state, {k: metrics[k] for k in ("d_loss", "d_real", "d_fake", "count")}
 
 
-def generator_update(state: GANState, rng: jax.Array, batch_size: int) -> tuple[GANState, Metrics]:
+def generator_update(
+    state: GANState, rng: jax.Array, batch_size: int, augmentation: dict | None = None
+) -> tuple[GANState, Metrics]:
     """One optimizer update of the generator on `batch_size` latents drawn with `rng`, with
     the non-saturating loss -log D(G(z)); updates its batch statistics too."""
     z = latents(state, rng, batch_size)
 
     def loss_fn(g_params):
         fake, batch_stats = _generate(state, g_params, z, train=True)
+        # D judges the fakes through the augmentations of its own update (DiffAugment).
+        (fake,) = diff_augment(rng, augmentation, fake)
         logits = _discriminate(state, state.params["discriminator"], fake)
         loss = jnp.sum(optax.sigmoid_binary_cross_entropy(logits, jnp.ones_like(logits)))
         return loss / batch_size, (loss, batch_stats)
@@ -250,7 +273,12 @@ def generator_update(state: GANState, rng: jax.Array, batch_size: int) -> tuple[
 
 
 def train_step(
-    state: GANState, batch: Batch, rng: jax.Array, *, skip_nonfinite: bool = False
+    state: GANState,
+    batch: Batch,
+    rng: jax.Array,
+    *,
+    skip_nonfinite: bool = False,
+    augmentation: dict | None = None,
 ) -> tuple[GANState, Metrics]:
     """A discriminator update, then a generator update against the updated discriminator.
 
@@ -259,10 +287,12 @@ def train_step(
     "loss" is the generator's loss (the one the loop watches and logs). With
     `skip_nonfinite`, a step whose losses or new parameters are not finite leaves both
     networks as they were (the step still counted) and is reported in "skipped" instead.
+    With `augmentation`, both updates augment real and generated images (`diff_augment`).
     """
     d_rng, g_rng = jax.random.split(jax.random.fold_in(rng, state.step))
-    new_state, metrics = discriminator_update(state, batch, d_rng)
-    new_state, g_metrics = generator_update(new_state, g_rng, batch["image"].shape[0])
+    new_state, metrics = discriminator_update(state, batch, d_rng, augmentation)
+    batch_size = batch["image"].shape[0]
+    new_state, g_metrics = generator_update(new_state, g_rng, batch_size, augmentation)
     metrics = {**metrics, **g_metrics, "loss": g_metrics["g_loss"]}
     new_state = new_state.replace(step=state.step + 1)
     if not skip_nonfinite:
