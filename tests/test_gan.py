@@ -219,6 +219,78 @@ def test_generate_is_pure():
     assert gan.fixed_latents(state, 4).shape == (4, 8)
 
 
+def test_the_generator_average_follows_its_decay():
+    state = make_state(g_ema_decay=0.9)
+    assert max_abs_diff(state.g_ema, state.params["generator"]) == 0
+    after, _ = gan.generator_update(state, key(2), 8)
+    expected = jax.tree.map(lambda e, p: 0.9 * e + 0.1 * p, state.g_ema, after.params["generator"])
+    assert max_abs_diff(after.g_ema, expected) < 1e-6
+    assert max_abs_diff(after.g_ema, after.params["generator"]) > 0
+    # The discriminator's update leaves the average alone.
+    assert (
+        max_abs_diff(gan.discriminator_update(state, make_batch(), key(1))[0].g_ema, state.g_ema)
+        == 0
+    )
+
+
+def test_sampling_variables_hold_the_averaged_weights_and_standing_statistics():
+    state, _ = gan.generator_update(make_state(g_ema_decay=0.5), key(2), 8)
+    variables = gan.sampling_variables(state, 64)
+    assert max_abs_diff(variables["params"]["generator"], state.g_ema) == 0
+    again = gan.sampling_variables(state, 64)
+    assert max_abs_diff(variables, again) == 0  # Fixed latents: deterministic.
+    # The statistics are those of one batch through the averaged generator, so normalising
+    # that batch with them in evaluation mode equals training mode on it.
+    rng = jax.random.fold_in(jax.random.key(0), gan._STANDING_STATS_FOLD)
+    z = gan.latents(state, rng, 64)
+    train_mode, _ = state.model.apply(
+        {"params": {"generator": state.g_ema}, "batch_stats": state.batch_stats},
+        z,
+        train=True,
+        method=DCGAN.generate,
+        mutable=["batch_stats"],
+    )
+    np.testing.assert_allclose(gan.generate_with(state, variables, z), train_mode, atol=1e-4)
+
+
+def conditional_state(**overrides):
+    return make_state(conditional=True, **overrides)
+
+
+def test_conditional_gan_takes_labels_in_both_networks():
+    state = conditional_state()
+    assert state.model.num_classes == 10
+    assert "label_projection" in state.params["discriminator"]
+    z = gan.fixed_latents(state, 4)
+    variables = gan.sampling_variables(state, 64)
+    threes = gan.generate_with(state, variables, z, jnp.full(4, 3))
+    fives = gan.generate_with(state, variables, z, jnp.full(4, 5))
+    assert threes.shape == (4, 28, 28, 1) and max_abs_diff(threes, fives) > 0
+    # Same latents, same labels: same images; the label is the only difference.
+    assert max_abs_diff(threes, gan.generate_with(state, variables, z, jnp.full(4, 3))) == 0
+    with pytest.raises(ValueError, match="needs labels"):
+        state.model.apply(
+            {"params": state.params, "batch_stats": state.batch_stats}, z, method=DCGAN.generate
+        )
+
+
+def test_conditional_train_step_runs_on_the_batch_labels():
+    state, batch = conditional_state(), make_batch()
+    new_state, metrics = jax.jit(gan.train_step)(state, batch, key(1))
+    assert all(np.isfinite(float(v)) for v in metrics.values())
+    # The real images' labels reach the discriminator: other labels, another update.
+    other = {**batch, "label": (batch["label"] + 1) % 10}
+    other_state, _ = jax.jit(gan.train_step)(conditional_state(), other, key(1))
+    assert max_abs_diff(new_state.params["discriminator"], other_state.params["discriminator"]) > 0
+
+
+def test_conditional_sample_grid_cycles_through_the_classes():
+    state = conditional_state()
+    assert gan.fixed_labels(state, 12).tolist() == list(range(10)) + [0, 1]
+    assert gan.fixed_labels(make_state(), 12) is None
+    assert gan.sample_grid(state, 16).shape == (2 * 30 + 2, 8 * 30 + 2, 1)
+
+
 class RecordingWriter:
     def __init__(self):
         self.images = []

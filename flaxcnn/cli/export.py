@@ -18,6 +18,11 @@ float32 class probabilities (B, num_classes) (the softmax of the model's logits)
 
 Both are lowered for `--platforms` (default cpu and cuda), so either runs on a CPU or an
 NVIDIA GPU. Errors: `error: ...` on stderr, exit code 2.
+
+A GAN or VAE run exports its generator instead: `DIR/generator.stablehlo` takes standard-
+normal latents float32 (b, latent_dim) [and, for a class-conditional run, labels int32 (b,)]
+and returns uint8 images (b, H, W, C), drawn with the weights `python -m flaxcnn.sample`
+uses (a GAN's averaged generator and standing batch statistics); `DIR/export.json` says so.
 """
 
 import argparse
@@ -32,9 +37,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxcnn.data import input_pipeline, preprocess
-from flaxcnn.inference import Run, load_run
+from flaxcnn.inference import Run, load_config, load_run
 
 STABLEHLO_FILE = "model.stablehlo"
+GENERATOR_FILE = "generator.stablehlo"  # A GAN's or VAE's generator.
+GENERATIVE_TASKS = ("gan", "vae")
 SAVED_MODEL_DIR = "saved_model"
 METADATA_FILE = "export.json"
 SIGNATURE = "serving_default"
@@ -137,6 +144,55 @@ def export_run(run: Run, out_dir: str, platforms: Sequence[str] = DEFAULT_PLATFO
     return metadata
 
 
+def export_generator(run: Run, platforms: Sequence[str] = DEFAULT_PLATFORMS):
+    """A GAN's or VAE's generator as a `jax.export.Exported`: latents float32 (b, latent_dim)
+    [and, conditional, labels int32 (b,)] -> uint8 images (b, H, W, C), for any batch size b,
+    with the weights samples are drawn with (flaxcnn.cli.sample.decoder) compiled in."""
+    from flaxcnn.cli.sample import decoder
+
+    latent_dim, num_classes, decode = decoder(run.config.task, run.state)
+
+    def images(z, labels=None):
+        return jnp.round(jnp.clip(decode(z, labels), 0.0, 1.0) * 255).astype(jnp.uint8)
+
+    (b,) = jax.export.symbolic_shape("b")
+    specs = [jax.ShapeDtypeStruct((b, latent_dim), jnp.float32)]
+    if num_classes:
+        specs.append(jax.ShapeDtypeStruct((b,), jnp.int32))
+    return jax.export.export(jax.jit(images), platforms=platforms)(*specs)
+
+
+def export_generator_run(
+    run: Run, out_dir: str, platforms: Sequence[str] = DEFAULT_PLATFORMS
+) -> dict:
+    """Writes `export_generator`'s artifact and its metadata into `out_dir`."""
+    os.makedirs(out_dir, exist_ok=True)
+    exported = export_generator(run, platforms)
+    with open(os.path.join(out_dir, GENERATOR_FILE), "wb") as f:
+        f.write(exported.serialize())
+    latent_dim = int(exported.in_avals[0].shape[1])
+    inputs = [{"name": "latents", "dtype": "float32", "shape": ["batch", latent_dim]}]
+    if len(exported.in_avals) > 1:
+        inputs.append({"name": "labels", "dtype": "int32", "shape": ["batch"]})
+    metadata = {
+        "workdir": os.path.abspath(run.workdir),
+        "which": run.which,
+        "step": run.step,
+        "task": run.config.task,
+        "model": run.config.model,
+        "inputs": inputs,
+        "latent_distribution": "standard normal",
+        "output": {"name": "images", "dtype": "uint8", "shape": ["batch", *run.image_shape]},
+        "class_names": run.class_names if len(inputs) > 1 else None,
+        "platforms": list(platforms),
+        "stablehlo": GENERATOR_FILE,
+        "jax_version": jax.__version__,
+    }
+    with open(os.path.join(out_dir, METADATA_FILE), "w") as f:
+        json.dump(metadata, f, indent=2)
+    return metadata
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m flaxcnn.export",
@@ -165,6 +221,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not platforms:
             raise ValueError("--platforms names no platform")
+        task = load_config(args.workdir).get("task", "classification")
+        if task in GENERATIVE_TASKS:  # A generator: latents in, images out.
+            run = load_run(args.workdir, args.which, data_dir=args.data_dir, task_names=(task,))
+            export_generator_run(run, args.out, platforms)
+            print(f"exported the generator of {args.workdir} to {args.out}/{GENERATOR_FILE}")
+            return 0
         run = load_run(args.workdir, args.which, data_dir=args.data_dir)
         export_run(run, args.out, platforms)
     except (ValueError, input_pipeline.DataError) as e:

@@ -6,25 +6,32 @@ import math
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 from flax import linen as nn
 
 from flaxcnn.models.layers import ConvTranspose2x
 
 
 class Generator(nn.Module):
-    """Latent (B, latent_dim) -> image (B, H, W, C) in [0, 1].
+    """Latent (B, latent_dim) [and labels (B,)] -> image (B, H, W, C) in [0, 1].
 
     Dense -> reshape to (H / 2^k, W / 2^k, widths[0]) -> batch norm, relu -> for each further
     width a 4x4 stride-2 transposed convolution, batch norm, relu -> a last 4x4 stride-2
     transposed convolution to C channels -> sigmoid, with k = len(widths) doublings in all.
-    Sizes not divisible by 2^k are generated a little larger and centre-cropped.
+    Sizes not divisible by 2^k are generated a little larger and centre-cropped. With
+    `num_classes` > 0 the generator is conditional: the label, one-hot, joins the latent.
+    `bn_momentum` 0 makes a training-mode call store its batch's statistics exactly.
     """
 
     image_shape: tuple[int, int, int]
     widths: Sequence[int] = (128, 64)
+    num_classes: int = 0
+    bn_momentum: float = 0.9
 
     @nn.compact
-    def __call__(self, z: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(
+        self, z: jax.Array, labels: jax.Array | None = None, train: bool = False
+    ) -> jax.Array:
         if not self.widths:
             raise ValueError("the generator needs at least one width")
         height, width, channels = self.image_shape
@@ -32,9 +39,10 @@ class Generator(nn.Module):
         base_h, base_w = math.ceil(height / scale), math.ceil(width / scale)
 
         def norm_relu(x):
-            x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+            x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum)(x)
             return nn.relu(x)
 
+        z = condition(z, labels, self.num_classes)
         x = nn.Dense(base_h * base_w * self.widths[0], use_bias=False)(z)
         x = norm_relu(x.reshape(z.shape[0], base_h, base_w, self.widths[0]))
         for i, features in enumerate(self.widths[1:]):
@@ -46,24 +54,43 @@ class Generator(nn.Module):
         return nn.sigmoid(x)
 
 
+def condition(z: jax.Array, labels: jax.Array | None, num_classes: int) -> jax.Array:
+    """`z` with the one-hot `labels` appended (a conditional model), or `z` itself."""
+    if not num_classes:
+        return z
+    if labels is None:
+        raise ValueError("a class-conditional GAN needs labels")
+    return jnp.concatenate([z, jax.nn.one_hot(labels, num_classes, dtype=z.dtype)], axis=-1)
+
+
 class Discriminator(nn.Module):
-    """Image (B, H, W, C) -> logit (B,) of "real": 4x4 stride-2 convolutions of `widths`
-    channels with leaky relu (0.2), then a dense logit. No batch norm, so real and generated
-    batches are scored independently of each other."""
+    """Image (B, H, W, C) [and labels (B,)] -> logit (B,) of "real": 4x4 stride-2
+    convolutions of `widths` channels with leaky relu (0.2), then a dense logit. No batch norm,
+    so real and generated batches are scored independently of each other. With `num_classes`
+    > 0, a projection discriminator (Miyato & Koyama, 2018): the logit adds the inner product
+    of the features with an embedding of the label."""
 
     widths: Sequence[int] = (64, 128)
+    num_classes: int = 0
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, labels: jax.Array | None = None) -> jax.Array:
         for features in self.widths:
             x = nn.Conv(features, (4, 4), strides=(2, 2))(x)
             x = nn.leaky_relu(x, 0.2)
         x = x.reshape(x.shape[0], -1)
-        return nn.Dense(1)(x)[:, 0]
+        logit = nn.Dense(1)(x)[:, 0]
+        if self.num_classes:
+            if labels is None:
+                raise ValueError("a class-conditional GAN needs labels")
+            embedding = nn.Embed(self.num_classes, x.shape[-1], name="label_projection")
+            logit = logit + jnp.sum(embedding(labels) * x, axis=-1)
+        return logit
 
 
 class DCGAN(nn.Module):
-    """The generator and the discriminator of images of `image_shape` (H, W, C).
+    """The generator and the discriminator of images of `image_shape` (H, W, C), both
+    conditioned on the class label when `num_classes` > 0.
 
     `__call__` (used to initialise both) scores generated images, D(G(z)); `generate` and
     `discriminate` apply one submodule, and need only that submodule's variables.
@@ -73,16 +100,27 @@ class DCGAN(nn.Module):
     latent_dim: int = 64
     generator_widths: Sequence[int] = (128, 64)
     discriminator_widths: Sequence[int] = (64, 128)
+    num_classes: int = 0
+    bn_momentum: float = 0.9
 
     def setup(self):
-        self.generator = Generator(tuple(self.image_shape), tuple(self.generator_widths))
-        self.discriminator = Discriminator(tuple(self.discriminator_widths))
+        self.generator = Generator(
+            tuple(self.image_shape),
+            tuple(self.generator_widths),
+            self.num_classes,
+            self.bn_momentum,
+        )
+        self.discriminator = Discriminator(tuple(self.discriminator_widths), self.num_classes)
 
-    def __call__(self, z: jax.Array, train: bool = False) -> jax.Array:
-        return self.discriminator(self.generator(z, train))
+    def __call__(
+        self, z: jax.Array, labels: jax.Array | None = None, train: bool = False
+    ) -> jax.Array:
+        return self.discriminator(self.generator(z, labels, train), labels)
 
-    def generate(self, z: jax.Array, train: bool = False) -> jax.Array:
-        return self.generator(z, train)
+    def generate(
+        self, z: jax.Array, labels: jax.Array | None = None, train: bool = False
+    ) -> jax.Array:
+        return self.generator(z, labels, train)
 
-    def discriminate(self, images: jax.Array) -> jax.Array:
-        return self.discriminator(images)
+    def discriminate(self, images: jax.Array, labels: jax.Array | None = None) -> jax.Array:
+        return self.discriminator(images, labels)

@@ -9,12 +9,19 @@ parameters, batch statistics and optimizer state, so each can be tested alone.
 Both networks train with Adam (`config.optimizer` must be "adam") following
 `config.lr_schedule`. Config keys of this task, each optional (default in brackets):
 `adam_b1` (0.5, DCGAN's value: Adam's first-moment decay), `d_learning_rate` (the
-discriminator's learning rate; `learning_rate`), `score_samples` (0, off: how many samples
-`extra_results` scores) and `scorer_dir` (where the scoring classifier is kept; see
-flaxcnn.generative_metrics).
+discriminator's learning rate; `learning_rate`), `g_ema_decay` (0: the moving average of the
+generator's parameters that samples are drawn with; 0 keeps the live parameters),
+`conditional` (False: both networks take the class label), `score_samples` (0, off: how many
+samples `extra_results` scores) and `scorer_dir` (where the scoring classifier is kept; see
+flaxcnn.reporting.generative_metrics).
+
+Samples (pictures, scores, `python -m flaxcnn.sample`, the generator export) are drawn with
+`sampling_variables`: the averaged parameters and batch statistics of a fixed batch of latents
+through them, so that a single latent gives the same image as in any batch.
 """
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -44,20 +51,27 @@ _FIXED_LATENT_FOLD = 0x6A4
 # An update's augmentations draw from its key folded with this: its other draws stay as
 # they are without augmentation.
 _AUGMENT_FOLD = 0xA06
+_STANDING_STATS_FOLD = 0x57A
+_LABEL_FOLD = 0x1AB  # A conditional generator's labels: its latents' key folded with this.
+# Latents whose batch statistics the sampling generator normalises with.
+STANDING_STATS_SAMPLES = 2048
 
 
 class GANState(struct.PyTreeNode):
-    """Both networks' parameters and optimizer states, the generator's batch statistics, and
-    the step: every leaf an array, so the loop jits and checkpoints it whole."""
+    """Both networks' parameters and optimizer states, the generator's batch statistics, a
+    moving average of the generator's parameters (what samples are drawn with), and the step:
+    every leaf an array, so the loop jits and checkpoints it whole."""
 
     step: jax.Array
     params: dict[str, Any]  # {"generator": ..., "discriminator": ...}
     batch_stats: dict[str, Any]  # {"generator": ...}: the discriminator has none.
     g_opt_state: optax.OptState
     d_opt_state: optax.OptState
+    g_ema: dict[str, Any]  # The generator's parameters, averaged with decay `g_ema_decay`.
     model: DCGAN = struct.field(pytree_node=False)
     g_tx: optax.GradientTransformation = struct.field(pytree_node=False)
     d_tx: optax.GradientTransformation = struct.field(pytree_node=False)
+    g_ema_decay: float = struct.field(pytree_node=False, default=0.0)
 
 
 def _optimizer(
@@ -95,14 +109,21 @@ def create_state(
     total_steps: int,
 ) -> GANState:
     """`config.model` (a DCGAN) for images of `input_shape`, initialised, with an optimizer
-    each. `num_classes` is unused: the GAN ignores labels."""
-    del num_classes
+    each; conditioned on the `num_classes` labels when `config.conditional` is set."""
     validate(config)
     model_class = MODELS.get(config.model)
     if not (isinstance(model_class, type) and issubclass(model_class, DCGAN)):
         raise ValueError(f"task 'gan' needs a GAN model (DCGAN), got {config.model!r}")
-    model = create_model(config.model, image_shape=tuple(input_shape), **model_kwargs(config))
-    variables = model.init(rng, jnp.zeros((1, model.latent_dim), jnp.float32), train=False)
+    kwargs = model_kwargs(config)
+    if config.get("conditional", False):
+        kwargs["num_classes"] = num_classes
+    model = create_model(config.model, image_shape=tuple(input_shape), **kwargs)
+    decay = float(config.get("g_ema_decay", 0.0))
+    if not 0 <= decay < 1:
+        raise ValueError(f"config.g_ema_decay must be in [0, 1), got {decay}")
+    z = jnp.zeros((1, model.latent_dim), jnp.float32)
+    labels = jnp.zeros((1,), jnp.int32) if model.num_classes else None
+    variables = model.init(rng, z, labels, train=False)
     params = variables["params"]
     g_tx = _optimizer(config, config.learning_rate, total_steps)
     d_tx = _optimizer(config, config.get("d_learning_rate", config.learning_rate), total_steps)
@@ -112,7 +133,10 @@ def create_state(
         batch_stats=variables["batch_stats"],
         g_opt_state=g_tx.init(params["generator"]),
         d_opt_state=d_tx.init(params["discriminator"]),
+        # A copy, so that donating the state never donates one buffer twice.
+        g_ema=jax.tree.map(jnp.copy, params["generator"]),
         model=model,
+        g_ema_decay=decay,
         g_tx=g_tx,
         d_tx=d_tx,
     )
@@ -152,36 +176,91 @@ def latents(state: GANState, rng: jax.Array, num: int) -> jax.Array:
     return jax.random.normal(rng, (num, state.model.latent_dim), jnp.float32)
 
 
+def random_labels(state: GANState, rng: jax.Array, num: int) -> jax.Array | None:
+    """`num` labels drawn uniformly for a conditional GAN; None for an unconditional one."""
+    if not state.model.num_classes:
+        return None
+    return jax.random.randint(rng, (num,), 0, state.model.num_classes, jnp.int32)
+
+
 def fixed_latents(state: GANState, num: int = NUM_PICTURE_SAMPLES) -> jax.Array:
     """The same `num` latent vectors for every epoch and run: comparable sample pictures."""
     return latents(state, jax.random.fold_in(jax.random.key(0), _FIXED_LATENT_FOLD), num)
 
 
-def _generate(state: GANState, params: Any, z: jax.Array, train: bool):
-    """G(z), and in training mode (batch statistics) the updated batch statistics."""
+def fixed_labels(state: GANState, num: int = NUM_PICTURE_SAMPLES) -> jax.Array | None:
+    """Labels 0, 1, ..., K-1, 0, ... for the pictures of a conditional GAN (None otherwise):
+    with 8 columns, each class runs down a diagonal."""
+    if not state.model.num_classes:
+        return None
+    return jnp.arange(num, dtype=jnp.int32) % state.model.num_classes
+
+
+def _generate(state: GANState, params: Any, z: jax.Array, labels, train: bool):
+    """G(z, labels), and in training mode (batch statistics) the updated batch statistics."""
     variables = {"params": {"generator": params}, "batch_stats": state.batch_stats}
     if not train:
-        return state.model.apply(variables, z, method=DCGAN.generate), state.batch_stats
+        images = state.model.apply(variables, z, labels, method=DCGAN.generate)
+        return images, state.batch_stats
     images, updates = state.model.apply(
-        variables, z, train=True, method=DCGAN.generate, mutable=["batch_stats"]
+        variables, z, labels, train=True, method=DCGAN.generate, mutable=["batch_stats"]
     )
     return images, updates["batch_stats"]
 
 
-def _discriminate(state: GANState, params: Any, images: jax.Array) -> jax.Array:
+def _discriminate(state: GANState, params: Any, images: jax.Array, labels=None) -> jax.Array:
     return state.model.apply(
-        {"params": {"discriminator": params}}, images, method=DCGAN.discriminate
+        {"params": {"discriminator": params}}, images, labels, method=DCGAN.discriminate
     )
 
 
-def generate_from_latents(state: GANState, z: jax.Array) -> jax.Array:
-    """G(z) in evaluation mode (batch norm's running averages): (num, H, W, C) in [0, 1]."""
-    return _generate(state, state.params["generator"], z, train=False)[0]
+def sampling_variables(state: GANState, num: int = STANDING_STATS_SAMPLES) -> dict:
+    """The generator's variables samples are drawn with: the moving average of its parameters
+    and "standing" batch statistics, those of `num` fixed latents (uniform labels) passed
+    through it in training mode. The running averages of training describe earlier
+    parameters, not the averaged ones; fixed latents make the statistics deterministic."""
+    rng = jax.random.fold_in(jax.random.key(0), _STANDING_STATS_FOLD)
+    z = latents(state, rng, num)
+    labels = None
+    if state.model.num_classes:
+        labels = jnp.arange(num, dtype=jnp.int32) % state.model.num_classes
+    variables = {"params": {"generator": state.g_ema}, "batch_stats": state.batch_stats}
+    _, updates = state.model.clone(bn_momentum=0.0).apply(
+        variables, z, labels, train=True, method=DCGAN.generate, mutable=["batch_stats"]
+    )
+    return {"params": {"generator": state.g_ema}, "batch_stats": updates["batch_stats"]}
 
 
-def generate(state: GANState, rng: jax.Array, num: int) -> jax.Array:
-    """`num` images (num, H, W, C) in [0, 1] from fresh latents drawn with `rng`."""
-    return generate_from_latents(state, latents(state, rng, num))
+def generate_with(
+    state: GANState, variables: dict, z: jax.Array, labels: jax.Array | None = None
+) -> jax.Array:
+    """G(z, labels) in evaluation mode with `variables` (see `sampling_variables`): (num, H,
+    W, C) in [0, 1]."""
+    return state.model.apply(variables, z, labels, method=DCGAN.generate)
+
+
+def generate_from_latents(
+    state: GANState, z: jax.Array, labels: jax.Array | None = None
+) -> jax.Array:
+    """G(z, labels) with the sampling variables: (num, H, W, C) in [0, 1]."""
+    return generate_with(state, sampling_variables(state), z, labels)
+
+
+def generate(
+    state: GANState,
+    rng: jax.Array,
+    num: int,
+    labels: jax.Array | None = None,
+    variables: dict | None = None,
+) -> jax.Array:
+    """`num` images (num, H, W, C) in [0, 1] from fresh latents drawn with `rng`, of the given
+    `labels` (a conditional GAN; uniform ones when None), with `variables` (by default
+    `sampling_variables(state)`: pass them in when drawing several times)."""
+    z_rng, label_rng = jax.random.split(rng)
+    if labels is None:
+        labels = random_labels(state, label_rng, num)
+    variables = sampling_variables(state) if variables is None else variables
+    return generate_with(state, variables, latents(state, z_rng, num), labels)
 
 
 def discriminator_losses(
@@ -223,14 +302,17 @@ def discriminator_update(
     applied in training mode, as in its own update, but its batch statistics are not
     updated here."""
     real = batch["image"]
-    fake, _ = _generate(state, state.params["generator"], latents(state, rng, len(real)), True)
+    # A conditional GAN's fakes are drawn for the real batch's labels.
+    labels = batch["label"] if state.model.num_classes else None
+    z = latents(state, rng, len(real))
+    fake, _ = _generate(state, state.params["generator"], z, labels, True)
     fake = jax.lax.stop_gradient(fake)
     real, fake = diff_augment(rng, augmentation, real, fake)
 
     def loss_fn(d_params):
         metrics = discriminator_losses(
-            _discriminate(state, d_params, real),
-            _discriminate(state, d_params, fake),
+            _discriminate(state, d_params, real, labels),
+            _discriminate(state, d_params, fake, labels),
             jnp.ones(len(real), jnp.float32),
         )
         return metrics["d_loss"] / len(real), metrics
@@ -250,24 +332,29 @@ def generator_update(
     state: GANState, rng: jax.Array, batch_size: int, augmentation: dict | None = None
 ) -> tuple[GANState, Metrics]:
     """One optimizer update of the generator on `batch_size` latents drawn with `rng`, with
-    the non-saturating loss -log D(G(z)); updates its batch statistics too."""
+    the non-saturating loss -log D(G(z)); updates its batch statistics and the moving average
+    of its parameters too. A conditional GAN draws uniform labels with `rng`."""
     z = latents(state, rng, batch_size)
+    labels = random_labels(state, jax.random.fold_in(rng, _LABEL_FOLD), batch_size)
 
     def loss_fn(g_params):
-        fake, batch_stats = _generate(state, g_params, z, train=True)
+        fake, batch_stats = _generate(state, g_params, z, labels, train=True)
         # D judges the fakes through the augmentations of its own update (DiffAugment).
         (fake,) = diff_augment(rng, augmentation, fake)
-        logits = _discriminate(state, state.params["discriminator"], fake)
+        logits = _discriminate(state, state.params["discriminator"], fake, labels)
         loss = jnp.sum(optax.sigmoid_binary_cross_entropy(logits, jnp.ones_like(logits)))
         return loss / batch_size, (loss, batch_stats)
 
     grads, (g_loss, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params["generator"])
     updates, g_opt_state = state.g_tx.update(grads, state.g_opt_state, state.params["generator"])
     g_params = optax.apply_updates(state.params["generator"], updates)
+    decay = state.g_ema_decay
+    g_ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.g_ema, g_params)
     new_state = state.replace(
         params={**state.params, "generator": g_params},
         batch_stats=batch_stats,
         g_opt_state=g_opt_state,
+        g_ema=g_ema,
     )
     return new_state, {"g_loss": g_loss}
 
@@ -310,21 +397,33 @@ def eval_step(state: GANState, batch: Batch, rng: jax.Array | None = None) -> Me
         rng = jax.random.key(0)
     real = batch["image"]
     weights = batch.get("mask", jnp.ones(len(real), bool)).astype(jnp.float32)
-    fake = generate(state, rng, len(real))
+    labels = batch["label"] if state.model.num_classes else None
+    z = latents(state, rng, len(real))
+    fake, _ = _generate(state, state.params["generator"], z, labels, False)
     metrics = discriminator_losses(
-        _discriminate(state, state.params["discriminator"], real),
-        _discriminate(state, state.params["discriminator"], fake),
+        _discriminate(state, state.params["discriminator"], real, labels),
+        _discriminate(state, state.params["discriminator"], fake, labels),
         weights,
     )
     return {**metrics, "loss": metrics["g_loss"]}
 
 
 _generate_jit = jax.jit(generate_from_latents)
+_sampling_variables_jit = jax.jit(sampling_variables, static_argnums=1)
+_sample_jit = jax.jit(generate, static_argnums=2)
+
+
+def sampler(state: GANState) -> Callable[..., jax.Array]:
+    """`draw(rng, num, labels=None)`: `generate` with the sampling variables computed once."""
+    variables = _sampling_variables_jit(state, STANDING_STATS_SAMPLES)
+    return lambda rng, num, labels=None: _sample_jit(state, rng, num, labels, variables)
 
 
 def sample_grid(state: GANState, num: int = NUM_PICTURE_SAMPLES) -> np.ndarray:
-    """The generator's images of the fixed latents, tiled: (H', W', C) uint8."""
-    images = np.asarray(jax.device_get(_generate_jit(state, fixed_latents(state, num))))
+    """The generator's images of the fixed latents (and, conditional, labels cycling through
+    the classes), tiled: (H', W', C) uint8."""
+    z, labels = fixed_latents(state, num), fixed_labels(state, num)
+    images = np.asarray(jax.device_get(_generate_jit(state, z, labels)))
     return pictures.image_grid(images, SAMPLE_GRID_COLUMNS)
 
 
@@ -350,12 +449,20 @@ def extra_results(
     test_split: input_pipeline.Split | None = None,
 ) -> dict:
     """Inception score and Frechet distance (to `test_split`) of `config.score_samples`
-    samples under the dataset's scoring classifier, trained once into `config.scorer_dir`
-    (see flaxcnn.generative_metrics); {} when `score_samples` is 0 or absent."""
+    samples under the dataset's scoring classifier (see
+    flaxcnn.reporting.generative_metrics), and for a conditional GAN the scorer's accuracy on
+    samples of each class; {} when `score_samples` is 0 or absent."""
     del workdir
-    sample = jax.jit(generate, static_argnums=2)
+    if not config.get("score_samples", 0):
+        return {}
+    draw = sampler(state)
+    num_classes = state.model.num_classes
     return generative_metrics.evaluate_generator(
-        lambda rng, num: sample(state, rng, num),
+        lambda rng, num: draw(rng, num),
         config,
         test_images=None if test_split is None else test_split.images,
+        conditional_fn=(lambda rng, labels: draw(rng, len(labels), labels))
+        if num_classes
+        else None,
+        num_classes=num_classes,
     )
