@@ -1,5 +1,5 @@
 """Models: `config.model` names a built-in module below or any Flax module by import path
-(`package.module:Name`, `path/to/file.py:Name`; see flaxcnn.config.resolve).
+(`package.module:Name`, `path/to/file.py:Name`; see flaxcnn.resolver).
 
 What a module must accept: `__call__(x, train: bool)` with `x` (B, H, W, C) float32 in
 [0, 1], returning logits (B, num_classes) for classification. A module that declares a
@@ -14,7 +14,7 @@ from typing import Any
 
 from flax import linen as nn
 
-from flaxcnn import config as config_lib
+from flaxcnn import resolver
 from flaxcnn.models.autoencoder import ConvAutoencoder
 from flaxcnn.models.cnn import CNN, SeedCNN
 from flaxcnn.models.gan import DCGAN
@@ -35,7 +35,7 @@ DATA_ARGUMENTS = ("num_classes", "image_shape")
 
 def resolve_model(spec: str) -> Any:
     """The module class (or factory) `spec` names: a key of MODELS or an import path."""
-    target = config_lib.resolve("model", spec, MODELS)
+    target = resolver.resolve("model", spec, MODELS)
     if isinstance(target, type) and issubclass(target, nn.Module):
         return target
     if isinstance(target, nn.Module):

@@ -15,6 +15,9 @@ flaxcnn/tasks/base.py for the documented Protocol):
 
 from typing import Any
 
+from flaxcnn import resolver
+from flaxcnn.tasks import base
+
 # Built-in tasks by import path: imported only when named.
 TASKS: dict[str, str] = {
     "classification": "flaxcnn.tasks.classification",
@@ -26,9 +29,6 @@ TASKS: dict[str, str] = {
 
 def get_task(name: str) -> Any:
     """The task `name` names (a built-in or an import path), checked against the protocol."""
-    from flaxcnn import config
-    from flaxcnn.tasks import base
-
-    task = config.resolve("task", name, TASKS)
+    task = resolver.resolve("task", name, TASKS)
     base.check_task(task, name)
     return task

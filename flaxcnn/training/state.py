@@ -14,7 +14,7 @@ from flax import linen as nn
 from flax import struct
 from flax.training import train_state
 
-from flaxcnn import config as config_lib
+from flaxcnn import resolver
 from flaxcnn.models import argument_names, resolve_model
 from flaxcnn.training.regularization import decay_mask
 
@@ -111,7 +111,7 @@ def _lookup(table: dict, kind: str, name: str):
 
 def resolve_optimizer(name: str) -> Callable[..., optax.GradientTransformation]:
     """The optimizer function `name` names: built-in, optax's, or an import path."""
-    fn = config_lib.resolve("optimizer", name, OPTIMIZERS, namespace=optax)
+    fn = resolver.resolve("optimizer", name, OPTIMIZERS, namespace=optax)
     if not callable(fn):
         raise ValueError(f"optimizer {name!r} is not a function")
     return fn
