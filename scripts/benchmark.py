@@ -467,9 +467,10 @@ def _whole_command_row(batch_size: int, label: str, series: list[list]) -> str:
     ours, peer_medians = medians[0], [m for m in medians[1:] if m is not None]
     ratio = f"{min(peer_medians) / ours:.2f}x" if ours and peer_medians else "-"
     paired = []
-    for results in zip(*series):  # One repeat: every contender's run.
-        if all(r is not None for r in results):
-            paired.append(min(r["seconds"] for r in results[1:]) / results[0]["seconds"])
+    for ours_run, *peer_runs in zip(*series):  # One repeat: every contender's run.
+        done = [r["seconds"] for r in peer_runs if r is not None]
+        if ours_run is not None and done:  # Against the best peer that finished.
+            paired.append(min(done) / ours_run["seconds"])
     per_repeat = f"{statistics.median(paired):.2f}x" if len(series) > 1 and paired else "-"
     accuracies = " / ".join(_fmt(_median_accuracy(s), ".4f") for s in series)
     cells = " | ".join(_fmt(m) for m in medians)
@@ -555,7 +556,8 @@ def main() -> None:
         for (trainer, batch_size), results in runs.items()
         if (done := [r for r in results if r is not None])
     ]
-    report += ["## Throughput", "", *throughput_table(rows)]
+    if rows:
+        report += ["## Throughput", "", *throughput_table(rows)]
 
     tta_rows = []
     if args.time_to_accuracy:
