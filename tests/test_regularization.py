@@ -161,7 +161,7 @@ def test_compute_dtype_maps_to_the_model_dtype():
     "config, message",
     [
         (config_for(compute_dtype="float16"), "unknown compute_dtype 'float16'; valid:"),
-        (config_for(model="SeedCNN"), "SeedCNN has none"),
+        (config_for(model="RNN"), "RNN has none"),
     ],
 )
 def test_bad_compute_dtype_settings_raise_value_error(config, message):
