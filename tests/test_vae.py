@@ -23,7 +23,13 @@ def tiny_config(**overrides):
 @functools.cache
 def make_state(conditional: bool = False):
     config = tiny_config(conditional=conditional)
-    return vae.create_state(config, jax.random.key(0), (28, 28, 1), 10, 10)
+    state = vae.create_state(config, jax.random.key(0), (28, 28, 1), 10, 10)
+    # A posterior unlike the prior (an untrained one is close to N(0, 1)), so that the
+    # densities' every term matters.
+    params = dict(state.params)
+    params["log_variance"] = {**params["log_variance"], "bias": jnp.full(3, -2.0)}
+    params["mean"] = {**params["mean"], "bias": jnp.full(3, 0.5)}
+    return state.replace(params=params)
 
 
 def images(num: int = 16, seed: int = 0) -> np.ndarray:
@@ -45,7 +51,8 @@ def test_one_importance_sample_estimates_the_negative_elbo():
     state, x = make_state(), images()
     labels = jnp.zeros(len(x), jnp.int32)
     draws = [vae.importance_weighted_nll(state, x, labels, jax.random.key(s), 1) for s in range(64)]
-    np.testing.assert_allclose(np.mean(draws, axis=0), negative_elbo(state, x, labels), rtol=0.02)
+    # Means over the images and 64 draws: sampling errors well under a nat.
+    assert abs(np.mean(draws) - np.mean(negative_elbo(state, x, labels))) < 1.0
 
 
 def test_more_importance_samples_tighten_the_bound_and_a_key_repeats_it():
