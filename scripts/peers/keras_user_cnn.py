@@ -1,0 +1,82 @@
+"""The Keras twin of `configs/user_cnn.py`: the same architecture, data split, optimizer,
+batch size and epochs, trained by `fit`, then tested; prints the training throughput.
+
+    python scripts/peers/keras_user_cnn.py [--batch-size 32] [--epochs 2] [--backend tensorflow]
+
+Reads MNIST from ../shared/data/mnist/mnist.npz (x_train, y_train, x_test, y_test).
+"""
+
+import argparse
+import os
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+NPZ = os.path.join(REPO, "..", "shared", "data", "mnist", "mnist.npz")
+
+
+def build(keras, widths=(16, 32), dropout_rate=0.25, batch_norm=False):
+    """Conv(16) -> Conv(32) (3x3 'valid', relu) -> MaxPool(2) -> Dropout -> Dense(10)."""
+    layers = [keras.Input((28, 28, 1))]
+    for width in widths:
+        layers.append(keras.layers.Conv2D(width, 3))
+        if batch_norm:
+            layers.append(keras.layers.BatchNormalization(momentum=0.9))
+        layers.append(keras.layers.ReLU())
+    layers += [
+        keras.layers.MaxPooling2D(2),
+        keras.layers.Dropout(dropout_rate),
+        keras.layers.Flatten(),
+        keras.layers.Dense(10),
+    ]
+    return keras.Sequential(layers)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--backend", default="tensorflow", choices=["tensorflow", "jax"])
+    parser.add_argument("--batch-norm", action="store_true")
+    args = parser.parse_args()
+    os.environ["KERAS_BACKEND"] = args.backend
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+    import numpy as np
+
+    keras.utils.set_random_seed(0)
+    data = np.load(NPZ)
+    x, y = data["x_train"][..., None].astype("float32") / 255, data["y_train"]
+    x_test, y_test = data["x_test"][..., None].astype("float32") / 255, data["y_test"]
+    model = build(keras, batch_norm=args.batch_norm)
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    epoch_times = []
+
+    class Timer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            epoch_times.append(time.perf_counter() - self.start)
+
+    model.fit(
+        x,
+        y,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        validation_split=0.1,
+        callbacks=[Timer()],
+        verbose=0,
+    )
+    loss, accuracy = model.evaluate(x_test, y_test, batch_size=100, verbose=0)
+    train_examples = int(len(x) * 0.9)
+    print(f"epoch times (s, with validation): {[round(t, 1) for t in epoch_times]}")
+    print(f"examples/s (last epoch): {train_examples / epoch_times[-1]:.0f}")
+    print(f"test accuracy {accuracy:.4f}, loss {loss:.4f}")
+
+
+if __name__ == "__main__":
+    main()

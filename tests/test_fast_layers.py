@@ -1,0 +1,116 @@
+"""flaxcnn.models.fast_cpu: a user's plain flax.linen model computed with the CPU rewrite
+gives the standard layers' outputs, gradients and batch statistics."""
+
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+
+from flaxcnn.models import fast_cpu
+from flaxcnn.training import state as state_lib
+
+CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "user_cnn.py")
+
+
+def user_cnn(**kwargs) -> nn.Module:
+    spec = importlib.util.spec_from_file_location("user_cnn_config", CONFIG)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.UserCNN(**kwargs)
+
+
+def max_abs_diff(a, b) -> float:
+    pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    return max((float(jnp.max(jnp.abs(x - y))) for x, y in pairs), default=0.0)
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_user_model_trains_identically_through_the_rewrite(batch_norm):
+    model = user_cnn(widths=(4, 6), batch_norm=batch_norm)
+    x = jax.random.uniform(jax.random.key(0), (6, 12, 11, 1))
+    labels = jnp.arange(6) % 10
+    variables = model.init(jax.random.key(1), x)
+
+    def loss(params, apply):
+        logits, updates = apply(
+            {**variables, "params": params},
+            x,
+            train=True,
+            rngs={"dropout": jax.random.key(2)},
+            mutable=["batch_stats"],
+        )
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), updates
+
+    def run(apply):
+        return jax.jit(jax.value_and_grad(lambda p: loss(p, apply), has_aux=True))(
+            variables["params"]
+        )
+
+    (want, want_updates), want_grads = run(model.apply)
+    (got, got_updates), got_grads = run(fast_cpu.rewrite(model.apply))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert max_abs_diff(got_grads, want_grads) < 1e-5
+    assert max_abs_diff(got_updates, want_updates) < 1e-6  # Batch statistics, dropout alike.
+    compiled = jax.jit(jax.grad(lambda p: loss(p, fast_cpu.rewrite(model.apply))[0]))
+    hlo = compiled.lower(variables["params"]).compile().as_text()
+    assert "reduce-window" not in hlo and "select-and-scatter" not in hlo  # Rewritten.
+
+
+@pytest.mark.parametrize(
+    "shape, window",
+    [((2, 6, 6, 3), (1, 2, 2, 1)), ((2, 7, 9, 2), (1, 2, 2, 1)), ((1, 9, 6, 2), (1, 3, 3, 1))],
+)
+def test_block_max_pool_is_reduce_window_with_its_gradient_on_ties(shape, window):
+    # Integers in a small range tie often: the gradient must go to the first maximum only.
+    x = jax.random.randint(jax.random.key(0), shape, 0, 3).astype(jnp.float32)
+    weights = jax.random.normal(jax.random.key(1), tuple(d // w for d, w in zip(shape, window)))
+
+    def standard(x):
+        return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, window, window, "VALID")
+
+    np.testing.assert_array_equal(fast_cpu.max_pool_blocks(x, window), standard(x))
+    got = jax.grad(lambda x: jnp.sum(fast_cpu.max_pool_blocks(x, window) * weights))(x)
+    want = jax.grad(lambda x: jnp.sum(standard(x) * weights))(x)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_pools_and_convolutions_it_does_not_cover_stay_standard():
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+
+    def overlapping(x):
+        return nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+
+    rewritten = fast_cpu.rewrite(overlapping)
+    np.testing.assert_array_equal(rewritten(x), overlapping(x))
+    assert "reduce_window_max" in str(jax.make_jaxpr(overlapping)(x))
+    grads = jax.grad(lambda x: jnp.sum(rewritten(x) ** 2))(x)
+    np.testing.assert_allclose(grads, jax.grad(lambda x: jnp.sum(overlapping(x) ** 2))(x))
+
+
+def test_rewrite_keeps_structured_outputs_static_arguments_and_equality():
+    model = user_cnn(widths=(2,), batch_norm=True)
+    x = jnp.ones((2, 8, 8, 1))
+    variables = model.init(jax.random.key(0), x)
+    rewritten = fast_cpu.rewrite(model.apply)
+    rngs = {"dropout": jax.random.key(1)}
+    out, updates = rewritten(variables, x, train=True, rngs=rngs, mutable=["batch_stats"])
+    assert out.shape == (2, 10) and set(updates) == {"batch_stats"}
+    # Equal wrappers of one function: a TrainState holding one keeps hitting jit's cache.
+    assert rewritten == fast_cpu.rewrite(model.apply) and hash(rewritten) == hash(model.apply)
+    assert rewritten != fast_cpu.rewrite(user_cnn(widths=(3,)).apply)
+
+
+def test_train_state_applies_the_rewrite_on_cpu_unless_turned_off(monkeypatch):
+    model, tx = user_cnn(widths=(2,)), optax.adam(1e-3)
+    state = state_lib.create_train_state(model, tx, jax.random.key(0), (8, 8, 1))
+    on_cpu = jax.default_backend() == "cpu"
+    assert isinstance(state.apply_fn, fast_cpu.Rewritten) == on_cpu
+    monkeypatch.setenv(fast_cpu.ENV_SWITCH, "0")
+    assert not fast_cpu.wins_here()
+    state = state_lib.create_train_state(model, tx, jax.random.key(0), (8, 8, 1))
+    assert state.apply_fn == model.apply
