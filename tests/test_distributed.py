@@ -127,7 +127,8 @@ def test_batch_not_divisible_by_the_devices_is_a_clear_error(data_dir, tmp_path)
     )
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: config.batch_size=36 is not divisible by the 8 devices"
+        "error: config.batch_size=36 is not divisible by the 8 devices: use a multiple of 8, "
+        "e.g. 32 or 40"
     )
 
 
