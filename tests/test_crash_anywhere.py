@@ -199,7 +199,9 @@ def draw_point(rng: random.Random, i: int, counts: dict, done: float, reference_
     events = [e for e in EVENTS if counts.get(e)]
     if i % 3 == 2:
         signame = rng.choice(["SIGKILL", "SIGTERM"])
-        return ("delay", round(rng.uniform(0.3, 1.0) * reference_s, 1), signame)
+        # Over what is left of the run (a resumed run is shorter; its start is not).
+        left = reference_s * max(1 - done, 0.4)
+        return ("delay", round(rng.uniform(0.3, 1.0) * left, 1), signame)
     event = events[(i - i // 3) % len(events)]
     left = max(1, round(counts[event] * (1 - done)))
     return ("event", event, rng.randint(1, left))
