@@ -5,6 +5,7 @@ logits, summed over the pixels (nats per image); "mse" is the mean squared error
 the sigmoid reconstruction. Both come back as sums over images with their "count".
 """
 
+import functools
 import os
 
 import jax
@@ -89,29 +90,9 @@ def loss_fn(apply_fn, variables: dict, batch: Batch, rng: jax.Array):
     return metrics["loss"], (metrics, batch_stats)
 
 
-def train_step(
-    state: TrainState,
-    batch: Batch,
-    rng: jax.Array,
-    *,
-    microbatch_size: int = 0,
-    augmentation: dict | None = None,
-    l2: float = 0.0,
-    skip_nonfinite: bool = False,
-) -> tuple[TrainState, Metrics]:
-    """One optimizer update on the mean per-image cross-entropy of `batch`:
-    `gradient_step.gradient_step` with this task's `loss_fn`. Augmentation changes the
-    images before encoding, and the augmented images are the targets too."""
-    return gradient_step.gradient_step(
-        state,
-        batch,
-        rng,
-        loss_fn,
-        microbatch_size=microbatch_size,
-        augmentation=augmentation,
-        l2=l2,
-        skip_nonfinite=skip_nonfinite,
-    )
+# One optimizer update on the mean per-image cross-entropy of a batch: the task-independent
+# step around this task's `loss_fn` (augmented images are the inputs and the targets).
+train_step = functools.partial(gradient_step.gradient_step, loss_fn=loss_fn)
 
 
 def eval_step(state: TrainState, batch: Batch, rng: jax.Array | None = None) -> Metrics:

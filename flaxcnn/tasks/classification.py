@@ -5,6 +5,8 @@ unchanged. Metrics come back as sums with an example `count`, so that batches of
 and padded evaluation batches (`mask`) average correctly on the host.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -67,30 +69,9 @@ def loss_fn(apply_fn, variables: dict, batch: Batch, rng: jax.Array):
     return metrics["loss"], (metrics, batch_stats)
 
 
-def train_step(
-    state: TrainState,
-    batch: Batch,
-    rng: jax.Array,
-    *,
-    microbatch_size: int = 0,
-    augmentation: dict | None = None,
-    l2: float = 0.0,
-    skip_nonfinite: bool = False,
-) -> tuple[TrainState, Metrics]:
-    """One optimizer update on the mean cross-entropy of `batch`: `gradient_step.gradient_step`
-    with this task's `loss_fn` (augmentation, microbatches, `l2` and `skip_nonfinite` are
-    described there). With `skip_nonfinite`, a skipped step reports "skipped" instead of the
-    loss and accuracy."""
-    return gradient_step.gradient_step(
-        state,
-        batch,
-        rng,
-        loss_fn,
-        microbatch_size=microbatch_size,
-        augmentation=augmentation,
-        l2=l2,
-        skip_nonfinite=skip_nonfinite,
-    )
+# One optimizer update on the mean cross-entropy of a batch: the task-independent step
+# (augmentation, microbatches, L2, skip_nonfinite) around this task's `loss_fn`.
+train_step = functools.partial(gradient_step.gradient_step, loss_fn=loss_fn)
 
 
 def eval_step(state: TrainState, batch: Batch, rng: jax.Array | None = None) -> Metrics:
