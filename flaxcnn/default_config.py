@@ -7,13 +7,34 @@ import ml_collections
 
 
 def get_config() -> ml_collections.ConfigDict:
+    """Every setting, with its default; each section below says what its settings do."""
     config = ml_collections.ConfigDict()
+    for section in (
+        _data,
+        _model,
+        _optimisation,
+        _augmentation,
+        _steps,
+        _generative,
+        _evaluation,
+        _preprocessing,
+    ):
+        section(config)
+    return config
+
+
+def _data(config: ml_collections.ConfigDict) -> None:
+    """The data: which dataset and which of its splits."""
     # Data: any tfds image-classification dataset; splits in tfds's slicing syntax.
     config.dataset = "embedded_mnist"
     config.data_dir = ml_collections.config_dict.placeholder(str)  # None: $TFDS_DATA_DIR.
     config.train_split = "train[:90%]"  # Keras's validation_split=0.1 ...
     config.validation_split = "train[90%:]"  # ... keeps the last 10% of train.
     config.test_split = "test"
+
+
+def _model(config: ml_collections.ConfigDict) -> None:
+    """What to train: task, model and its arguments, compute dtype."""
     # What to train: a task (flaxcnn.tasks.TASKS) and a model (flaxcnn.models.MODELS) by
     # name, or your own by import path: "package.module:Name" or "path/to/file.py:Name"
     # (stored absolute); and the model's keyword arguments (any keys the model takes).
@@ -24,6 +45,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.imports = ()
     # "float32" or "bfloat16": the model's compute dtype (parameters stay float32).
     config.compute_dtype = "float32"
+
+
+def _optimisation(config: ml_collections.ConfigDict) -> None:
+    """The optimizer, its schedule and the regularisers."""
     # Optimisation.
     # "adam", "adamw", "sgd", any optax optimizer by name ("lion", "rmsprop", ...) or an
     # import path of a function(learning_rate, **optimizer_kwargs) -> optax optimizer.
@@ -37,6 +62,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.l2 = 0.0  # Coefficient of 0.5 * sum of squared kernel weights added to the loss.
     config.weight_decay = 0.0  # Decoupled weight decay of kernels; needs optimizer "adamw".
     config.ema_decay = 0.0  # Evaluate a moving average of the parameters (0: off; e.g. 0.999).
+
+
+def _augmentation(config: ml_collections.ConfigDict) -> None:
+    """Random augmentation of the training images."""
     # Random augmentation of training images; 0 turns each off. Rotation in degrees,
     # translation in pixels (< 1: a fraction of the size), scale a relative zoom, noise the
     # standard deviation of added Gaussian noise; crop pads by this many pixels ("reflect":
@@ -54,6 +83,10 @@ def get_config() -> ml_collections.ConfigDict:
             flip_vertical=False,
         )
     )
+
+
+def _steps(config: ml_collections.ConfigDict) -> None:
+    """How long and in which steps training runs."""
     config.batch_size = 32
     config.num_epochs = 10
     config.num_train_steps = -1  # > 0 overrides num_epochs.
@@ -71,10 +104,18 @@ def get_config() -> ml_collections.ConfigDict:
     # step (False), or is skipped and counted in results.json's "skipped_steps" (True).
     config.skip_nonfinite = False
     config.seed = 0
+
+
+def _generative(config: ml_collections.ConfigDict) -> None:
+    """Scoring the samples of generative tasks."""
     # Generative tasks (vae, gan): how many samples to score at the end (0: none), and where
     # the scoring classifier of each dataset is kept (trained on first use).
     config.score_samples = 0
     config.scorer_dir = "~/.cache/flaxcnn/scorers"
+
+
+def _evaluation(config: ml_collections.ConfigDict) -> None:
+    """Evaluation, logging, checkpoints and early stopping."""
     # Evaluation, logging, checkpoints.
     # -1: 100 (small enough that a batch's activations stay in CPU caches: 1000 ran 10x
     # slower on XLA:CPU) rounded up to a multiple of the device count; raise it on GPUs.
@@ -87,6 +128,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.early_stopping = ml_collections.ConfigDict(
         dict(metric="accuracy", patience=0, min_delta=0.0)
     )
+
+
+def _preprocessing(config: ml_collections.ConfigDict) -> None:
+    """How images are resized, converted and standardised."""
     # Image preprocessing (flaxcnn/data/image_folder.py), for image folders
     # (dataset "folder:/path/to/root", layout root/<class>/*.png or root/<split>/<class>/...)
     # and tfds datasets alike: resize to (H, W) with PIL's bilinear filter (None: keep the
@@ -99,4 +144,3 @@ def get_config() -> ml_collections.ConfigDict:
     # and stored with the run) or (mean, std), e.g. ((0.49, 0.48, 0.45), (0.25, 0.24, 0.26)).
     # Applied alike in training, evaluation, predict and export; classification only.
     config.normalize = ml_collections.FieldReference("none", field_type=object)
-    return config
