@@ -257,6 +257,24 @@ def _enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
+def _configure_logging(verbose: bool) -> None:
+    """Library chatter filtered (unless `verbose`), one process logging, and the devices
+    said. TensorFlow and tfds are imported (and kept off the accelerators) only when a split
+    is read through tfds, not from the cache of decoded splits (input_pipeline.import_tfds)."""
+    if not verbose:
+        logging.get_absl_handler().addFilter(_quiet_libraries)
+        if jax.process_index() > 0:
+            logging.set_verbosity(logging.WARNING)  # One process tells the story.
+    logging.info(
+        "JAX %s on %s: %d devices, %d processes (this is process %d)",
+        jax.__version__,
+        jax.default_backend(),
+        jax.device_count(),
+        jax.process_count(),
+        jax.process_index(),
+    )
+
+
 def main(args: argparse.Namespace, config) -> None:
     """Trains `config` into `args.workdir`; exits with a one-line error on bad input."""
     from flaxcnn.data import input_pipeline
@@ -281,23 +299,10 @@ def main(args: argparse.Namespace, config) -> None:
         if args.verbose:
             raise
         fail(_first_line(e))
-    # TensorFlow and tfds are imported (and kept off the accelerators) only when a split is
-    # read through tfds, not from the cache of decoded splits (input_pipeline.import_tfds).
-    if not args.verbose:
-        logging.get_absl_handler().addFilter(_quiet_libraries)
-        if jax.process_index() > 0:
-            logging.set_verbosity(logging.WARNING)  # One process tells the story.
+    _configure_logging(args.verbose)
     _enable_compilation_cache()
     from flaxcnn.training import loop
 
-    logging.info(
-        "JAX %s on %s: %d devices, %d processes (this is process %d)",
-        jax.__version__,
-        jax.default_backend(),
-        jax.device_count(),
-        jax.process_count(),
-        jax.process_index(),
-    )
     try:
         # A generative run that scores its samples loads a scorer trained here, beforehand
         # (imported only then: the scorer module imports scipy, half a second).
