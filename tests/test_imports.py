@@ -63,9 +63,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def import_graph() -> dict[str, set[str]]:
     known = set(module_names())
     # A package's own __init__ may import its submodules; those edges go down, not around.
-    return {
-        m: {t for t in imported_modules(m, known) if not m.startswith(f"{t}.")} for m in known
-    }
+    return {m: {t for t in imported_modules(m, known) if not m.startswith(f"{t}.")} for m in known}
 
 
 def test_find_cycle_finds_one_and_only_one():
