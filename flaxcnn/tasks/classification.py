@@ -43,7 +43,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def step_kwargs(config: ml_collections.ConfigDict) -> dict:
     """`train_step`'s static settings from the config (`gradient_step.step_kwargs`). A
-    microbatch size of -1 means 32 per device on CPUs and 0 (whole batch) elsewhere."""
+    microbatch size of -1 means 32 on CPUs and 0 (whole batch) elsewhere."""
     return gradient_step.step_kwargs(config, cpu_microbatch_size=32)
 
 

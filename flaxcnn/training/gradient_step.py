@@ -50,13 +50,14 @@ def apply_training(apply_fn: Any, variables: dict, *args, **kwargs) -> tuple[Any
 
 def step_kwargs(config: ml_collections.ConfigDict, cpu_microbatch_size: int = 0) -> dict:
     """`gradient_step`'s settings from the config. A microbatch size of -1 means
-    `cpu_microbatch_size` per device on CPUs (the task's choice) and 0 (whole batch)
-    elsewhere."""
+    `cpu_microbatch_size` on CPUs (the task's choice) and 0 (whole batch) elsewhere. It is
+    the global microbatch, whatever the number of devices, so that a model with batch norm
+    (statistics over each microbatch) trains alike on 1 device or 8."""
     validate(config)
     microbatch_size = config.microbatch_size
     if microbatch_size < 0:
         on_cpu = jax.default_backend() == "cpu"
-        microbatch_size = cpu_microbatch_size * jax.device_count() if on_cpu else 0
+        microbatch_size = cpu_microbatch_size if on_cpu else 0
     return {
         "microbatch_size": microbatch_size,
         "augmentation": augment.from_config(config),
