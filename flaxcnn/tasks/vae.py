@@ -87,32 +87,11 @@ def loss_fn(apply_fn, variables: dict, batch: Batch, rng: jax.Array):
     return metrics["loss"], (metrics, batch_stats)
 
 
-def train_step(
-    state: TrainState,
-    batch: Batch,
-    rng: jax.Array,
-    *,
-    microbatch_size: int = 0,
-    augmentation: dict | None = None,
-    l2: float = 0.0,
-    skip_nonfinite: bool = False,
-) -> tuple[TrainState, Metrics]:
-    """One optimizer update on the mean negative ELBO of `batch`:
-    `gradient_step.gradient_step` with this task's `loss_fn` (augmented images are encoded
-    and are the targets).
-
-    `rng` is the run's key; the step folds in `state.step`, so each step draws fresh
-    posterior samples and a resumed run draws the same ones."""
-    return gradient_step.gradient_step(
-        state,
-        batch,
-        rng,
-        loss_fn,
-        microbatch_size=microbatch_size,
-        augmentation=augmentation,
-        l2=l2,
-        skip_nonfinite=skip_nonfinite,
-    )
+# One optimizer update on the mean negative ELBO of a batch: the task-independent step
+# around this task's `loss_fn` (augmented images are encoded and are the targets). The step
+# folds `state.step` into the run's key, so each step draws fresh posterior samples and a
+# resumed run draws the same ones.
+train_step = functools.partial(gradient_step.gradient_step, loss_fn=loss_fn)
 
 
 def eval_step(state: TrainState, batch: Batch, rng: jax.Array) -> Metrics:
