@@ -128,6 +128,16 @@ CONFIGS = {
         "--config.early_stopping.patience=1",
         "--config.early_stopping.min_delta=0.05",
     ],
+    # A user's own module in its own file (plain flax.linen: convolutions, batch norm,
+    # max-pooling, dropout), named by its path.
+    "user_module": [
+        "--config=configs/user_cnn.py",
+        "--config.dataset=embedded_mnist",
+        *TINY_DATA,
+        "--config.model_kwargs.widths=(4,8)",
+        "--config.model_kwargs.batch_norm=true",
+        "--config.num_epochs=2",
+    ],
     "gan": [
         "--config=configs/gan_mnist.py",
         "--config.dataset=embedded_mnist",
