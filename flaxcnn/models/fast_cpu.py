@@ -24,6 +24,7 @@ import functools
 import math
 import os
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -188,6 +189,11 @@ class Rewritten:
     def __init__(self, fn: Callable, rules: dict[str, Callable]):
         self.fn, self.rules = fn, rules
         functools.update_wrapper(self, fn)
+
+    @property
+    def __self__(self) -> Any:
+        """The module whose `apply` this is, as the bound method `fn` has it."""
+        return self.fn.__self__
 
     def __eq__(self, other) -> bool:
         return isinstance(other, Rewritten) and (self.fn, self.rules) == (other.fn, other.rules)

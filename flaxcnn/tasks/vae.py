@@ -113,11 +113,7 @@ def latent_dim(state: TrainState) -> int:
 
 def num_classes(state: TrainState) -> int:
     """The classes a conditional model is conditioned on; 0 for an unconditional one."""
-    # The model's bound `apply`, out of any wrapper (e.g. flaxcnn.models.fast_cpu's).
-    apply_fn = state.apply_fn
-    while not hasattr(apply_fn, "__self__") and hasattr(apply_fn, "__wrapped__"):
-        apply_fn = apply_fn.__wrapped__
-    return getattr(getattr(apply_fn, "__self__", None), "num_classes", 0)
+    return getattr(getattr(state.apply_fn, "__self__", None), "num_classes", 0)
 
 
 def create_state(
