@@ -53,15 +53,20 @@ def load_npz(path: str):
     return x, data["y_train"].astype(np.int64)
 
 
-def flaxcnn_config(name: str, args, **overrides):
-    """`configs/<name>.py` on the shared tfds folder, with `overrides`."""
+def load_module(path: str):
+    """The Python file at `path`, imported as a module."""
     import importlib.util
 
-    path = os.path.join(REPO, "configs", f"{name}.py")
+    name = os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config()
+    return module
+
+
+def flaxcnn_config(name: str, args, **overrides):
+    """`configs/<name>.py` on the shared tfds folder, with `overrides`."""
+    config = load_module(os.path.join(REPO, "configs", f"{name}.py")).get_config()
     config.update(data_dir=args.tfds, **overrides)
     return config
 
@@ -105,30 +110,16 @@ def bench_flaxcnn(args) -> dict:
     return {"epoch": epoch_rate, "compile_s": results["compile_time_s"], "step": step_rate}
 
 
-def keras_model(keras):
-    """The classic example's model, compiled as it compiles it."""
-    model = keras.Sequential(
-        [
-            keras.Input((28, 28, 1)),
-            keras.layers.Conv2D(32, 3, activation="relu"),
-            keras.layers.MaxPooling2D(2),
-            keras.layers.Flatten(),
-            keras.layers.Dense(10, activation="softmax"),
-        ]
-    )
-    model.compile(
-        optimizer=keras.optimizers.Adam(1e-3),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
-    return model
+def keras_model():
+    """The classic example's model, as the Keras peer script builds and compiles it."""
+    return load_module(os.path.join(REPO, "scripts", "peers", "keras_mnist.py")).keras_model()
 
 
 def bench_keras(args) -> dict:
     import keras
 
     x, y = load_npz(args.npz)
-    model = keras_model(keras)
+    model = keras_model()
     times = []
 
     class Timer(keras.callbacks.Callback):
@@ -219,7 +210,7 @@ def tta_keras(args) -> dict:
     data = np.load(args.npz)
     x, y = data["x_train"][..., None].astype("float32") / 255, data["y_train"]
     x_test, y_test = data["x_test"][..., None].astype("float32") / 255, data["y_test"]
-    model = keras_model(keras)
+    model = keras_model()
     curve = []
     start = time.time()
 

@@ -18,17 +18,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--npz", required=True, help="MNIST as x_train, y_train, x_test, y_test")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=3)
-    args = parser.parse_args()
-    keras.utils.set_random_seed(0)
-    with np.load(args.npz) as data:
-        x_train = data["x_train"][..., None].astype("float32") / 255
-        x_test = data["x_test"][..., None].astype("float32") / 255
-        y_train, y_test = data["y_train"], data["y_test"]
+def keras_model() -> keras.Model:
+    """The classic example's model, compiled as it compiles it."""
     model = keras.Sequential(
         [
             keras.Input((28, 28, 1)),
@@ -43,6 +34,21 @@ def main() -> None:
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--npz", required=True, help="MNIST as x_train, y_train, x_test, y_test")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=3)
+    args = parser.parse_args()
+    keras.utils.set_random_seed(0)
+    with np.load(args.npz) as data:
+        x_train = data["x_train"][..., None].astype("float32") / 255
+        x_test = data["x_test"][..., None].astype("float32") / 255
+        y_train, y_test = data["y_train"], data["y_test"]
+    model = keras_model()
     model.fit(
         x_train,
         y_train,
