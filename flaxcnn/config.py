@@ -236,17 +236,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
 DEFAULT_EVAL_BATCH_SIZE = 100  # Keeps a batch's activations in CPU caches (see default_config).
 
 
-def eval_batch_size(config: ml_collections.ConfigDict, device_count: int | None = None) -> int:
-    """`config.eval_batch_size`, with -1 (the default) derived: 100 rounded up to a multiple
-    of the device count, so the default works on any number of devices (evaluation pads and
-    masks its last batch, so the size changes no metric)."""
+def eval_batch_size(config: ml_collections.ConfigDict) -> int:
+    """`config.eval_batch_size`, with -1 (the default) meaning 100 on any number of devices:
+    where the devices cannot split it, every device evaluates the whole batch
+    (`device_data.index_sharding`). The batches, and so the random draws of a task's
+    evaluation (a VAE's posterior samples, a GAN's latents), are the same on 1 device or 8."""
     if config.eval_batch_size != -1:
         return config.eval_batch_size
-    if device_count is None:
-        import jax
-
-        device_count = jax.device_count()
-    return -(-DEFAULT_EVAL_BATCH_SIZE // device_count) * device_count
+    return DEFAULT_EVAL_BATCH_SIZE
 
 
 def check_divisible(key: str, value: int, device_count: int) -> None:
