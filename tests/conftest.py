@@ -2,6 +2,8 @@
 
 import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -60,3 +62,18 @@ def tiny_config(data_dir: str, **overrides):
 
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def run_command(
+    *args: str, module: str = "flaxcnn.main", env: dict | None = None, cwd=REPO, timeout=300
+) -> subprocess.CompletedProcess:
+    """`python -m <module> <args>` in a fresh interpreter on the CPU, its output captured;
+    `env` adds to (or overrides) this process's environment."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "JAX_PLATFORMS": "cpu", **(env or {})},
+        cwd=cwd,
+        timeout=timeout,
+    )

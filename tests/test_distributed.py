@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, run_command
 
 from flaxcnn.reporting.writers import read_metrics
 from flaxcnn.runtime import distributed
@@ -78,14 +78,7 @@ def cli_env(devices: int = 1, **extra: str) -> dict[str, str]:
 
 
 def run_cli(*args: str, devices: int = 1) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "flaxcnn.main", *args],
-        capture_output=True,
-        text=True,
-        env=cli_env(devices),
-        cwd=REPO,
-        timeout=TIMEOUT_S,
-    )
+    return run_command(*args, env=cli_env(devices), timeout=TIMEOUT_S)
 
 
 def train_losses(workdir) -> dict[int, float]:

@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-from conftest import REPO, tiny_config
+from conftest import REPO, run_command, tiny_config
 
 import flaxcnn
 from flaxcnn import config as config_lib
@@ -95,16 +95,7 @@ TINY_ARGS = ("--config.eval_batch_size=500", "--config.log_every_steps=2")
 
 
 def run_train(*args, cwd) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "JAX_PLATFORMS": "cpu"}
-    env["PYTHONPATH"] = str(REPO)
-    return subprocess.run(
-        [sys.executable, "-m", "flaxcnn.main", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-        timeout=300,
-    )
+    return run_command(*args, env={"PYTHONPATH": str(REPO)}, cwd=cwd)
 
 
 @pytest.fixture(scope="module")

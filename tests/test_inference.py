@@ -3,14 +3,12 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import REPO, tiny_config
+from conftest import run_command, tiny_config
 from PIL import Image
 
 from flaxcnn import inference
@@ -217,14 +215,7 @@ def test_predict_command_line_exit_code(trained, image_files, tmp_path):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
     good = list(image_files)[0]
-    result = subprocess.run(
-        [sys.executable, "-m", "flaxcnn.predict", "--workdir", trained[0], good, str(bad)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-        timeout=300,
-    )
+    result = run_command("--workdir", trained[0], good, str(bad), module="flaxcnn.predict")
     assert result.returncode == 1, result.stderr[-2000:]
     assert result.stdout.startswith(f"{good}: ")
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]

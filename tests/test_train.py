@@ -3,13 +3,11 @@
 import json
 import logging
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, tiny_config
+from conftest import run_command, tiny_config
 
 from flaxcnn import inference
 from flaxcnn.data import device_data, input_pipeline
@@ -94,22 +92,9 @@ def test_bad_settings_are_value_errors(data_dir, tmp_path, overrides, message):
         loop.train_and_evaluate(tiny_config(data_dir, **overrides), str(tmp_path))
 
 
-def run_cli(*args, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "JAX_PLATFORMS": "cpu"}
-    return subprocess.run(
-        [sys.executable, "-m", "flaxcnn.main", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=300,
-        **kwargs,
-    )
-
-
 def test_cli_overrides_reach_the_run(data_dir, tmp_path):
     workdir = tmp_path / "cli"
-    result = run_cli(
+    result = run_command(
         f"--workdir={workdir}",
         "--config=configs/seed_keras.py",
         f"--config.data_dir={data_dir}",
@@ -130,7 +115,7 @@ def test_cli_overrides_reach_the_run(data_dir, tmp_path):
 
 
 def test_cli_bad_input_is_one_line_and_exit_code_2(data_dir, tmp_path):
-    result = run_cli(
+    result = run_command(
         f"--workdir={tmp_path}", "--config.model=Nope", f"--config.data_dir={data_dir}"
     )
     assert result.returncode == 2
