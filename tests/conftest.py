@@ -14,6 +14,21 @@ SHARED_TFDS = REPO.parent / "shared" / "data" / "tfds"
 SLOW_TIMEOUT_S = 3600
 
 
+def pytest_configure(config) -> None:
+    """One on-disk compilation cache for the whole run, shared by the xdist workers and the
+    commands the tests start (JAX_COMPILATION_CACHE_DIR): most tests compile the same small
+    steps, and compiling is most of their time. Kept out of the user's own cache."""
+    import tempfile
+
+    import jax
+
+    root = os.environ.get("PYTEST_XDIST_TESTRUNUID", "serial")
+    cache = os.path.join(tempfile.gettempdir(), f"flaxcnn-test-jax-cache-{root}")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
