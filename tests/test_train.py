@@ -133,9 +133,18 @@ def test_each_step_function_compiles_once(data_dir, tmp_path, caplog):
         for r in caplog.records
         if r.getMessage().startswith("Compiling jit(")
     ]
-    # Training: 16, 4 and 1 steps per dispatch; evaluation: 16 batches and 1.
-    assert compiled.count("jit(multi_step)") == 3
-    assert compiled.count("jit(multi_eval)") == 2
+    # 3 steps an epoch and at most 3 evaluation batches: only the sizes of 1 are compiled
+    # (not 16 and 4 steps, nor 16 batches, which this run never dispatches).
+    assert compiled.count("jit(multi_step)") == 1
+    assert compiled.count("jit(multi_eval)") == 1
+
+
+def test_only_the_dispatch_sizes_a_run_can_use_are_compiled():
+    assert steps.sizes_up_to((16, 4, 1), None) == [1, 4, 16]
+    assert steps.sizes_up_to((16, 4, 1), 16) == [1, 4, 16]
+    assert steps.sizes_up_to((16, 4, 1), 15) == [1, 4]
+    assert steps.sizes_up_to((16, 4, 1), 3) == [1]
+    assert steps.sizes_up_to((1, 1, 1), 0) == [1]
 
 
 def test_early_stopping_stops_at_patience_and_tests_the_best_state(data_dir, tmp_path, monkeypatch):

@@ -240,10 +240,13 @@ def start_run(run: Run, state, resources: contextlib.ExitStack) -> None:
     )
     run.eval_data = device_data.with_normalization(run.eval_data, run.normalization, run.mesh)
     run.eval_rows = dict(zip(("validation", "test"), rows))
-    run.steps = compiled_steps.compile_steps(
-        run.task, run.config, state, run.data, run.eval_data, run.mesh, run.rngs["step"]
-    )
     config = run.config
+    eval_batch_size = config_lib.eval_batch_size(config)
+    run.steps = compiled_steps.compile_steps(
+        run.task, config, state, run.data, run.eval_data, run.mesh, run.rngs["step"],
+        most_steps=min(run.steps_per_epoch, run.total_steps, config.log_every_steps),
+        most_eval_batches=max(-(-len(r) // eval_batch_size) for r in run.eval_rows.values()),
+    )  # fmt: skip
     run.progress = Progress(run.total_steps, run.step, config.batch_size, config.log_every_steps)
     resources.callback(run.progress.close)
 

@@ -131,23 +131,39 @@ def compile_evaluation(
     }
 
 
-def compile_steps(task, config, state, data, eval_data, mesh, rng) -> CompiledSteps:
+def sizes_up_to(sizes: tuple[int, ...], most: int | None) -> list[int]:
+    """`sizes` without those over `most` (a run never dispatches more at once), 1 kept."""
+    return sorted(k for k in set(sizes) if k == 1 or most is None or k <= most)
+
+
+def compile_steps(
+    task,
+    config,
+    state,
+    data,
+    eval_data,
+    mesh,
+    rng,
+    most_steps: int | None = None,
+    most_eval_batches: int | None = None,
+) -> CompiledSteps:
     """The task's steps for `data` (training) and `eval_data` (evaluation): for training k in
     (steps per dispatch, a quarter of it, 1), which cover what is left before a log step in a
     few dispatches (each dispatch takes CPU time from the step on a small machine; each size
-    is one more compilation); for evaluation k in (steps per dispatch, 1)."""
+    is one more compilation); for evaluation k in (steps per dispatch, 1). Sizes over
+    `most_steps` (`most_eval_batches`), the most the run dispatches at once, are left out."""
     start = time.perf_counter()
+    eval_batch_size = config_lib.eval_batch_size(config)
 
     def lower_eval(k):
-        return lower_evaluation(
-            task.eval_step, state, eval_data, config_lib.eval_batch_size(config), mesh, rng, k
-        )
+        return lower_evaluation(task.eval_step, state, eval_data, eval_batch_size, mesh, rng, k)
 
     single_eval = lower_eval(1)
     steps_per_dispatch = resolve_steps_per_dispatch(
         config.steps_per_dispatch, "stablehlo.convolution" in single_eval.as_text()
     )
-    train_step = functools.partial(task.train_step, **task.step_kwargs(config))
+    # Jitted on its own, the step is traced once for all the dispatch sizes.
+    train_step = jax.jit(functools.partial(task.train_step, **task.step_kwargs(config)))
     train = jax.jit(
         functools.partial(multi_step, train_step),
         donate_argnums=0,
@@ -155,11 +171,11 @@ def compile_steps(task, config, state, data, eval_data, mesh, rng) -> CompiledSt
     )
     train_fns = {
         k: train.lower(state, data, _index_spec(mesh, k, config.batch_size), rng).compile()
-        for k in sorted({steps_per_dispatch, max(steps_per_dispatch // 4, 1), 1})
+        for k in sizes_up_to((steps_per_dispatch, max(steps_per_dispatch // 4, 1), 1), most_steps)
     }
     eval_fns = {
         k: (single_eval if k == 1 else lower_eval(k)).compile()
-        for k in sorted({steps_per_dispatch, 1})
+        for k in sizes_up_to((steps_per_dispatch, 1), most_eval_batches)
     }
     return CompiledSteps(train_fns, eval_fns, time.perf_counter() - start)
 
