@@ -2,8 +2,10 @@
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -15,18 +17,22 @@ SLOW_TIMEOUT_S = 3600
 
 
 def pytest_configure(config) -> None:
-    """One on-disk compilation cache for the whole run, shared by the xdist workers and the
-    commands the tests start (JAX_COMPILATION_CACHE_DIR): most tests compile the same small
-    steps, and compiling is most of their time. Kept out of the user's own cache."""
-    import tempfile
-
+    """One on-disk compilation cache for the whole run, shared by the xdist workers (they
+    inherit the controller's environment) and the commands the tests start: most tests
+    compile the same small steps, and compiling is most of their time. Kept out of the
+    user's own cache, and removed at the end."""
     import jax
 
-    root = os.environ.get("PYTEST_XDIST_TESTRUNUID", "serial")
-    cache = os.path.join(tempfile.gettempdir(), f"flaxcnn-test-jax-cache-{root}")
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
-    jax.config.update("jax_compilation_cache_dir", cache)
+    if not hasattr(config, "workerinput"):  # The controller, or a run without xdist.
+        cache = tempfile.mkdtemp(prefix="flaxcnn-test-jax-cache-")
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def pytest_unconfigure(config) -> None:
+    if not hasattr(config, "workerinput"):
+        shutil.rmtree(os.environ.pop("JAX_COMPILATION_CACHE_DIR", ""), ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items) -> None:
