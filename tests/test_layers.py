@@ -18,11 +18,20 @@ from flaxcnn.models.layers import (
     max_pool_2x2,
 )
 
+# Gradients are taken under jit throughout: eagerly, every operation of a backward pass
+# compiles on its own, several times slower than the whole jitted function.
+
+
+def normal(shape, seed: int = 0) -> jax.Array:
+    """Standard normal test inputs, drawn by NumPy: each new shape of `jax.random.normal`
+    compiles a program of its own."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32))
+
 
 @pytest.mark.parametrize("channels", [1, 3, 8])  # 1 and 3 take the patch path, 8 lax.conv.
 @pytest.mark.parametrize("padding", ["SAME", "VALID"])
 def test_conv_matches_flax_conv_and_its_gradients(channels, padding):
-    x = jax.random.normal(jax.random.key(0), (4, 11, 10, channels))
+    x = normal((4, 11, 10, channels))
     ours, reference = Conv(5, padding=padding), nn.Conv(5, (3, 3), padding=padding)
     params = ours.init(jax.random.key(1), x)
     assert jax.tree.map(jnp.shape, params) == jax.tree.map(
@@ -33,18 +42,18 @@ def test_conv_matches_flax_conv_and_its_gradients(channels, padding):
         return jnp.sum(jnp.sin(module.apply(params, x)))
 
     np.testing.assert_allclose(ours.apply(params, x), reference.apply(params, x), atol=1e-5)
-    grads = jax.grad(loss, argnums=(1, 2))(ours, params, x)
-    expected = jax.grad(loss, argnums=(1, 2))(reference, params, x)
+    grad = jax.jit(jax.grad(loss, argnums=(1, 2)), static_argnums=0)
+    grads, expected = grad(ours, params, x), grad(reference, params, x)
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("shape", [(2, 26, 26, 3), (2, 7, 9, 4)])
 def test_max_pool_matches_flax_max_pool(shape):
-    x = jax.random.normal(jax.random.key(0), shape)
+    x = normal(shape)
     np.testing.assert_array_equal(max_pool_2x2(x), nn.max_pool(x, (2, 2), (2, 2)))
-    grads = jax.grad(lambda x: jnp.sum(max_pool_2x2(x) ** 2))(x)
-    expected = jax.grad(lambda x: jnp.sum(nn.max_pool(x, (2, 2), (2, 2)) ** 2))(x)
+    grads = jax.jit(jax.grad(lambda x: jnp.sum(max_pool_2x2(x) ** 2)))(x)
+    expected = jax.jit(jax.grad(lambda x: jnp.sum(nn.max_pool(x, (2, 2), (2, 2)) ** 2)))(x)
     np.testing.assert_allclose(grads, expected, atol=1e-6)
 
 
@@ -70,21 +79,26 @@ def conv_relu_pool_reference(x, kernel, bias, padding):
     ],
 )
 def test_conv_relu_max_pool_matches_lax_conv_and_max_pool(shape, padding, features, kernel_size):
-    kx, kk, kb, kg = jax.random.split(jax.random.key(0), 4)
-    x = jax.random.normal(kx, shape)
-    kernel = jax.random.normal(kk, (*kernel_size, shape[-1], features))
-    bias = 0.5 * jax.random.normal(kb, (features,))
+    x = normal(shape, seed=0)
+    kernel = normal((*kernel_size, shape[-1], features), seed=1)
+    bias = 0.5 * normal((features,), seed=2)
     layer = ConvReluMaxPool(features, kernel_size, padding=padding)
     params = {"params": {"kernel": kernel, "bias": bias}}
     want = conv_relu_pool_reference(x, kernel, bias, padding)
     np.testing.assert_allclose(layer.apply(params, x), want, atol=1e-5)
     np.testing.assert_allclose(jax.jit(layer.apply)(params, x), want, atol=1e-5)
 
-    weights = jax.random.normal(kg, want.shape)
-    grads = jax.grad(lambda p, x: jnp.sum(layer.apply(p, x) * weights), argnums=(0, 1))(params, x)
-    expected = jax.grad(
-        lambda p, x: jnp.sum(conv_relu_pool_reference(x, **p["params"], padding=padding) * weights),
-        argnums=(0, 1),
+    weights = normal(want.shape, seed=3)
+    grads = jax.jit(jax.grad(lambda p, x: jnp.sum(layer.apply(p, x) * weights), argnums=(0, 1)))(
+        params, x
+    )
+    expected = jax.jit(
+        jax.grad(
+            lambda p, x: jnp.sum(
+                conv_relu_pool_reference(x, **p["params"], padding=padding) * weights
+            ),
+            argnums=(0, 1),
+        )
     )(params, x)
     for got, wanted in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
         np.testing.assert_allclose(got, wanted, atol=1e-4, rtol=1e-4)
@@ -100,9 +114,11 @@ def test_conv_relu_max_pool_gradient_goes_to_the_first_of_tied_maxima():
     kernel = jax.random.normal(jax.random.key(1), (3, 3, 1, 4))
     bias = jnp.array([0.1, -0.1, 0.2, 0.0])
     loss = lambda f: lambda x, k, b: jnp.sum(f(x, k, b) ** 2)  # noqa: E731
-    got = jax.grad(loss(conv_relu_max_pool), argnums=(0, 1, 2))(x, kernel, bias)
-    want = jax.grad(
-        loss(lambda x, k, b: conv_relu_pool_reference(x, k, b, "VALID")), argnums=(0, 1, 2)
+    got = jax.jit(jax.grad(loss(conv_relu_max_pool), argnums=(0, 1, 2)))(x, kernel, bias)
+    want = jax.jit(
+        jax.grad(
+            loss(lambda x, k, b: conv_relu_pool_reference(x, k, b, "VALID")), argnums=(0, 1, 2)
+        )
     )(x, kernel, bias)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)  # Bias sums differ in order.
@@ -110,7 +126,7 @@ def test_conv_relu_max_pool_gradient_goes_to_the_first_of_tied_maxima():
 
 @pytest.mark.parametrize("shape", [(4, 13, 13, 32), (3, 2, 5, 7)])
 def test_flatten_dense_matches_flatten_then_dense_and_its_gradients(shape):
-    x = jax.random.normal(jax.random.key(0), shape)
+    x = normal(shape)
     ours, reference = FlattenDense(10), nn.Dense(10)
     params = ours.init(jax.random.key(1), x)
     flat = x.reshape(shape[0], -1)
@@ -118,7 +134,7 @@ def test_flatten_dense_matches_flatten_then_dense_and_its_gradients(shape):
         jnp.shape, reference.init(jax.random.key(1), flat)
     )
     params = jax.tree.map(lambda p: p + 0.1, params)  # A nonzero bias.
-    weights = jax.random.normal(jax.random.key(2), (shape[0], 10))
+    weights = normal((shape[0], 10), seed=2)
 
     def loss(params, x, module=ours):
         return jnp.sum(module.apply(params, x) * weights)
@@ -127,16 +143,16 @@ def test_flatten_dense_matches_flatten_then_dense_and_its_gradients(shape):
     np.testing.assert_allclose(ours.apply(params, x), want, atol=1e-4)
     np.testing.assert_allclose(jax.jit(ours.apply)(params, x), want, atol=1e-4)
     grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
-    expected = jax.grad(lambda p, x: loss(p, x.reshape(shape[0], -1), reference), argnums=(0, 1))(
-        params, x
-    )
+    expected = jax.jit(
+        jax.grad(lambda p, x: loss(p, x.reshape(shape[0], -1), reference), argnums=(0, 1))
+    )(params, x)
     for got, wanted in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
         np.testing.assert_allclose(got, wanted, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("layer", [ConvReluMaxPool(6, (3, 3), padding="VALID"), FlattenDense(7)])
 def test_fused_layers_and_their_fallback_share_parameters_outputs_and_gradients(layer):
-    x = jax.random.normal(jax.random.key(0), (3, 9, 8, 2))
+    x = normal((3, 9, 8, 2))
     fused, plain = layer.clone(fused=True), layer.clone(fused=False)
     params = fused.init(jax.random.key(1), x)
     # Identical trees and values: a checkpoint written by one restores into the other.
@@ -147,8 +163,8 @@ def test_fused_layers_and_their_fallback_share_parameters_outputs_and_gradients(
         return jnp.sum(jnp.sin(module.apply(params, x)))
 
     np.testing.assert_allclose(fused.apply(params, x), plain.apply(params, x), atol=1e-5)
-    grads = jax.grad(loss, argnums=(1, 2))(fused, params, x)
-    expected = jax.grad(loss, argnums=(1, 2))(plain, params, x)
+    grad = jax.jit(jax.grad(loss, argnums=(1, 2)), static_argnums=0)
+    grads, expected = grad(fused, params, x), grad(plain, params, x)
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
@@ -159,16 +175,18 @@ def test_fused_layers_run_on_cpu_by_default():
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_seed_cnn_computes_in_its_dtype_with_float32_parameters(fused):
-    x = jax.random.uniform(jax.random.key(0), (2, 28, 28, 1))
+    x = jnp.asarray(np.random.default_rng(0).random((2, 28, 28, 1), np.float32))
     model = SeedCNN(dtype=jnp.bfloat16)
-    params = model.init(jax.random.key(1), x)
+    params = jax.jit(model.init)(jax.random.key(1), x)
     assert {p.dtype for p in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
     with unittest.mock.patch.object(layers, "fused_layers_win", lambda: fused):
-        logits = model.apply(params, x)
-        hlo = jax.jit(model.apply).lower(params, x).as_text()
+        # A function of its own, traced under this patch (no trace cached from the other).
+        apply = jax.jit(lambda params, x: model.apply(params, x))
+        logits = apply(params, x)
+        hlo = apply.lower(params, x).as_text()
     assert logits.dtype == jnp.float32  # Cast back for the loss.
     assert "bf16" in hlo
-    want = SeedCNN().apply(params, x)
+    want = jax.jit(SeedCNN().apply)(params, x)
     np.testing.assert_allclose(logits, want, atol=0.05, rtol=0.05)
     for layer in (ConvReluMaxPool(3), FlattenDense(4)):  # Each layer computes in bfloat16.
         layer = layer.clone(dtype=jnp.bfloat16, fused=fused)
@@ -192,7 +210,7 @@ def test_seed_cnn_computes_in_its_dtype_with_float32_parameters(fused):
 def test_conv_transpose_2x_is_flax_conv_transpose_with_its_gradients(
     kernel_size, use_bias, channels, features
 ):
-    x = jax.random.normal(jax.random.key(1), (2, 5, 6, channels))
+    x = normal((2, 5, 6, channels), seed=1)
     reference = nn.ConvTranspose(features, (kernel_size,) * 2, (2, 2), use_bias=use_bias)
     ours = ConvTranspose2x(features, kernel_size, use_bias=use_bias)
     variables = jax.tree.map(lambda v: v + 0.1, reference.init(jax.random.key(0), x))
@@ -208,7 +226,7 @@ def test_conv_transpose_2x_is_flax_conv_transpose_with_its_gradients(
     want = reference.apply(variables, x)
     assert want.shape == (2, 10, 12, features)
     np.testing.assert_allclose(ours.apply(variables, x), want, atol=1e-5)
-    grads = jax.jit(jax.grad(loss, argnums=(1, 2)), static_argnums=0)(ours, variables, x)
-    expected = jax.grad(loss, argnums=(1, 2))(reference, variables, x)
+    grad = jax.jit(jax.grad(loss, argnums=(1, 2)), static_argnums=0)
+    grads, expected = grad(ours, variables, x), grad(reference, variables, x)
     for got, wanted in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
         np.testing.assert_allclose(got, wanted, atol=1e-4, rtol=1e-4)
