@@ -13,13 +13,25 @@ from flaxcnn.tasks import classification
 from flaxcnn.training.state import create_train_state
 
 
-def make_state(name="SeedCNN"):
-    return create_train_state(
-        create_model(name, widths=(4, 8)) if name == "CNN" else create_model(name),
-        optax.adam(1e-3),
-        jax.random.key(0),
-        (28, 28, 1),
+@functools.cache
+def _state(name: str):
+    model = create_model(name, widths=(4, 8)) if name == "CNN" else create_model(name)
+    # Jitted: initialising eagerly compiles every operation on its own, many times slower.
+    return jax.jit(lambda rng: create_train_state(model, optax.adam(1e-3), rng, (28, 28, 1)))(
+        jax.random.key(0)
     )
+
+
+def make_state(name="SeedCNN"):
+    """A fresh copy of one state per model: the same static parts (the model's apply_fn), so
+    jitted steps compile once per model, and a donated copy leaves the others intact."""
+    return jax.tree.map(jnp.copy, _state(name))
+
+
+# The step most tests run: jitted once for the module (eager execution compiles each
+# operation apart, and is compared with this in test_jit_equals_eager_...).
+jitted_train_step = jax.jit(classification.train_step, donate_argnums=0)
+jitted_eval_step = jax.jit(classification.eval_step)
 
 
 def make_batch(size=16, seed=0):
@@ -39,7 +51,7 @@ def max_abs_diff(a, b) -> float:
 @pytest.mark.parametrize("name", ["SeedCNN", "CNN"])
 def test_train_step_updates_params_and_returns_finite_metrics(name):
     state, batch = make_state(name), make_batch()
-    new_state, metrics = classification.train_step(state, batch, jax.random.key(1))
+    new_state, metrics = jitted_train_step(make_state(name), batch, jax.random.key(1))
     assert int(new_state.step) == 1
     assert max_abs_diff(new_state.params, state.params) > 0
     assert jax.tree.map(jnp.shape, new_state.params) == jax.tree.map(jnp.shape, state.params)
@@ -53,9 +65,8 @@ def test_train_step_updates_params_and_returns_finite_metrics(name):
 def test_jit_equals_eager_and_same_rng_same_result(name):
     batch, rng = make_batch(), jax.random.key(1)
     eager_state, eager_metrics = classification.train_step(make_state(name), batch, rng)
-    jitted = jax.jit(classification.train_step, donate_argnums=0)
-    state_a, metrics_a = jitted(make_state(name), batch, rng)
-    state_b, metrics_b = jitted(make_state(name), batch, rng)
+    state_a, metrics_a = jitted_train_step(make_state(name), batch, rng)
+    state_b, metrics_b = jitted_train_step(make_state(name), batch, rng)
     assert max_abs_diff(state_a.params, state_b.params) == 0
     assert max_abs_diff(metrics_a, metrics_b) == 0
     assert max_abs_diff(eager_state.params, state_a.params) < 1e-5
@@ -64,14 +75,14 @@ def test_jit_equals_eager_and_same_rng_same_result(name):
 
 def test_dropout_noise_depends_on_rng():
     batch = make_batch()
-    state_a, _ = classification.train_step(make_state("CNN"), batch, jax.random.key(1))
-    state_b, _ = classification.train_step(make_state("CNN"), batch, jax.random.key(2))
+    state_a, _ = jitted_train_step(make_state("CNN"), batch, jax.random.key(1))
+    state_b, _ = jitted_train_step(make_state("CNN"), batch, jax.random.key(2))
     assert max_abs_diff(state_a.params, state_b.params) > 0
 
 
 def test_microbatches_give_the_full_batch_update():
     batch, rng = make_batch(32), jax.random.key(1)
-    full_state, full_metrics = classification.train_step(make_state(), batch, rng)
+    full_state, full_metrics = jitted_train_step(make_state(), batch, rng)
     micro = functools.partial(classification.train_step, microbatch_size=8)
     micro_state, micro_metrics = jax.jit(micro)(make_state(), batch, rng)
     assert max_abs_diff(full_state.params, micro_state.params) < 1e-6
@@ -92,25 +103,25 @@ def test_batch_stats_update_in_training_only():
     """Training moves the batch statistics; evaluation uses them (not the batch's own), so
     an example's metrics do not depend on the batch it is evaluated in."""
     state, batch = make_state("CNN"), make_batch()
-    trained, _ = classification.train_step(state, batch, jax.random.key(1))
+    trained, _ = jitted_train_step(make_state("CNN"), batch, jax.random.key(1))
     assert max_abs_diff(trained.batch_stats, state.batch_stats) > 0
-    whole = classification.eval_step(trained, batch)
+    whole = jitted_eval_step(trained, batch)
     halves = [
-        classification.eval_step(trained, {key: value[part] for key, value in batch.items()})
+        jitted_eval_step(trained, {key: value[part] for key, value in batch.items()})
         for part in (slice(0, 8), slice(8, 16))
     ]
     for name in ("loss", "accuracy", "count"):
         np.testing.assert_allclose(whole[name], halves[0][name] + halves[1][name], rtol=1e-5)
     # The statistics trained are the ones evaluation reads.
-    untrained = classification.eval_step(trained.replace(batch_stats=state.batch_stats), batch)
+    untrained = jitted_eval_step(trained.replace(batch_stats=state.batch_stats), batch)
     assert float(untrained["loss"]) != pytest.approx(float(whole["loss"]), rel=1e-6)
 
 
 def test_eval_step_counts_only_masked_examples():
     state, batch = make_state(), make_batch(16)
-    full = jax.jit(classification.eval_step)(state, batch)
+    full = jitted_eval_step(state, batch)
     mask = jnp.arange(16) < 10
-    masked = jax.jit(classification.eval_step)(state, {**batch, "mask": mask})
+    masked = jitted_eval_step(state, {**batch, "mask": mask})
     first10 = classification.eval_step(state, jax.tree.map(lambda x: x[:10], batch))
     assert float(full["count"]) == 16 and float(masked["count"]) == 10
     np.testing.assert_allclose(masked["loss"], first10["loss"], rtol=1e-5)
