@@ -10,7 +10,9 @@ def count(params) -> int:
 
 
 def test_seed_cnn_has_the_keras_parameter_count():
-    variables = create_model("SeedCNN").init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    variables = jax.eval_shape(  # The shapes alone, without compiling.
+        create_model("SeedCNN").init, jax.random.key(0), jnp.zeros((1, 28, 28, 1))
+    )
     assert count(variables["params"]) == 54_410  # Keras's model.summary() total.
     kernel = variables["params"]["Conv_0"]["kernel"]
     assert kernel.shape == (3, 3, 1, 32)
@@ -20,8 +22,9 @@ def test_seed_cnn_has_the_keras_parameter_count():
 @pytest.mark.parametrize("shape", [(28, 28, 1), (32, 32, 3)])
 def test_classifiers_return_float32_logits(name, shape):
     model = create_model(name, num_classes=7)
-    variables = model.init(jax.random.key(0), jnp.zeros((1, *shape)))
-    logits = model.apply(variables, jnp.zeros((5, *shape)))
+    # Shapes and dtypes are fixed when tracing: jax.eval_shape finds them without compiling.
+    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *shape)))
+    logits = jax.eval_shape(model.apply, variables, jnp.zeros((5, *shape)))
     assert logits.shape == (5, 7) and logits.dtype == jnp.float32
 
 
