@@ -22,6 +22,11 @@ and peak memory (max RSS). Then time to accuracy: wall seconds from the start of
 its test accuracy (checked every epoch) first reaches 98.5%, for flaxcnn
 (`configs/seed_fast.py`) and Keras `fit` (batch 32 and 128, Adam 1e-3, up to 15 epochs). Writes
 JSON and markdown.
+
+    python scripts/benchmark.py --families [--families-epochs 0.25] [--families-repeats 3]
+
+runs instead every zoo family against its Keras twin (`scripts/benchmark_families.py`):
+throughput, FLOP/s as a fraction of the machine's peak, and whole-command time.
 """
 
 import argparse
@@ -477,6 +482,29 @@ def _fmt(value: float | None, spec: str = ".1f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def add_family_options(parser: argparse.ArgumentParser) -> None:
+    """`--families` and its settings: scripts/benchmark_families.py's options."""
+    parser.add_argument(
+        "--families",
+        action="store_true",
+        help="instead: every zoo family (CNN, RNN, autoencoder, VAE, GAN) against its Keras "
+        "twin, with FLOP/s as a fraction of the peak (scripts/benchmark_families.py)",
+    )
+    parser.add_argument("--families-epochs", type=float, default=0.25)
+    parser.add_argument("--families-repeats", type=int, default=3)
+    parser.add_argument("--families-command-repeats", type=int, default=1)
+
+
+def run_families(args) -> None:
+    """scripts/benchmark_families.py with this command's options; its tables printed."""
+    families = load_module(os.path.join(REPO, "scripts", "benchmark_families.py"))
+    families.main(
+        ["--epochs", str(args.families_epochs), "--repeats", str(args.families_repeats)]
+        + ["--command-repeats", str(args.families_command_repeats), "--npz", args.npz]
+        + ["--tfds", args.tfds, "--out", args.out]
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128])
@@ -510,11 +538,14 @@ def main() -> None:
     parser.add_argument("--npz", default=os.path.join(SHARED, "mnist", "mnist.npz"))
     parser.add_argument("--tfds", default=os.path.join(SHARED, "tfds"))
     parser.add_argument("--out", default="benchmark")
+    add_family_options(parser)
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
+    if args.families:
+        return run_families(args)
 
     report = []
     whole_rows = []

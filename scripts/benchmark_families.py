@@ -1,0 +1,379 @@
+"""Every family of the zoo (CNN, RNN, autoencoder, VAE, GAN) against its Keras twin
+(`scripts/peers/keras_families.py`): training throughput, achieved FLOP/s as a fraction of
+the machine's peak, and whole-command time.
+
+    python scripts/benchmark_families.py [--epochs 0.25] [--repeats 3] [--command-repeats 1]
+    python scripts/benchmark.py --families   # the same, from the main benchmark
+
+Throughput: flaxcnn's run of `configs/<family>_mnist.py` as its loop runs it (the AOT-compiled
+multi-step function on the training split kept on the device, real shuffled batches) over
+`--epochs` epochs' worth of steps after a warm-up dispatch; the twin's `fit` over the same
+number of examples, its second epoch timed (the first traces and compiles). The step's FLOPs
+are XLA's cost analysis of the compiled one-step function (no loop: XLA counts a loop's body
+once); achieved FLOP/s = FLOPs per step * steps/s; the peak is a jitted 2048 x 2048 float32
+matmul's, measured in every repeat. Each contender runs in a fresh process and the contenders
+take turns (each repeat runs every one once), so a shared machine's drift slows them alike;
+medians over the repeats. Whole command: `python -m flaxcnn.main --config
+configs/<family>_mnist.py --config.num_epochs=1` (the generative runs' extra scores, which
+the twins do not compute, off) against `keras_families.py --family <family> --epochs 1`, from
+start to exit; the first flaxcnn run of a family has empty caches.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(REPO, "..", "shared", "data")
+TWIN = os.path.join(REPO, "scripts", "peers", "keras_families.py")
+FAMILIES = {
+    "cnn": "cnn_mnist",
+    "rnn": "rnn_mnist",
+    "autoencoder": "ae_mnist",
+    "vae": "vae_mnist",
+    "gan": "gan_mnist",
+}
+TRAIN_EXAMPLES = 54_000  # MNIST's train[:90%], what both contenders train on.
+MAX_DISPATCH = 16  # The most steps flaxcnn's loop runs per dispatch.
+PEAK_SIZE = 2048
+PEAK_REPEATS = 10
+# Extras at the end of a flaxcnn run that the twins do not compute.
+NO_EXTRAS = {"vae": ["--config.score_samples=0", "--config.iw_samples=0"]}
+NO_EXTRAS["gan"] = ["--config.score_samples=0"]
+ANSWER = re.compile(r"test (accuracy|loss) (-?[0-9.]+)")
+
+
+def load_config(family: str, tfds: str):
+    """The family's flaxcnn config on the tfds folder `tfds`."""
+    import importlib.util
+
+    path = os.path.join(REPO, "configs", f"{FAMILIES[family]}.py")
+    spec = importlib.util.spec_from_file_location(FAMILIES[family], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.data_dir = tfds
+    return config
+
+
+def peak_flops() -> dict:
+    """FLOP/s of a jitted PEAK_SIZE^2 float32 matmul: the median of PEAK_REPEATS calls."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (PEAK_SIZE, PEAK_SIZE), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, a).block_until_ready()
+    seconds = []
+    for _ in range(PEAK_REPEATS):
+        start = time.perf_counter()
+        matmul(a, a).block_until_ready()
+        seconds.append(time.perf_counter() - start)
+    return {"flops_per_s": 2 * PEAK_SIZE**3 / statistics.median(seconds)}
+
+
+def flaxcnn_steps(family: str, tfds: str, steps: int) -> tuple:
+    """The run's compiled training functions {k: k steps per dispatch}, its state, device
+    data, rng, mesh, and the batches of indices of a warm-up dispatch and `steps` steps
+    (epochs' shuffled batches, as the loop draws them)."""
+    import jax
+    import numpy as np
+
+    from flaxcnn import tasks
+    from flaxcnn.data import batching, device_data, input_pipeline
+    from flaxcnn.runtime import sharding
+    from flaxcnn.training import steps as compiled_steps
+
+    config = load_config(family, tfds)
+    split = input_pipeline.load_split(config.dataset, config.train_split, config.data_dir)
+    mesh, task, rng = sharding.create_mesh(), tasks.get_task(config.task), jax.random.key(0)
+    state = task.create_state(config, rng, split.image_shape, split.num_classes, 10**6)
+    data = device_data.put_split(split, mesh)
+    per_epoch = split.num_examples // config.batch_size
+    fns = compiled_steps.compile_steps(
+        task, config, state, data, data, mesh, rng, most_steps=min(steps, per_epoch)
+    ).train
+    epochs = [
+        batching.epoch_indices(split.num_examples, config.batch_size, 0, e)
+        for e in range(-(-(steps + MAX_DISPATCH) // per_epoch))
+    ]
+    return fns, state, data, rng, np.concatenate(epochs)[: steps + MAX_DISPATCH], mesh
+
+
+def bench_flaxcnn(family: str, tfds: str, epochs: float) -> dict:
+    """Examples/s of `epochs` epochs' worth of training steps dispatched as the loop does
+    (k steps at once, the rest one by one), and the FLOPs of one step."""
+    import jax
+
+    from flaxcnn.data import device_data
+
+    batch_size = load_config(family, tfds).batch_size
+    steps = max(1, round(epochs * TRAIN_EXAMPLES / batch_size))
+    fns, state, data, rng, indices, mesh = flaxcnn_steps(family, tfds, steps)
+    k = max(fns)
+    state, metrics = fns[k](state, data, device_data.shard_indices(indices[:k], mesh), rng)
+    jax.block_until_ready(metrics)  # The warm-up dispatch; its batches are not timed.
+    chunks = [indices[i : i + k] for i in range(k, k + steps // k * k, k)]
+    chunks += [indices[k + steps // k * k + i][None] for i in range(steps % k)]
+    chunks = [device_data.shard_indices(c, mesh) for c in chunks]
+    start = time.perf_counter()
+    for chunk in chunks:
+        state, metrics = fns[len(chunk)](state, data, chunk, rng)
+    jax.block_until_ready(metrics)
+    seconds = time.perf_counter() - start
+    flops = fns[1].cost_analysis()["flops"]
+    return {
+        "examples_per_s": steps * batch_size / seconds,
+        "steps_per_s": steps / seconds,
+        "flops_per_step": flops,
+        "steps_per_dispatch": k,
+        "batch_size": batch_size,
+    }
+
+
+def bench_keras(family: str, npz: str, epochs: float) -> dict:
+    """Examples/s of the twin's second `fit` epoch over `epochs` epochs' worth of the
+    training images (no validation pass: flaxcnn's timed steps have none either)."""
+    sys.path.insert(0, os.path.dirname(TWIN))
+    import keras_families
+
+    examples = round(epochs * TRAIN_EXAMPLES)
+    result = keras_families.train(family, 2, npz, examples=examples)
+    return {"examples_per_s": result["examples_per_s"]}
+
+
+def worker(args) -> None:
+    """One measurement in this fresh process, printed as a RESULT line."""
+    if args.worker == "peak":
+        result = peak_flops()
+    elif args.worker == "flaxcnn":
+        result = bench_flaxcnn(args.family, args.tfds, args.epochs)
+    else:
+        result = bench_keras(args.family, args.npz, args.epochs)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def environment(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env.update(TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow", **extra)
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    return env
+
+
+def run_worker(name: str, family: str, args) -> dict | None:
+    """`worker` in a fresh process: its result, or None (the reason printed)."""
+    cmd = [sys.executable, __file__, "--worker", name] + (["--family", family] if family else [])
+    cmd += ["--epochs", str(args.epochs), "--npz", args.npz, "--tfds", args.tfds]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=environment(), cwd=REPO)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        print(f"{name} {family} failed:\n{proc.stderr[-3000:]}", flush=True)
+        return None
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def run_throughput(args) -> dict:
+    """{"contender:family": [result or None per repeat]}, with "peak:" the matmul's; each
+    repeat runs every contender once, in turn."""
+    jobs = [("peak", "")] + [(c, f) for f in args.families for c in ("flaxcnn", "keras")]
+    runs = {f"{name}:{family}": [] for name, family in jobs}
+    for repeat in range(args.repeats):
+        for name, family in jobs:
+            result = run_worker(name, family, args)
+            runs[f"{name}:{family}"].append(result)  # None when failed: repeats stay aligned.
+            rate = result and result.get("examples_per_s", result.get("flops_per_s"))
+            print(f"repeat {repeat + 1}: {name:8s} {family:12s} {rate or 0:14,.0f}", flush=True)
+    return runs
+
+
+def median_of(results: list, key: str) -> float | None:
+    values = [r[key] for r in results if r is not None]
+    return statistics.median(values) if values else None
+
+
+def paired_ratio(ours: list, theirs: list) -> float | None:
+    """The median over the repeats of flaxcnn's examples/s over the twin's in that repeat."""
+    ratios = [a["examples_per_s"] / b["examples_per_s"] for a, b in zip(ours, theirs) if a and b]
+    return statistics.median(ratios) if ratios else None
+
+
+def throughput_table(runs: dict, families: list[str]) -> list[str]:
+    """Per family: flaxcnn's examples/s, the step's FLOPs, the FLOP/s they make and their
+    fraction of the peak (both medians over the repeats), the twin's examples/s and
+    flaxcnn's speed-up (ratio of the medians; median of the per-repeat ratios)."""
+    peak = median_of(runs["peak:"], "flops_per_s")
+    table = [
+        f"Peak: {_giga(peak)} GFLOP/s ({PEAK_SIZE}x{PEAK_SIZE} float32 matmul, jitted, median).",
+        "",
+        "| family | batch | GFLOP/step (XLA) | flaxcnn ex/s | flaxcnn GFLOP/s | of peak "
+        "| Keras ex/s | flaxcnn / Keras | per repeat |",
+        "| --- " * 9 + "|",
+    ]
+    for family in families:
+        ours, theirs = runs[f"flaxcnn:{family}"], runs[f"keras:{family}"]
+        done = [r for r in ours if r]
+        flops = done[0]["flops_per_step"] if done else None
+        rates = [r["flops_per_step"] * r["steps_per_s"] for r in done]
+        achieved = statistics.median(rates) if rates else None
+        fraction = f"{achieved / peak:.1%}" if achieved and peak else "-"
+        ex, twin = median_of(ours, "examples_per_s"), median_of(theirs, "examples_per_s")
+        ratio = f"{ex / twin:.2f}x" if ex and twin else "-"
+        paired = paired_ratio(ours, theirs)
+        table.append(
+            f"| {family} | {done[0]['batch_size'] if done else '-'} | {_giga(flops, '.3f')} "
+            f"| {_fmt(ex)} | {_giga(achieved)} | {fraction} | {_fmt(twin)} | {ratio} "
+            f"| {'-' if paired is None else f'{paired:.2f}x'} |"
+        )
+    return table
+
+
+def _giga(value: float | None, spec: str = ".1f") -> str:
+    return "-" if value is None else format(value / 1e9, spec)
+
+
+def _fmt(value: float | None, spec: str = ",.0f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def family_command(name: str, family: str, workdir: str, args) -> list[str]:
+    """The shell command a user types: one epoch of the family (validation each epoch, the
+    test split at the end) in flaxcnn or its Keras twin."""
+    if name == "keras":
+        return [sys.executable, TWIN, "--family", family, "--epochs", "1", "--npz", args.npz]
+    config = os.path.join(REPO, "configs", f"{FAMILIES[family]}.py")
+    command = [sys.executable, "-m", "flaxcnn.main", "--workdir", workdir, "--config", config]
+    return command + ["--config.num_epochs=1", *NO_EXTRAS.get(family, [])]
+
+
+def time_command(name: str, family: str, cache_home: str, args) -> dict | None:
+    """Wall seconds of the command from start to exit and its test metric; None (the reason
+    printed) when it fails. `cache_home`: the XDG cache (flaxcnn's splits and compilations)."""
+    env = environment(XDG_CACHE_HOME=cache_home, TFDS_DATA_DIR=args.tfds)
+    with tempfile.TemporaryDirectory() as workdir:
+        command = family_command(name, family, workdir, args)
+        start = time.perf_counter()
+        proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
+        seconds = time.perf_counter() - start
+        parts = run_parts(workdir)
+    answer = ANSWER.search(proc.stdout)
+    if proc.returncode or not answer:
+        print(f"{name} {family} command failed:\n{proc.stderr[-3000:]}", flush=True)
+        return None
+    return {"seconds": seconds, "metric": answer.group(1), "value": float(answer.group(2)), **parts}
+
+
+def run_parts(workdir: str) -> dict:
+    """Where a flaxcnn command's time went, from its results.json: compiling the steps and
+    training (with the validation passes); {} for the twin, which writes none."""
+    path = os.path.join(workdir, "results.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        results = json.load(f)
+    return {"compile_s": results["compile_time_s"], "train_s": results["train_time_s"]}
+
+
+def run_commands(args) -> dict:
+    """{"contender:family": [run or None]}: each family's two commands, taking turns, 1 +
+    `--command-repeats` times; flaxcnn's first run of a family with empty caches."""
+    scratch = tempfile.mkdtemp(prefix="flaxcnn-families-")
+    runs = {f"{c}:{f}": [] for f in args.families for c in ("flaxcnn", "keras")}
+    try:
+        for repeat in range(1 + args.command_repeats):
+            for key, results in runs.items():
+                name, family = key.split(":")
+                result = time_command(name, family, os.path.join(scratch, family), args)
+                results.append(result)
+                seconds = result["seconds"] if result else float("nan")
+                print(f"command {repeat + 1}: {key:20s} {seconds:6.1f} s", flush=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return runs
+
+
+def command_table(runs: dict, families: list[str]) -> list[str]:
+    """Per family: flaxcnn's first command (empty caches), its later ones (median), the
+    seconds it spent compiling and training (median of all), the twin's (median of all: it
+    keeps no cache), the twin's time over flaxcnn's later one (the first without later ones),
+    and both test metrics (accuracy or loss, median)."""
+    table = [
+        "| family | flaxcnn s, first (empty caches) | flaxcnn s, later (median) "
+        "| of which compiling / training s | Keras s | Keras / flaxcnn "
+        "| test metric (flaxcnn / Keras) |",
+        "| --- " * 7 + "|",
+    ]
+    for family in families:
+        ours, theirs = runs[f"flaxcnn:{family}"], runs[f"keras:{family}"]
+        first = ours[0]["seconds"] if ours and ours[0] else None
+        later = median_of(ours[1:], "seconds") or first
+        twin = median_of(theirs, "seconds")
+        ratio = f"{twin / later:.2f}x" if twin and later else "-"
+        name = next((r["metric"] for r in ours + theirs if r), "")
+        values = " / ".join(_fmt(median_of(s, "value"), ".4f") for s in (ours, theirs))
+        parts = " / ".join(_fmt(median_of(ours, k), ".1f") for k in ("compile_s", "train_s"))
+        table.append(
+            f"| {family} | {_fmt(first, '.1f')} | {_fmt(median_of(ours[1:], 'seconds'), '.1f')} "
+            f"| {parts} | {_fmt(twin, '.1f')} | {ratio} | {name} {values} |"
+        )
+    return table
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
+    parser.add_argument(
+        "--epochs", type=float, default=0.25, help="epochs' worth of examples timed (throughput)"
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="throughput repeats")
+    parser.add_argument(
+        "--command-repeats",
+        type=int,
+        default=1,
+        help="whole commands run after the first of each (-1: no whole commands)",
+    )
+    parser.add_argument("--npz", default=os.path.join(SHARED, "mnist", "mnist.npz"))
+    parser.add_argument("--tfds", default=os.path.join(SHARED, "tfds"))
+    parser.add_argument("--out", default="benchmark")
+    parser.add_argument("--worker", choices=("peak", "flaxcnn", "keras"), help=argparse.SUPPRESS)
+    parser.add_argument("--family", choices=FAMILIES, help=argparse.SUPPRESS)
+    return parser
+
+
+def run(args) -> list[str]:
+    """The benchmark: the markdown report's lines; JSON and markdown written to `args.out`."""
+    report, results = [f"Load average (1 min) at the start: {os.getloadavg()[0]:.2f}", ""], {}
+    results["throughput"] = run_throughput(args)
+    report += [
+        "## Families: training throughput",
+        "",
+        *throughput_table(results["throughput"], args.families),
+    ]
+    if args.command_repeats >= 0:
+        results["commands"] = run_commands(args)
+        report += ["", "## Families: whole command (1 epoch)", ""]
+        report += command_table(results["commands"], args.families)
+    report += ["", f"Load average (1 min) at the end: {os.getloadavg()[0]:.2f}"]
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "families.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    with open(os.path.join(args.out, "families.md"), "w") as f:
+        f.write("\n".join(report) + "\n")
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    if args.worker:
+        return worker(args)
+    print("\n".join(run(args)))
+
+
+if __name__ == "__main__":
+    main()
