@@ -1,6 +1,7 @@
 """The benchmark script's command line and the tables it reports (its runs are not tests)."""
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -79,3 +80,112 @@ def test_whole_commands_are_the_shell_commands_a_user_types():
         "--workdir",
         "W",
     ]
+
+
+FAMILIES_SCRIPT = os.path.join(REPO, "scripts", "benchmark_families.py")
+TWIN = os.path.join(REPO, "scripts", "peers", "keras_families.py")
+spec = importlib.util.spec_from_file_location("benchmark_families", FAMILIES_SCRIPT)
+families = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(families)
+
+# Each Keras twin's trainable parameter count and settings, printed as JSON by a fresh
+# interpreter on Keras's numpy backend: building is all it does, and this process stays
+# free of Keras.
+TWIN_FACTS = f"""
+import importlib.util, json
+spec = importlib.util.spec_from_file_location("twin", {TWIN!r})
+twin = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(twin)
+print(json.dumps({{
+    family: [twin.trainable_parameters(build()), twin.SETTINGS[family]]
+    for family, build in twin.BUILDERS.items()
+}}))
+"""
+
+
+def flaxcnn_parameters(config) -> int:
+    """The parameter count of the config's model on MNIST, from shapes alone."""
+    import jax
+    import jax.numpy as jnp
+
+    from flaxcnn import models
+
+    kwargs = dict(config.model_kwargs)
+    if config.task == "classification":
+        kwargs["num_classes"] = 10
+    else:
+        kwargs["image_shape"] = (28, 28, 1)
+    model = models.create_model(config.model, **kwargs)
+    # The GAN's module takes latents, the others images.
+    x = jnp.zeros((1, model.latent_dim) if config.task == "gan" else (1, 28, 28, 1))
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+    return sum(leaf.size for leaf in jax.tree.leaves(shapes["params"]))
+
+
+def test_every_family_has_a_keras_twin_of_the_same_architecture_and_settings():
+    env = {**os.environ, "KERAS_BACKEND": "numpy", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run(
+        [sys.executable, "-c", TWIN_FACTS], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    facts = json.loads(proc.stdout.splitlines()[-1])
+    assert set(facts) == set(families.FAMILIES)
+    for family, (parameters, settings) in facts.items():
+        config = families.load_config(family, "unused")
+        assert settings["config"] == families.FAMILIES[family]
+        assert parameters == flaxcnn_parameters(config), family
+        assert settings["batch_size"] == config.batch_size, family
+        assert settings["learning_rate"] == config.learning_rate, family
+        assert settings.get("cosine", False) == (config.lr_schedule == "cosine"), family
+        assert settings.get("clip", 0.0) == config.grad_clip_norm, family
+        assert settings.get("beta_1", 0.9) == config.get("adam_b1", 0.9), family
+
+
+def test_family_table_reports_the_fraction_of_the_peak_and_pairs_repeats():
+    def ours(rate):
+        return {
+            "examples_per_s": rate,
+            "steps_per_s": rate / 100,
+            "flops_per_step": 1e9,
+            "batch_size": 100,
+        }
+
+    runs = {
+        "peak:": [{"flops_per_s": 40e9}, {"flops_per_s": 60e9}, None],
+        "flaxcnn:cnn": [ours(2000.0), ours(1000.0), ours(3000.0)],
+        "keras:cnn": [{"examples_per_s": 1000.0}, None, {"examples_per_s": 2000.0}],
+    }
+    table = families.throughput_table(runs, ["cnn"])
+    assert table[0].startswith("Peak: 50.0 GFLOP/s")
+    cells = [c.strip() for c in table[-1].split("|")[1:-1]]
+    # 20 steps/s of 1 GFLOP = 20 GFLOP/s, 40% of 50; ratio of medians 2000 / 1500; per
+    # repeat 2000 / 1000 and 3000 / 2000.
+    assert cells == ["cnn", "100", "1.000", "2,000", "20.0", "40.0%", "1,500", "1.33x", "1.75x"]
+
+
+def test_family_commands_are_the_shell_commands_a_user_types():
+    class Args:
+        npz = "mnist.npz"
+
+    ours = families.family_command("flaxcnn", "vae", "W", Args)
+    assert ours[1:5] == ["-m", "flaxcnn.main", "--workdir", "W"]
+    assert ours[6].endswith("configs/vae_mnist.py") and os.path.isfile(ours[6])
+    assert "--config.num_epochs=1" in ours and "--config.score_samples=0" in ours
+    twin = families.family_command("keras", "gan", "W", Args)
+    assert twin[1] == TWIN and twin[2:] == [
+        "--family",
+        "gan",
+        "--epochs",
+        "1",
+        "--npz",
+        "mnist.npz",
+    ]
+    runs = {
+        "flaxcnn:gan": [
+            {"seconds": 30.0, "metric": "loss", "value": 1.0, "compile_s": 5.0, "train_s": 20.0},
+            None,
+        ],
+        "keras:gan": [{"seconds": 45.0, "metric": "loss", "value": 2.0}, None],
+    }
+    cells = [c.strip() for c in families.command_table(runs, ["gan"])[-1].split("|")[1:-1]]
+    assert cells == ["gan", "30.0", "-", "5.0 / 20.0", "45.0", "1.50x", "loss 1.0000 / 2.0000"]
