@@ -151,12 +151,16 @@ def test_family_table_reports_the_fraction_of_the_peak_and_pairs_repeats():
         }
 
     runs = {
-        "peak:": [{"flops_per_s": 40e9}, {"flops_per_s": 60e9}, None],
+        "peak:": [
+            {"flops_per_s": 40e9, "xla": 40e9, "tf": 30e9},
+            {"flops_per_s": 60e9, "xla": 50e9, "tf": 60e9},
+            None,
+        ],
         "flaxcnn:cnn": [ours(2000.0), ours(1000.0), ours(3000.0)],
         "keras:cnn": [{"examples_per_s": 1000.0}, None, {"examples_per_s": 2000.0}],
     }
     table = families.throughput_table(runs, ["cnn"])
-    assert table[0].startswith("Peak: 50.0 GFLOP/s")
+    assert table[0].startswith("Peak: 50.0 GFLOP/s") and "XLA 45.0, TensorFlow 45.0" in table[0]
     cells = [c.strip() for c in table[-1].split("|")[1:-1]]
     # 20 steps/s of 1 GFLOP = 20 GFLOP/s, 40% of 50; ratio of medians 2000 / 1500; per
     # repeat 2000 / 1000 and 3000 / 2000.
