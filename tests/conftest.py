@@ -70,7 +70,9 @@ def find_shared_tfds(root: pathlib.Path) -> str:
 
 
 def tiny_config(data_dir: str, **overrides):
-    """The default config shrunk to a few steps, for end-to-end tests."""
+    """The default config shrunk to a few steps, for end-to-end tests: one step per
+    dispatch, whose compilation is the quickest (several steps per dispatch equal single
+    steps: test_device_data; the slow suite's runs dispatch several)."""
     from flaxcnn import default_config
 
     config = default_config.get_config()
@@ -78,6 +80,7 @@ def tiny_config(data_dir: str, **overrides):
     config.num_train_steps = 8
     config.eval_batch_size = 500
     config.log_every_steps = 4
+    config.steps_per_dispatch = 1
     config.update(overrides)
     return config
 

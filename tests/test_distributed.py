@@ -103,6 +103,7 @@ def one_device_losses(data_dir, tmp_path_factory) -> dict[int, float]:
     return train_losses(workdir)
 
 
+@pytest.mark.slow  # Two runs of the command; test_reliability's device counts are slow too.
 def test_eight_devices_train_like_one(one_device_losses, data_dir, tmp_path):
     result = run_cli(f"--workdir={tmp_path}", f"--config.data_dir={data_dir}", *COMMON, devices=8)
     assert result.returncode == 0, result.stderr[-3000:]
