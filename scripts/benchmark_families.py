@@ -10,13 +10,14 @@ multi-step function on the training split kept on the device, real shuffled batc
 `--epochs` epochs' worth of steps after a warm-up dispatch; the twin's `fit` over the same
 number of examples, its second epoch timed (the first traces and compiles). The step's FLOPs
 are XLA's cost analysis of the compiled one-step function (no loop: XLA counts a loop's body
-once); achieved FLOP/s = FLOPs per step * steps/s; the peak is a jitted 2048 x 2048 float32
-matmul's, measured in every repeat. Each contender runs in a fresh process and the contenders
-take turns (each repeat runs every one once), so a shared machine's drift slows them alike;
-medians over the repeats. Whole command: `python -m flaxcnn.main --config
-configs/<family>_mnist.py --config.num_epochs=1` (the generative runs' extra scores, which
-the twins do not compute, off) against `keras_families.py --family <family> --epochs 1`, from
-start to exit; the first flaxcnn run of a family has empty caches.
+once); achieved FLOP/s = FLOPs per step * steps/s; the peak is a 2048 x 2048 float32
+matmul's, the faster of XLA's and TensorFlow's, measured in every repeat. Each contender
+runs in a fresh process and the contenders take turns (each repeat runs every one once), so
+a shared machine's drift slows them alike; medians over the repeats. Whole command:
+`python -m flaxcnn.main --config configs/<family>_mnist.py --config.num_epochs=1` (the
+generative runs' extra scores, which the twins do not compute, off) against
+`keras_families.py --family <family> --epochs 1`, from start to exit; the first flaxcnn run
+of a family has empty caches.
 """
 
 import argparse
