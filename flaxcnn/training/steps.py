@@ -123,11 +123,10 @@ def compile_evaluation(
     eval_step, state, data, batch_size: int, mesh, rng, num_examples: int
 ) -> dict:
     """{k: compiled `multi_eval`}, what `evaluate` takes, for evaluation outside a training
-    run: k = 1, and 16 batches per dispatch when `num_examples` fill that many."""
-    sizes = {1, 16} if num_examples >= 16 * batch_size else {1}
+    run: k = 1, and 16 batches per dispatch when `num_examples` make that many."""
     return {
         k: lower_evaluation(eval_step, state, data, batch_size, mesh, rng, k).compile()
-        for k in sorted(sizes)
+        for k in sizes_up_to((16, 1), -(-num_examples // batch_size))
     }
 
 
