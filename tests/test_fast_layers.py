@@ -1,5 +1,6 @@
-"""flaxcnn.models.fast_cpu: a user's plain flax.linen model computed with the CPU rewrite
-gives the standard layers' outputs, gradients and batch statistics."""
+"""flaxcnn.models.fast_cpu: a user's plain flax.linen model computed with the CPU rewrite,
+and compiled with its compiler options, gives the standard layers' outputs, gradients and
+batch statistics."""
 
 import importlib.util
 import os
@@ -114,3 +115,61 @@ def test_train_state_applies_the_rewrite_on_cpu_unless_turned_off(monkeypatch):
     assert not fast_cpu.wins_here()
     state = state_lib.create_train_state(model, tx, jax.random.key(0), (8, 8, 1))
     assert state.apply_fn == model.apply
+
+
+class PlainNet(nn.Module):
+    """Convolutions of every kind a user writes: SAME and VALID, strided, over 3 channels,
+    transposed, with batch norm."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        x = nn.relu(nn.Conv(8, (3, 3))(x))
+        x = nn.Conv(12, (3, 3), strides=(2, 2), padding="VALID")(x)
+        x = nn.relu(nn.BatchNorm(use_running_average=not train)(x))
+        x = nn.ConvTranspose(4, (3, 3), strides=(2, 2))(x)
+        return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+
+def microbatch_grads(model, variables, x, num: int):
+    """Gradients summed over `num` microbatches, unrolled as `gradient_step` does."""
+
+    def loss(params, xs):
+        out, _ = model.apply({**variables, "params": params}, xs, mutable=["batch_stats"])
+        return jnp.sum(out**2)
+
+    total = None
+    for xs in jnp.split(x, num):
+        grads = jax.grad(loss)(variables["params"], xs)
+        total = grads if total is None else jax.tree.map(jnp.add, total, grads)
+    return total
+
+
+def test_compiled_with_eigen_convolutions_the_standard_layers_give_the_same_results():
+    model, x = PlainNet(), jax.random.normal(jax.random.key(0), (8, 13, 13, 3))
+    variables = model.init(jax.random.key(1), x)
+    lowered = jax.jit(lambda v, x: microbatch_grads(model, v, x, 2)).lower(variables, x)
+    want = lowered.compile()(variables, x)
+    got = fast_cpu.compile_for_this_backend(lowered)(variables, x)
+    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(want))
+    assert max_abs_diff(got, want) <= 1e-5 * scale  # float32 summation order only.
+
+
+def test_convolutions_leave_ynnpack_and_large_steps_are_compiled_memory_optimized(monkeypatch):
+    if not fast_cpu.wins_here():
+        pytest.skip("the compiler options apply to XLA:CPU")
+    layer = nn.Conv(32, (3, 3))
+    x = jnp.ones((4, 12, 12, 16))
+    lowered = jax.jit(layer.apply).lower(layer.init(jax.random.key(0), x), x)
+    assert "__ynn_fusion" in lowered.compile().as_text()  # XLA's default: YNNPACK.
+    assert "__ynn_fusion" not in fast_cpu.compile_for_this_backend(lowered).as_text()
+
+    model, x = PlainNet(), jnp.ones((32, 16, 16, 3))
+    variables = model.init(jax.random.key(1), x)
+    lowered = jax.jit(lambda v, x: microbatch_grads(model, v, x, 4)).lower(variables, x)
+    fits = fast_cpu.compile_for_this_backend(lowered).memory_analysis().temp_size_in_bytes
+    monkeypatch.setattr(fast_cpu, "last_level_cache_bytes", lambda: fits - 1)
+    reused = fast_cpu.compile_for_this_backend(lowered).memory_analysis().temp_size_in_bytes
+    assert reused < fits  # The memory-optimised schedule reuses the microbatches' buffers.
+    monkeypatch.setenv(fast_cpu.ENV_SWITCH, "0")
+    plain = fast_cpu.compile_for_this_backend(lowered).as_text()
+    assert plain == lowered.compile().as_text()
