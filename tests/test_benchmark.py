@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 SCRIPT = os.path.join(REPO, "scripts", "benchmark.py")
@@ -122,6 +123,7 @@ def flaxcnn_parameters(config) -> int:
     return sum(leaf.size for leaf in jax.tree.leaves(shapes["params"]))
 
 
+@pytest.mark.slow
 def test_every_family_has_a_keras_twin_of_the_same_architecture_and_settings():
     env = {**os.environ, "KERAS_BACKEND": "numpy", "TF_CPP_MIN_LOG_LEVEL": "3"}
     proc = subprocess.run(

@@ -48,7 +48,7 @@ def max_abs_diff(a, b) -> float:
     )
 
 
-@pytest.mark.parametrize("name", ["SeedCNN", "CNN"])
+@pytest.mark.parametrize("name", ["SeedCNN", pytest.param("CNN", marks=pytest.mark.slow)])
 def test_train_step_updates_params_and_returns_finite_metrics(name):
     state, batch = make_state(name), make_batch()
     new_state, metrics = jitted_train_step(make_state(name), batch, jax.random.key(1))
@@ -61,7 +61,7 @@ def test_train_step_updates_params_and_returns_finite_metrics(name):
     assert 0 <= float(metrics["accuracy"]) <= 16
 
 
-@pytest.mark.parametrize("name", ["SeedCNN", "CNN"])
+@pytest.mark.parametrize("name", ["SeedCNN", pytest.param("CNN", marks=pytest.mark.slow)])
 def test_jit_equals_eager_and_same_rng_same_result(name):
     batch, rng = make_batch(), jax.random.key(1)
     state_a, metrics_a = jitted_train_step(make_state(name), batch, rng)
@@ -79,6 +79,7 @@ def test_jit_equals_eager_and_same_rng_same_result(name):
     np.testing.assert_allclose(eager_metrics["loss"], metrics_a["loss"], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_dropout_noise_depends_on_rng():
     batch = make_batch()
     state_a, _ = jitted_train_step(make_state("CNN"), batch, jax.random.key(1))
@@ -86,6 +87,7 @@ def test_dropout_noise_depends_on_rng():
     assert max_abs_diff(state_a.params, state_b.params) > 0
 
 
+@pytest.mark.slow
 def test_microbatches_give_the_full_batch_update():
     batch, rng = make_batch(32), jax.random.key(1)
     full_state, full_metrics = jitted_train_step(make_state(), batch, rng)
@@ -123,6 +125,7 @@ def test_batch_stats_update_in_training_only():
     assert float(untrained["loss"]) != pytest.approx(float(whole["loss"]), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_eval_step_counts_only_masked_examples():
     state, batch = make_state(), make_batch(16)
     full = jitted_eval_step(state, batch)

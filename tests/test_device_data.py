@@ -7,6 +7,7 @@ import functools
 import jax
 import numpy as np
 import optax
+import pytest
 
 from flaxcnn.data import batching, device_data, input_pipeline
 from flaxcnn.models import create_model
@@ -45,6 +46,7 @@ def test_epoch_indices_are_a_permutation_fixed_by_seed_and_epoch():
     assert not np.array_equal(a, batching.epoch_indices(100, 32, seed=0, epoch=1))
 
 
+@pytest.mark.slow
 def test_several_steps_per_dispatch_equal_single_steps():
     split = make_split()
     mesh = sharding.create_mesh()
@@ -72,6 +74,7 @@ def test_several_steps_per_dispatch_equal_single_steps():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_evaluation_on_the_device_equals_eager_evaluation_of_each_batch():
     # Two splits side by side; the second is evaluated in 2 dispatches of 2 batches of 8 and
     # one single batch whose last 3 rows are padding (37 = 4 * 8 + 5).

@@ -69,6 +69,7 @@ def saved_model(exported):
     return load_saved_model(exported[1])
 
 
+@pytest.mark.slow  # Imports TensorFlow and converts the model: the slow suite proves it.
 @pytest.mark.parametrize("batch_size", [1, 7, 64])
 def test_saved_model_matches_the_flax_model(exported, saved_model, images, batch_size):
     run, _ = exported

@@ -30,6 +30,7 @@ def max_abs_diff(a, b) -> float:
     return max((float(jnp.max(jnp.abs(x - y))) for x, y in pairs), default=0.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch_norm", [False, True])
 def test_user_model_trains_identically_through_the_rewrite(batch_norm):
     model = user_cnn(widths=(4, 6), batch_norm=batch_norm)
@@ -64,7 +65,11 @@ def test_user_model_trains_identically_through_the_rewrite(batch_norm):
 
 @pytest.mark.parametrize(
     "shape, window",
-    [((2, 6, 6, 3), (1, 2, 2, 1)), ((2, 7, 9, 2), (1, 2, 2, 1)), ((1, 9, 6, 2), (1, 3, 3, 1))],
+    [
+        pytest.param((2, 6, 6, 3), (1, 2, 2, 1), marks=pytest.mark.slow),
+        ((2, 7, 9, 2), (1, 2, 2, 1)),
+        ((1, 9, 6, 2), (1, 3, 3, 1)),
+    ],
 )
 def test_block_max_pool_is_reduce_window_with_its_gradient_on_ties(shape, window):
     # Integers in a small range tie often: the gradient must go to the first maximum only.
@@ -93,6 +98,7 @@ def test_pools_and_convolutions_it_does_not_cover_stay_standard():
     np.testing.assert_allclose(grads, jax.grad(lambda x: jnp.sum(overlapping(x) ** 2))(x))
 
 
+@pytest.mark.slow
 def test_rewrite_keeps_structured_outputs_static_arguments_and_equality():
     model = user_cnn(widths=(2,), batch_norm=True)
     x = jnp.ones((2, 8, 8, 1))
@@ -145,15 +151,16 @@ def microbatch_grads(model, variables, x, num: int):
 
 
 def test_compiled_with_eigen_convolutions_the_standard_layers_give_the_same_results():
-    model, x = PlainNet(), jax.random.normal(jax.random.key(0), (8, 13, 13, 3))
+    model, x = PlainNet(), jax.random.normal(jax.random.key(0), (4, 9, 9, 3))
     variables = model.init(jax.random.key(1), x)
-    lowered = jax.jit(lambda v, x: microbatch_grads(model, v, x, 2)).lower(variables, x)
+    lowered = jax.jit(lambda v, x: microbatch_grads(model, v, x, 1)).lower(variables, x)
     want = lowered.compile()(variables, x)
     got = fast_cpu.compile_for_this_backend(lowered)(variables, x)
     scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(want))
     assert max_abs_diff(got, want) <= 1e-5 * scale  # float32 summation order only.
 
 
+@pytest.mark.slow
 def test_convolutions_leave_ynnpack_and_large_steps_are_compiled_memory_optimized(monkeypatch):
     if not fast_cpu.wins_here():
         pytest.skip("the compiler options apply to XLA:CPU")

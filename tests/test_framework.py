@@ -169,6 +169,7 @@ def test_console_command_runs_each_command(user_run, capsys):
         assert tomllib.load(f)["project"]["scripts"]["flaxcnn"] == "flaxcnn.cli:main"
 
 
+@pytest.mark.slow
 def test_python_api_records_an_instance_and_loads_it_back(user_dir, data_dir, tmp_path):
     sys.path.insert(0, str(user_dir))
     try:
@@ -190,6 +191,7 @@ def test_python_api_records_an_instance_and_loads_it_back(user_dir, data_dir, tm
     assert flaxcnn.fit(my_nets.TinyNet(width=3), "embedded_mnist", workdir, **settings) == results
 
 
+@pytest.mark.slow
 def test_user_task_file_runs_through_the_loop(user_dir, data_dir, tmp_path):
     workdir = str(tmp_path / "denoise")
     results = flaxcnn.fit(
@@ -350,6 +352,7 @@ def test_an_optimizer_by_import_path(user_dir):
     np.testing.assert_allclose(updates["w"], -0.25)
 
 
+@pytest.mark.slow
 def test_model_summary_is_a_layer_table_or_a_parameter_list():
     from flaxcnn.reporting.summary import model_summary
     from flaxcnn.training.state import create_train_state

@@ -136,6 +136,7 @@ def eager_step():
     return state, batch, gan.train_step(state, batch, key(1))
 
 
+@pytest.mark.slow
 def test_train_step_returns_finite_summed_metrics(eager_step):
     state, _, (new_state, metrics) = eager_step
     assert int(new_state.step) == 1
@@ -149,6 +150,7 @@ def test_train_step_returns_finite_summed_metrics(eager_step):
     np.testing.assert_allclose(float(metrics["g_loss"]) / 8, np.log(2), rtol=0.2)
 
 
+@pytest.mark.slow
 def test_each_update_changes_only_its_own_network():
     state, batch = make_state(), make_batch()
     after_d, metrics = gan.discriminator_update(state, batch, key(1))
@@ -166,6 +168,7 @@ def test_each_update_changes_only_its_own_network():
     assert set(metrics) == {"g_loss"}
 
 
+@pytest.mark.slow
 def test_jit_equals_eager_and_same_rng_same_result(eager_step):
     _, batch, (eager_state, eager_metrics) = eager_step
     rng = key(1)
@@ -183,6 +186,7 @@ def test_jit_equals_eager_and_same_rng_same_result(eager_step):
     assert max_abs_diff(state_a.params, state_c.params) > 0
 
 
+@pytest.mark.slow
 def test_discriminator_loss_falls_on_one_fixed_batch():
     state, batch = make_state(), make_batch(16)
     step = jax.jit(gan.train_step)
@@ -193,6 +197,7 @@ def test_discriminator_loss_falls_on_one_fixed_batch():
     assert np.mean(losses[-5:]) < 0.8 * losses[0], losses
 
 
+@pytest.mark.slow
 def test_eval_step_honours_the_mask():
     state = make_state()
     batch = make_batch(6)
@@ -209,6 +214,7 @@ def test_eval_step_honours_the_mask():
     assert float(full["count"]) == 6 and float(full["d_loss"]) > float(masked["d_loss"])
 
 
+@pytest.mark.slow
 def test_generate_is_pure():
     state = make_state()
     a = gan.generate(state, key(5), 4)
@@ -274,6 +280,7 @@ def test_conditional_gan_takes_labels_in_both_networks():
         )
 
 
+@pytest.mark.slow
 def test_conditional_train_step_runs_on_the_batch_labels():
     state, batch = conditional_state(), make_batch()
     new_state, metrics = jax.jit(gan.train_step)(state, batch, key(1))

@@ -143,6 +143,7 @@ def test_a_scorer_model_that_sows_no_features_is_refused():
         gm.Scorer(apply_fn, variables).logits_and_features(np.zeros((2, 2, 2, 1), np.float32))
 
 
+@pytest.mark.slow
 def test_the_cnn_sows_its_penultimate_features():
     from flaxcnn.models.cnn import CNN
 

@@ -88,7 +88,9 @@ def all_finite(tree) -> bool:
     return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree))
 
 
-@pytest.mark.parametrize("name", sorted(TASKS))
+@pytest.mark.parametrize(
+    "name", ["classification", pytest.param("autoencoder", marks=pytest.mark.slow), "vae"]
+)
 def test_step_changes_params_with_finite_metrics(name):
     state = make_state(name)
     new_state, metrics = jitted_step(name)(state, make_batch(), key(1))
@@ -98,6 +100,7 @@ def test_step_changes_params_with_finite_metrics(name):
     assert float(metrics["count"]) == 16 and float(metrics["loss"]) > 0
 
 
+@pytest.mark.slow
 def test_jit_equals_eager_with_every_setting_on():
     settings = dict(microbatch_size=8, augmentation=dict(AUGMENTATION), l2=1e-3)
     state, batch = make_state("classification"), make_batch()
@@ -126,7 +129,9 @@ def test_same_key_same_step_and_another_key_another(name):
     assert float(metrics_a["loss"]) != float(metrics_c["loss"])
 
 
-@pytest.mark.parametrize("name", ["classification", "autoencoder"])
+@pytest.mark.parametrize(
+    "name", ["classification", pytest.param("autoencoder", marks=pytest.mark.slow)]
+)
 def test_microbatches_give_the_whole_batch_update(name):
     # Deterministic models without batch norm: only the summation order differs.
     state, batch = make_state(name), make_batch()
@@ -138,7 +143,9 @@ def test_microbatches_give_the_whole_batch_update(name):
         np.testing.assert_allclose(micro_metrics[name_], whole_metrics[name_], rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", sorted(TASKS))
+@pytest.mark.parametrize(
+    "name", ["classification", pytest.param("autoencoder", marks=pytest.mark.slow), "vae"]
+)
 def test_skip_nonfinite_skips_a_nan_batch(name):
     state = make_state(name)
     batch = make_batch()
@@ -157,6 +164,7 @@ def test_skip_nonfinite_skips_a_nan_batch(name):
     assert max_abs_diff(kept.params, state.params) > 0
 
 
+@pytest.mark.slow
 def test_gan_skip_nonfinite_skips_a_nan_batch():
     config = config_for("gan", optimizer="adam", model_kwargs=TINY_GAN)
     state = jax.jit(lambda rng: gan.create_state(config, rng, SHAPE, 10, 100))(key(0))
@@ -182,6 +190,7 @@ def test_keep_if_finite_keeps_the_new_state_or_the_old_with_the_new_step():
     assert dropped_metrics == {"loss": 0.0, "count": 0.0, "skipped": 1.0}
 
 
+@pytest.mark.slow
 def test_the_loss_sees_the_augmented_images_keyed_by_the_step():
     """A loss that reports the images it is given: those of `augment.augment` with the
     second half of the run key folded with the step (the key classification used before the
@@ -205,7 +214,7 @@ def test_the_loss_sees_the_augmented_images_keyed_by_the_step():
     np.testing.assert_array_equal(plain["seen"], batch["image"])
 
 
-@pytest.mark.parametrize("name", ["autoencoder", "vae"])
+@pytest.mark.parametrize("name", [pytest.param("autoencoder", marks=pytest.mark.slow), "vae"])
 def test_generative_tasks_train_on_augmented_images(name):
     # The same key with and without augmentation: only the images differ.
     batch = make_batch()
@@ -267,6 +276,7 @@ def gan_state(**overrides):
     return jax.jit(lambda rng: gan.create_state(config, rng, SHAPE, 10, 100))(key(0))
 
 
+@pytest.mark.slow
 def test_gan_augments_real_and_generated_images_for_both_updates():
     """DiffAugment: off, the step is the plain one; on, the discriminator judges augmented
     images in its update and the generator's gradient passes through the augmentation."""

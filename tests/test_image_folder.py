@@ -180,6 +180,7 @@ def folder_config(name: str, **overrides):
     )
 
 
+@pytest.mark.slow
 def test_rgb_folder_trains_evaluates_and_predicts_end_to_end(tmp_path):
     """Mixed colour modes (L, RGB, RGBA, P) of one size: read as RGB by default, trained
     through the loop, then restored, evaluated and used for prediction."""
@@ -324,6 +325,7 @@ def tiny_run(image_shape=(16, 16, 3)) -> inference.Run:
     return inference.Run("unused", config, state, image_shape, 2, list(CLASSES), 0, "latest")
 
 
+@pytest.mark.slow
 def test_predict_on_directories_gifs_bombs_and_failures(tmp_path, monkeypatch):
     run = tiny_run()
     awkward_folder(tmp_path / "photos")

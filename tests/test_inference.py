@@ -99,6 +99,7 @@ def test_best_checkpoint_when_present_else_latest(tmp_path, trained, run):
     assert inference.load_run(workdir).step == 8
 
 
+@pytest.mark.slow
 def test_evaluate_writes_report_and_png(trained, capsys):
     workdir, results = trained
     assert evaluate.main(["--workdir", workdir, "--split", "test"]) == 0

@@ -69,6 +69,7 @@ def conv_relu_pool_reference(x, kernel, bias, padding):
     return nn.max_pool(nn.relu(y + bias), (2, 2), (2, 2))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "shape, padding, features, kernel_size",
     [
@@ -104,6 +105,7 @@ def test_conv_relu_max_pool_matches_lax_conv_and_max_pool(shape, padding, featur
         np.testing.assert_allclose(got, wanted, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_conv_relu_max_pool_gradient_goes_to_the_first_of_tied_maxima():
     # Blank regions (MNIST's background) tie all four conv outputs of a window at the bias.
     x = (
@@ -150,7 +152,13 @@ def test_flatten_dense_matches_flatten_then_dense_and_its_gradients(shape):
         np.testing.assert_allclose(got, wanted, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("layer", [ConvReluMaxPool(6, (3, 3), padding="VALID"), FlattenDense(7)])
+@pytest.mark.parametrize(
+    "layer",
+    [
+        pytest.param(ConvReluMaxPool(6, (3, 3), padding="VALID"), marks=pytest.mark.slow),
+        FlattenDense(7),
+    ],
+)
 def test_fused_layers_and_their_fallback_share_parameters_outputs_and_gradients(layer):
     x = normal((3, 9, 8, 2))
     fused, plain = layer.clone(fused=True), layer.clone(fused=False)
@@ -173,6 +181,7 @@ def test_fused_layers_run_on_cpu_by_default():
     assert fused_layers_win() == (jax.default_backend() == "cpu")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fused", [True, False])
 def test_seed_cnn_computes_in_its_dtype_with_float32_parameters(fused):
     x = jnp.asarray(np.random.default_rng(0).random((2, 28, 28, 1), np.float32))
@@ -198,13 +207,13 @@ def test_seed_cnn_computes_in_its_dtype_with_float32_parameters(fused):
     "kernel_size, use_bias, channels, features",
     [
         (2, True, 3, 4),
-        (3, True, 3, 4),
+        pytest.param(3, True, 3, 4, marks=pytest.mark.slow),
         (4, False, 3, 4),
-        (5, True, 3, 4),
+        pytest.param(5, True, 3, 4, marks=pytest.mark.slow),
         # Wider windows than MAX_SUBPIXEL_PATCH: convolution routes.
         (4, True, 30, 4),  # One convolution to the four phases.
-        (3, True, 70, 16),  # One per phase.
-        (5, False, 30, 16),
+        pytest.param(3, True, 70, 16, marks=pytest.mark.slow),  # One per phase.
+        pytest.param(5, False, 30, 16, marks=pytest.mark.slow),
     ],
 )
 def test_conv_transpose_2x_is_flax_conv_transpose_with_its_gradients(

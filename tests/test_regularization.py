@@ -182,6 +182,7 @@ def test_bfloat16_keeps_float32_params_and_logits_close_to_float32():
     np.testing.assert_allclose(logits, reference, atol=0.05 * float(jnp.max(jnp.abs(reference))))
 
 
+@pytest.mark.slow
 def test_bfloat16_train_step_gives_a_finite_loss_and_float32_state():
     model = create_model("CNN", **model_kwargs(config_for()))
     _, variables = cnn_and_variables()

@@ -15,6 +15,9 @@ from flaxcnn.cli import export, sample
 from flaxcnn.tasks import get_task
 from flaxcnn.training.checkpointing import Checkpointer
 
+# Five untrained runs and their samplers compile for a minute: the slow suite proves them.
+pytestmark = pytest.mark.slow
+
 SHAPE = (28, 28, 1)
 TINY = {
     "gan": ("DCGAN", dict(latent_dim=8, generator_widths=(8, 4), discriminator_widths=(4, 8))),

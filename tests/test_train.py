@@ -71,6 +71,7 @@ def partial_batches_config(data_dir: str):
     )
 
 
+@pytest.mark.slow
 def test_epochs_checkpoint_validate_and_count_every_test_example(data_dir, tmp_path):
     results = loop.train_and_evaluate(partial_batches_config(data_dir), str(tmp_path))
     assert results["steps"] == 6 and results["num_test_examples"] == 1234
@@ -93,6 +94,7 @@ def test_bad_settings_are_value_errors(data_dir, tmp_path, overrides, message):
         loop.train_and_evaluate(tiny_config(data_dir, **overrides), str(tmp_path))
 
 
+@pytest.mark.slow
 def test_cli_overrides_reach_the_run(data_dir, tmp_path):
     workdir = tmp_path / "cli"
     result = run_command(
@@ -148,6 +150,7 @@ def test_only_the_dispatch_sizes_a_run_can_use_are_compiled():
     assert steps.sizes_up_to((1, 1, 1), 0) == [1]
 
 
+@pytest.mark.slow
 def test_early_stopping_stops_at_patience_and_tests_the_best_state(data_dir, tmp_path, monkeypatch):
     # 31 steps an epoch; validation accuracy scripted to peak at epoch 2 of up to 10.
     config = tiny_config(data_dir, num_train_steps=-1, num_epochs=10, train_split="train[:1000]")
@@ -170,6 +173,7 @@ def test_early_stopping_stops_at_patience_and_tests_the_best_state(data_dir, tmp
     assert loop.train_and_evaluate(config, str(tmp_path)) == results
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_names_the_step_or_is_skipped(data_dir, tmp_path, monkeypatch):
     gather_batch = device_data.gather_batch
 

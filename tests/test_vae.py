@@ -47,6 +47,7 @@ def negative_elbo(state, x, labels) -> np.ndarray:
     return np.mean(totals, axis=0)
 
 
+@pytest.mark.slow
 def test_one_importance_sample_estimates_the_negative_elbo():
     state, x = make_state(), images()
     labels = jnp.zeros(len(x), jnp.int32)
@@ -55,6 +56,7 @@ def test_one_importance_sample_estimates_the_negative_elbo():
     assert abs(np.mean(draws) - np.mean(negative_elbo(state, x, labels))) < 1.0
 
 
+@pytest.mark.slow
 def test_more_importance_samples_tighten_the_bound_and_a_key_repeats_it():
     state, x = make_state(), images()
     labels = jnp.zeros(len(x), jnp.int32)
@@ -67,6 +69,7 @@ def test_more_importance_samples_tighten_the_bound_and_a_key_repeats_it():
     np.testing.assert_array_equal(many, again)
 
 
+@pytest.mark.slow
 def test_the_estimate_over_a_split_covers_the_images_asked_for():
     from flaxcnn.data.input_pipeline import Split
 

@@ -212,6 +212,7 @@ def test_vae_without_a_sample_rng_decodes_the_posterior_mean():
 # --- Steps --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["rnn_lstm", "autoencoder", "vae"])
 def test_train_step_changes_params_and_jit_equals_eager(name):
     task, state = make_state(name)
@@ -226,7 +227,13 @@ def test_train_step_changes_params_and_jit_equals_eager(name):
     np.testing.assert_allclose(eager_metrics["loss"], jit_metrics["loss"], rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", sorted(TINY))
+@pytest.mark.parametrize(
+    "name",
+    [
+        n if n in ("rnn_lstm", "autoencoder") else pytest.param(n, marks=pytest.mark.slow)
+        for n in sorted(TINY)
+    ],
+)
 def test_steps_on_one_batch_drive_the_loss_down(name):
     task, state = make_state(name)
     batch, rng = mnist_batch(), key(1)
