@@ -56,6 +56,7 @@ def compile_for_this_backend(lowered: jax.stages.Lowered) -> jax.stages.Compiled
     return lowered.compile(compiler_options={**CPU_COMPILER_OPTIONS, **MEMORY_OPTIMIZED})
 
 
+@functools.cache  # A fact of the machine: read once, not at every compilation.
 def last_level_cache_bytes() -> int:
     """This CPU's L3 cache size as Linux reports it, or 32 MiB where it does not."""
     try:
