@@ -38,6 +38,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.log_every_steps = 200
     # Samples are drawn with a moving average of the generator's parameters (0: the live ones).
     config.g_ema_decay = 0.99  # 0.999 lagged behind the live generator in 8,000 steps.
+    # R1 (Mescheder et al., 2018): D's gradient at real images penalised with weight 1, on
+    # every 4th step only (4 times heavier then), which costs a third of the step, not half.
+    config.r1_gamma = 1.0
+    config.r1_every = 4
     config.conditional = False  # True: generator and discriminator take the class label.
     # Quality scores of the final generator (0: off) and where their classifier is kept.
     config.score_samples = 10_000

@@ -239,6 +239,48 @@ def test_the_generator_average_follows_its_decay():
     )
 
 
+def test_r1_penalty_sums_the_squared_input_gradients():
+    weights = jnp.arange(12.0).reshape(2, 2, 3) / 10
+    real = jnp.ones((5, 2, 2, 3))
+    # D(x) = <w, x> + <x, x> / 2 per image: its gradient at x is w + x.
+    d_fn = lambda x: jnp.sum(x * weights + x * x / 2, axis=(1, 2, 3))  # noqa: E731
+    np.testing.assert_allclose(gan.r1_penalty(d_fn, real), 5 * jnp.sum((weights + 1) ** 2))
+
+
+def test_lazy_r1_penalises_every_nth_step_with_n_times_the_weight():
+    state, real = make_state(), make_batch()["image"]
+
+    def mean_penalty(params):
+        d_fn = lambda x: gan._discriminate(state, params, x)  # noqa: E731
+        return 0.5 * gan.r1_penalty(d_fn, real) / len(real)
+
+    expected = jax.grad(mean_penalty)(state.params["discriminator"])
+    grads = jax.jit(gan.r1_gradients, static_argnums=(3, 4))
+    at = lambda step: state.replace(step=jnp.asarray(step, jnp.int32))  # noqa: E731
+    scaled = lambda tree, c: jax.tree.map(lambda g: c * g, tree)  # noqa: E731
+    assert max_abs_diff(grads(at(5), real, None, 2.0, 1), scaled(expected, 2.0)) < 1e-6
+    assert max_abs_diff(grads(at(6), real, None, 2.0, 3), scaled(expected, 6.0)) < 1e-6
+    assert max_abs_diff(grads(at(7), real, None, 2.0, 3), scaled(expected, 0.0)) == 0
+    # The discriminator's update takes them: on a penalised step it moves otherwise.
+    update = jax.jit(gan.discriminator_update, static_argnums=(3, 4, 5))
+    batch = make_batch()
+    plain = update(at(6), batch, key(1), None, 0.0, 1)[0].params["discriminator"]
+    assert (
+        max_abs_diff(update(at(6), batch, key(1), None, 100.0, 3)[0].params["discriminator"], plain)
+        > 0
+    )
+    assert (
+        max_abs_diff(update(at(7), batch, key(1), None, 100.0, 3)[0].params["discriminator"], plain)
+        == 0
+    )
+
+
+def test_bad_r1_settings_are_refused():
+    for overrides in (dict(r1_gamma=-1.0), dict(r1_every=0)):
+        with pytest.raises(ValueError, match="r1_gamma must be >= 0 and config.r1_every >= 1"):
+            gan.validate(tiny_config(**overrides))
+
+
 def test_sampling_variables_hold_the_averaged_weights_and_standing_statistics():
     state, _ = gan.generator_update(make_state(g_ema_decay=0.5), key(2), 8)
     variables = gan.sampling_variables(state, 64)

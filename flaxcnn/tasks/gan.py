@@ -11,7 +11,9 @@ Both networks train with Adam (`config.optimizer` must be "adam") following
 `adam_b1` (0.5, DCGAN's value: Adam's first-moment decay), `d_learning_rate` (the
 discriminator's learning rate; `learning_rate`), `g_ema_decay` (0: the moving average of the
 generator's parameters that samples are drawn with; 0 keeps the live parameters),
-`conditional` (False: both networks take the class label), `score_samples` (0, off: how many
+`conditional` (False: both networks take the class label), `r1_gamma` (0, off: the weight
+of the R1 penalty on the discriminator's gradient at real images), `r1_every` (1: the
+penalty's period in steps, a lazy regulariser when above 1), `score_samples` (0, off: how many
 samples `extra_results` scores) and `scorer_dir` (where the scoring classifier is kept; see
 flaxcnn.reporting.generative_metrics).
 
@@ -154,6 +156,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         )
     if config.get("l2", 0.0):
         raise ValueError(f"task 'gan' has no L2 penalty: set config.l2 to 0, not {config.l2}")
+    if config.get("r1_gamma", 0.0) < 0 or int(config.get("r1_every", 1)) < 1:
+        raise ValueError(
+            "config.r1_gamma must be >= 0 and config.r1_every >= 1, got "
+            f"{config.get('r1_gamma', 0.0)} and {config.get('r1_every', 1)}"
+        )
     if config.get("ema_decay", 0.0):
         raise ValueError(
             "task 'gan' averages only the generator's parameters: set config.g_ema_decay, "
@@ -168,6 +175,8 @@ def step_kwargs(config: ml_collections.ConfigDict) -> dict:
     return {
         "skip_nonfinite": bool(config.get("skip_nonfinite", False)),
         "augmentation": augment.from_config(config) if "augment" in config else None,
+        "r1_gamma": float(config.get("r1_gamma", 0.0)),
+        "r1_every": int(config.get("r1_every", 1)),
     }
 
 
@@ -294,13 +303,48 @@ def diff_augment(rng: jax.Array, augmentation: dict | None, *batches: jax.Array)
     return [augment.augment(images, k, **augmentation) for images, k in zip(batches, keys)]
 
 
+def r1_penalty(d_fn: Callable[[jax.Array], jax.Array], real: jax.Array) -> jax.Array:
+    """Summed squared norms of D's gradient at each real image, sum_i |grad_x D(x_i)|^2: R1
+    (Mescheder et al., 2018), which keeps the discriminator flat on the data so that the game
+    converges instead of circling."""
+    grads = jax.grad(lambda x: jnp.sum(d_fn(x)))(real)
+    return jnp.sum(jnp.square(grads))
+
+
+def r1_gradients(
+    state: GANState, real: jax.Array, labels: jax.Array | None, r1_gamma: float, r1_every: int
+) -> Any:
+    """The gradient of the mean R1 penalty, weighted `r1_gamma` / 2, as D's parameters take it;
+    lazily (StyleGAN2): on every `r1_every`-th step only, `r1_every` times heavier, and zero on
+    the others, which skip the double backward pass."""
+    d_params = state.params["discriminator"]
+
+    def penalty_grads(params):
+        def penalty(p):
+            d_fn = lambda x: _discriminate(state, p, x, labels)  # noqa: E731
+            return r1_gamma / 2 * r1_every * r1_penalty(d_fn, real) / len(real)
+
+        return jax.grad(penalty)(params)
+
+    if r1_every == 1:
+        return penalty_grads(d_params)
+    zeros = lambda params: jax.tree.map(jnp.zeros_like, params)  # noqa: E731
+    return jax.lax.cond(state.step % r1_every == 0, penalty_grads, zeros, d_params)
+
+
 def discriminator_update(
-    state: GANState, batch: Batch, rng: jax.Array, augmentation: dict | None = None
+    state: GANState,
+    batch: Batch,
+    rng: jax.Array,
+    augmentation: dict | None = None,
+    r1_gamma: float = 0.0,
+    r1_every: int = 1,
 ) -> tuple[GANState, Metrics]:
     """One optimizer update of the discriminator on `batch` (real) and as many generated
-    images (from latents drawn with `rng`), both through `diff_augment`. The generator is
-    applied in training mode, as in its own update, but its batch statistics are not
-    updated here."""
+    images (from latents drawn with `rng`), both through `diff_augment`, with the R1 penalty
+    `r1_gamma` / 2 * |grad_x D(x)|^2 on the real images every `r1_every` steps (`r1_gradients`).
+    The generator is applied in training mode, as in its own update, but its batch
+    statistics are not updated here."""
     real = batch["image"]
     # A conditional GAN's fakes are drawn for the real batch's labels.
     labels = batch["label"] if state.model.num_classes else None
@@ -318,6 +362,8 @@ def discriminator_update(
         return metrics["d_loss"] / len(real), metrics
 
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params["discriminator"])
+    if r1_gamma:
+        grads = jax.tree.map(jnp.add, grads, r1_gradients(state, real, labels, r1_gamma, r1_every))
     updates, d_opt_state = state.d_tx.update(
         grads, state.d_opt_state, state.params["discriminator"]
     )
@@ -366,6 +412,8 @@ def train_step(
     *,
     skip_nonfinite: bool = False,
     augmentation: dict | None = None,
+    r1_gamma: float = 0.0,
+    r1_every: int = 1,
 ) -> tuple[GANState, Metrics]:
     """A discriminator update, then a generator update against the updated discriminator.
 
@@ -374,10 +422,11 @@ def train_step(
     "loss" is the generator's loss (the one the loop watches and logs). With
     `skip_nonfinite`, a step whose losses or new parameters are not finite leaves both
     networks as they were (the step still counted) and is reported in "skipped" instead.
-    With `augmentation`, both updates augment real and generated images (`diff_augment`).
+    With `augmentation`, both updates augment real and generated images (`diff_augment`);
+    with `r1_gamma`, the discriminator's update adds the R1 penalty every `r1_every` steps.
     """
     d_rng, g_rng = jax.random.split(jax.random.fold_in(rng, state.step))
-    new_state, metrics = discriminator_update(state, batch, d_rng, augmentation)
+    new_state, metrics = discriminator_update(state, batch, d_rng, augmentation, r1_gamma, r1_every)
     batch_size = batch["image"].shape[0]
     new_state, g_metrics = generator_update(new_state, g_rng, batch_size, augmentation)
     metrics = {**metrics, **g_metrics, "loss": g_metrics["g_loss"]}
