@@ -1,5 +1,5 @@
-"""A DCGAN on full MNIST: Adam 2e-4 with b1 0.5, batch 64, 10 epochs, non-saturating
-generator loss.
+"""A DCGAN on full MNIST: Adam 2e-4 with b1 0.5, batch 64, 12 epochs, non-saturating
+generator loss, R1 on the discriminator.
 
     TFDS_DATA_DIR=../shared/data/tfds python -m flaxcnn.main --workdir runs/gan \
         --config configs/gan_mnist.py
@@ -8,11 +8,10 @@ Every epoch writes a grid of samples of fixed latents to `runs/gan/pictures/` an
 at the end, 10,000 samples are scored under a small CNN classifier of MNIST, trained once
 (about 2 min on CPUs) into `~/.cache/flaxcnn/scorers/mnist`.
 
-On a 2-core CPU the run took 4.5 min (35 steps/s) before the moving average of the
-generator: inception score 5.83 (MNIST's own test images: 9.68), Frechet distance 68.3.
-DCGAN's default widths, (128, 64) and (64, 128), reach 6.07 and 59.4 in four times as long.
-With the average (0.999), 8,000 steps: 5.75 and 73.5 (the live generator 5.85 and 70.0; see
-the README's table). Samples: python -m flaxcnn.sample --workdir runs/gan.
+On a 2-core CPU (12 epochs, 10,116 steps, R1 every 4 steps) the run took 8 min 48 s, of which
+8 min 31 s training: inception score 6.22 (MNIST's own train images: 9.70), Frechet distance
+57.0 (train images to test: 4.23). Without R1 (earlier code, 8,000 steps): 5.85 and 70.0.
+Samples: python -m flaxcnn.sample --workdir runs/gan.
 """
 
 import ml_collections
@@ -34,12 +33,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.d_learning_rate = 2e-4
     config.lr_schedule = "constant"
     config.batch_size = 64
-    config.num_epochs = 10
+    config.num_epochs = 12  # 10,116 steps, 9 min on a 2-core CPU.
     config.log_every_steps = 200
     # Samples are drawn with a moving average of the generator's parameters (0: the live ones).
     config.g_ema_decay = 0.99  # 0.999 lagged behind the live generator in 8,000 steps.
     # R1 (Mescheder et al., 2018): D's gradient at real images penalised with weight 1, on
-    # every 4th step only (4 times heavier then), which costs a third of the step, not half.
+    # every 4th step only (4 times heavier then): 18.6 steps/s against 13.8 on every step
+    # and 27.2 without.
     config.r1_gamma = 1.0
     config.r1_every = 4
     config.conditional = False  # True: generator and discriminator take the class label.
