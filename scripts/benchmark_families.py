@@ -47,9 +47,11 @@ TRAIN_EXAMPLES = 54_000  # MNIST's train[:90%], what both contenders train on.
 MAX_DISPATCH = 16  # The most steps flaxcnn's loop runs per dispatch.
 PEAK_SIZE = 2048
 PEAK_REPEATS = 10
-# Extras at the end of a flaxcnn run, and the GAN's R1 penalty, that the twins do not compute.
+# Extras at the end of a flaxcnn run that the twins do not compute.
 NO_EXTRAS = {"vae": ["--config.score_samples=0", "--config.iw_samples=0"]}
-NO_EXTRAS["gan"] = ["--config.score_samples=0", "--config.r1_gamma=0"]
+NO_EXTRAS["gan"] = ["--config.score_samples=0"]
+# Settings of a family's config changed to train as its twin does (the twin has no R1).
+AS_THE_TWIN = {"gan": {"r1_gamma": 0.0}}
 ANSWER = re.compile(r"test (accuracy|loss) (-?[0-9.]+)")
 
 
@@ -63,8 +65,7 @@ def load_config(family: str, tfds: str):
     spec.loader.exec_module(module)
     config = module.get_config()
     config.data_dir = tfds
-    if family == "gan":
-        config.r1_gamma = 0.0  # Its Keras twin trains without R1.
+    config.update(AS_THE_TWIN.get(family, {}))
     return config
 
 
@@ -268,7 +269,8 @@ def family_command(name: str, family: str, workdir: str, args) -> list[str]:
         return [sys.executable, TWIN, "--family", family, "--epochs", "1", "--npz", args.npz]
     config = os.path.join(REPO, "configs", f"{FAMILIES[family]}.py")
     command = [sys.executable, "-m", "flaxcnn.main", "--workdir", workdir, "--config", config]
-    return command + ["--config.num_epochs=1", *NO_EXTRAS.get(family, [])]
+    as_twin = [f"--config.{key}={value}" for key, value in AS_THE_TWIN.get(family, {}).items()]
+    return command + ["--config.num_epochs=1", *NO_EXTRAS.get(family, []), *as_twin]
 
 
 def time_command(name: str, family: str, cache_home: str, args) -> dict | None:

@@ -319,17 +319,14 @@ def r1_gradients(
     the others, which skip the double backward pass."""
     d_params = state.params["discriminator"]
 
-    def penalty_grads(params):
-        def penalty(p):
-            d_fn = lambda x: _discriminate(state, p, x, labels)  # noqa: E731
-            return r1_gamma / 2 * r1_every * r1_penalty(d_fn, real) / len(real)
-
-        return jax.grad(penalty)(params)
+    def penalty(params):
+        d_fn = lambda x: _discriminate(state, params, x, labels)  # noqa: E731
+        return r1_gamma / 2 * r1_every * r1_penalty(d_fn, real) / len(real)
 
     if r1_every == 1:
-        return penalty_grads(d_params)
+        return jax.grad(penalty)(d_params)
     zeros = lambda params: jax.tree.map(jnp.zeros_like, params)  # noqa: E731
-    return jax.lax.cond(state.step % r1_every == 0, penalty_grads, zeros, d_params)
+    return jax.lax.cond(state.step % r1_every == 0, jax.grad(penalty), zeros, d_params)
 
 
 def discriminator_update(
