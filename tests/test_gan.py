@@ -15,7 +15,7 @@ from PIL import Image
 
 from flaxcnn import default_config
 from flaxcnn.models import create_model
-from flaxcnn.models.gan import DCGAN
+from flaxcnn.models.gan import DCGAN, Generator, latent_code
 from flaxcnn.models.layers import MIN_FEATURES_PER_PHASE, ConvTranspose2x
 from flaxcnn.tasks import gan
 
@@ -328,6 +328,61 @@ def test_conditional_train_step_runs_on_the_batch_labels():
     other = {**batch, "label": (batch["label"] + 1) % 10}
     other_state, _ = jax.jit(gan.train_step)(conditional_state(), other, key(1))
     assert max_abs_diff(new_state.params["discriminator"], other_state.params["discriminator"]) > 0
+
+
+def head_state(conditional: bool = False, **model_kwargs):
+    """A tiny GAN whose discriminator has a classification head (InfoGAN or AC-GAN)."""
+    config = tiny_config(conditional=conditional)
+    config.model_kwargs.update(model_kwargs)
+    return jax.jit(lambda rng: gan.create_state(config, rng, (28, 28, 1), 10, 100))(key(0))
+
+
+def test_infogan_codes_are_uniform_and_read_off_the_latent():
+    codes = latent_code(jax.random.normal(key(0), (20_000, 8)), 4)
+    np.testing.assert_allclose(np.bincount(codes, minlength=4) / 20_000, 0.25, atol=0.02)
+    # The generator with codes is a conditional generator given the latent's own code.
+    z = jax.random.normal(key(1), (6, 8))
+    with_codes, conditional = (
+        Generator((28, 28, 1), (8, 4), num_codes=4),
+        Generator((28, 28, 1), (8, 4), num_classes=4),
+    )
+    variables = with_codes.init(key(2), z)
+    np.testing.assert_array_equal(
+        with_codes.apply(variables, z), conditional.apply(variables, z, latent_code(z, 4))
+    )
+
+
+@pytest.mark.parametrize(
+    "variant", [dict(num_codes=10), dict(conditional=True, class_head=True)], ids=["info", "ac"]
+)
+def test_the_discriminator_head_trains_both_networks(variant):
+    state, batch = head_state(**variant), make_batch()
+    z, labels = gan.latents(state, key(3), 8), batch["label"]
+    # InfoGAN's head reads the fakes' codes; AC-GAN's the labels they were drawn for.
+    expected = labels if "class_head" in variant else latent_code(z, 10)
+    np.testing.assert_array_equal(gan.fake_targets(state, z, labels), expected)
+    d_update = jax.jit(gan.discriminator_update, static_argnums=(3, 4, 5, 6))
+    g_update = jax.jit(gan.generator_update, static_argnums=(2, 3, 4))
+
+    def after(weight):
+        d_state, metrics = d_update(state, batch, key(1), None, 0.0, 1, weight)
+        g_state, _ = g_update(state, key(2), 8, None, weight)
+        return d_state.params["discriminator"]["head"], g_state.params["generator"], metrics
+
+    head_on, g_on, metrics = after(1.0)
+    head_off, g_off, _ = after(0.0)
+    assert float(metrics["head_loss"]) > 0
+    assert max_abs_diff(head_off, state.params["discriminator"]["head"]) == 0
+    assert max_abs_diff(head_on, head_off) > 0 and max_abs_diff(g_on, g_off) > 0
+    if "class_head" in variant:  # AC-GAN's head learns the real images' labels.
+        other = {**batch, "label": (labels + 1) % 10}
+        _, other_metrics = d_update(state, other, key(1), None, 0.0, 1, 1.0)
+        assert float(other_metrics["head_loss"]) != float(metrics["head_loss"])
+
+
+def test_a_class_head_needs_a_conditional_gan():
+    with pytest.raises(ValueError, match="class_head needs a conditional GAN"):
+        head_state(class_head=True)
 
 
 def test_conditional_sample_grid_cycles_through_the_classes():

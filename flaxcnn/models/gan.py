@@ -20,6 +20,8 @@ class Generator(nn.Module):
     transposed convolution to C channels -> sigmoid, with k = len(widths) doublings in all.
     Sizes not divisible by 2^k are generated a little larger and centre-cropped. With
     `num_classes` > 0 the generator is conditional: the label, one-hot, joins the latent.
+    With `num_codes` > 0 it also takes an unsupervised categorical code (InfoGAN), read off
+    the latent itself (`latent_code`), so the latent alone still decides the image.
     `bn_momentum` 0 makes a training-mode call store its batch's statistics exactly.
     """
 
@@ -27,6 +29,7 @@ class Generator(nn.Module):
     widths: Sequence[int] = (128, 64)
     num_classes: int = 0
     bn_momentum: float = 0.9
+    num_codes: int = 0
 
     @nn.compact
     def __call__(
@@ -42,6 +45,8 @@ class Generator(nn.Module):
             x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum)(x)
             return nn.relu(x)
 
+        if self.num_codes:
+            z = condition(z, latent_code(z, self.num_codes), self.num_codes)
         z = condition(z, labels, self.num_classes)
         x = nn.Dense(base_h * base_w * self.widths[0], use_bias=False)(z)
         x = norm_relu(x.reshape(z.shape[0], base_h, base_w, self.widths[0]))
@@ -63,18 +68,30 @@ def condition(z: jax.Array, labels: jax.Array | None, num_classes: int) -> jax.A
     return jnp.concatenate([z, jax.nn.one_hot(labels, num_classes, dtype=z.dtype)], axis=-1)
 
 
+def latent_code(z: jax.Array, num_codes: int) -> jax.Array:
+    """The categorical code (B,) of latents `z`: the index of the largest of their first
+    `num_codes` entries, uniform over the codes for standard-normal latents."""
+    return jnp.argmax(z[:, :num_codes], axis=-1).astype(jnp.int32)
+
+
 class Discriminator(nn.Module):
     """Image (B, H, W, C) [and labels (B,)] -> logit (B,) of "real": 4x4 stride-2
     convolutions of `widths` channels with leaky relu (0.2), then a dense logit. No batch norm,
     so real and generated batches are scored independently of each other. With `num_classes`
     > 0, a projection discriminator (Miyato & Koyama, 2018): the logit adds the inner product
-    of the features with an embedding of the label."""
+    of the features with an embedding of the label. With `head_classes` > 0, a classification
+    head on the same features: InfoGAN's Q network (the generator's code) or AC-GAN's
+    auxiliary classifier (the label); `with_head` returns (logit, head logits (B,
+    head_classes))."""
 
     widths: Sequence[int] = (64, 128)
     num_classes: int = 0
+    head_classes: int = 0
 
     @nn.compact
-    def __call__(self, x: jax.Array, labels: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, labels: jax.Array | None = None, with_head: bool = False
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
         for features in self.widths:
             x = nn.Conv(features, (4, 4), strides=(2, 2))(x)
             x = nn.leaky_relu(x, 0.2)
@@ -85,12 +102,20 @@ class Discriminator(nn.Module):
                 raise ValueError("a class-conditional GAN needs labels")
             embedding = nn.Embed(self.num_classes, x.shape[-1], name="label_projection")
             logit = logit + jnp.sum(embedding(labels) * x, axis=-1)
-        return logit
+        if not with_head:
+            return logit
+        if not self.head_classes:
+            raise ValueError("this discriminator has no classification head")
+        return logit, nn.Dense(self.head_classes, name="head")(x)
 
 
 class DCGAN(nn.Module):
     """The generator and the discriminator of images of `image_shape` (H, W, C), both
-    conditioned on the class label when `num_classes` > 0.
+    conditioned on the class label when `num_classes` > 0. Two variants add a
+    classification head to the discriminator: `num_codes` > 0 gives the generator an
+    unsupervised categorical code of that many values that the head learns to read back
+    (InfoGAN, Chen et al., 2016); `class_head` (conditional only) makes the head a classifier
+    of the label (AC-GAN, Odena et al., 2017).
 
     `__call__` (used to initialise both) scores generated images, D(G(z)); `generate` and
     `discriminate` apply one submodule, and need only that submodule's variables.
@@ -102,6 +127,15 @@ class DCGAN(nn.Module):
     discriminator_widths: Sequence[int] = (64, 128)
     num_classes: int = 0
     bn_momentum: float = 0.9
+    num_codes: int = 0
+    class_head: bool = False
+
+    @property
+    def head_classes(self) -> int:
+        """The size of the discriminator's classification head (0: none)."""
+        if self.class_head and (self.num_codes or not self.num_classes):
+            raise ValueError("class_head needs a conditional GAN (num_classes) without codes")
+        return self.num_classes if self.class_head else self.num_codes
 
     def setup(self):
         self.generator = Generator(
@@ -109,18 +143,26 @@ class DCGAN(nn.Module):
             tuple(self.generator_widths),
             self.num_classes,
             self.bn_momentum,
+            self.num_codes,
         )
-        self.discriminator = Discriminator(tuple(self.discriminator_widths), self.num_classes)
+        self.discriminator = Discriminator(
+            tuple(self.discriminator_widths), self.num_classes, self.head_classes
+        )
 
     def __call__(
         self, z: jax.Array, labels: jax.Array | None = None, train: bool = False
     ) -> jax.Array:
-        return self.discriminator(self.generator(z, labels, train), labels)
+        images = self.generator(z, labels, train)
+        if self.head_classes:  # Initialises the head too.
+            return self.discriminator(images, labels, with_head=True)[0]
+        return self.discriminator(images, labels)
 
     def generate(
         self, z: jax.Array, labels: jax.Array | None = None, train: bool = False
     ) -> jax.Array:
         return self.generator(z, labels, train)
 
-    def discriminate(self, images: jax.Array, labels: jax.Array | None = None) -> jax.Array:
-        return self.discriminator(images, labels)
+    def discriminate(
+        self, images: jax.Array, labels: jax.Array | None = None, with_head: bool = False
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        return self.discriminator(images, labels, with_head)
