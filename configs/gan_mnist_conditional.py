@@ -24,4 +24,8 @@ def get_config() -> ml_collections.ConfigDict:
     spec.loader.exec_module(module)
     config = module.get_config()
     config.conditional = True
+    # AC-GAN: the discriminator also classifies real images, and the generator is trained to
+    # have its fakes classified as the label they were drawn for.
+    config.model_kwargs.class_head = True
+    config.class_head_weight = 1.0
     return config

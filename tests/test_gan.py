@@ -15,7 +15,7 @@ from PIL import Image
 
 from flaxcnn import default_config
 from flaxcnn.models import create_model
-from flaxcnn.models.gan import DCGAN, Generator, latent_code
+from flaxcnn.models.gan import DCGAN, append_minibatch_std
 from flaxcnn.models.layers import MIN_FEATURES_PER_PHASE, ConvTranspose2x
 from flaxcnn.tasks import gan
 
@@ -51,16 +51,19 @@ def tiny_config(**overrides):
 
 
 @functools.cache
-def _cached_state(shape, overrides):
+def _cached_state(shape, overrides, model_kwargs):
     config = tiny_config(**dict(overrides))
+    config.model_kwargs.update(dict(model_kwargs))
     # Jitted, as the loop may: one compilation instead of many eager operations.
     return jax.jit(lambda rng: gan.create_state(config, rng, shape, 10, 100))(key(0))
 
 
-def make_state(shape=(28, 28, 1), **overrides):
-    """A fresh copy of one state per setting: its static parts (the optimizers) are the same
-    objects each time, so jitted steps compile once for all the tests."""
-    return jax.tree.map(jnp.copy, _cached_state(shape, tuple(sorted(overrides.items()))))
+def make_state(shape=(28, 28, 1), model_kwargs=None, **overrides):
+    """A fresh copy of one state per setting (config `overrides` and `model_kwargs` on top of
+    TINY): its static parts (the optimizers) are the same objects each time, so jitted steps
+    compile once for all the tests."""
+    settings = tuple(sorted(overrides.items())), tuple(sorted((model_kwargs or {}).items()))
+    return jax.tree.map(jnp.copy, _cached_state(shape, *settings))
 
 
 def make_batch(size=8, shape=(28, 28, 1), seed=0):
@@ -330,59 +333,40 @@ def test_conditional_train_step_runs_on_the_batch_labels():
     assert max_abs_diff(new_state.params["discriminator"], other_state.params["discriminator"]) > 0
 
 
-def head_state(conditional: bool = False, **model_kwargs):
-    """A tiny GAN whose discriminator has a classification head (InfoGAN or AC-GAN)."""
-    config = tiny_config(conditional=conditional)
-    config.model_kwargs.update(model_kwargs)
-    return jax.jit(lambda rng: gan.create_state(config, rng, (28, 28, 1), 10, 100))(key(0))
-
-
-def test_infogan_codes_are_uniform_and_read_off_the_latent():
-    codes = latent_code(jax.random.normal(key(0), (20_000, 8)), 4)
-    np.testing.assert_allclose(np.bincount(codes, minlength=4) / 20_000, 0.25, atol=0.02)
-    # The generator with codes is a conditional generator given the latent's own code.
-    z = jax.random.normal(key(1), (6, 8))
-    with_codes, conditional = (
-        Generator((28, 28, 1), (8, 4), num_codes=4),
-        Generator((28, 28, 1), (8, 4), num_classes=4),
-    )
-    variables = with_codes.init(key(2), z)
-    np.testing.assert_array_equal(
-        with_codes.apply(variables, z), conditional.apply(variables, z, latent_code(z, 4))
-    )
-
-
-@pytest.mark.parametrize(
-    "variant", [dict(num_codes=10), dict(conditional=True, class_head=True)], ids=["info", "ac"]
-)
-def test_the_discriminator_head_trains_both_networks(variant):
-    state, batch = head_state(**variant), make_batch()
-    z, labels = gan.latents(state, key(3), 8), batch["label"]
-    # InfoGAN's head reads the fakes' codes; AC-GAN's the labels they were drawn for.
-    expected = labels if "class_head" in variant else latent_code(z, 10)
-    np.testing.assert_array_equal(gan.fake_targets(state, z, labels), expected)
+def test_ac_gan_class_head_learns_real_labels_and_teaches_the_generator():
+    state, batch = conditional_state(model_kwargs=dict(class_head=True)), make_batch()
+    assert state.params["discriminator"]["class_head"]["kernel"].shape[-1] == 10
     d_update = jax.jit(gan.discriminator_update, static_argnums=(3, 4, 5, 6))
     g_update = jax.jit(gan.generator_update, static_argnums=(2, 3, 4))
 
-    def after(weight):
+    def after(weight, batch=batch):
         d_state, metrics = d_update(state, batch, key(1), None, 0.0, 1, weight)
         g_state, _ = g_update(state, key(2), 8, None, weight)
-        return d_state.params["discriminator"]["head"], g_state.params["generator"], metrics
+        head = d_state.params["discriminator"]["class_head"]
+        return head, g_state.params["generator"], float(metrics["class_loss"])
 
-    head_on, g_on, metrics = after(1.0)
+    head_on, g_on, loss = after(1.0)
     head_off, g_off, _ = after(0.0)
-    assert float(metrics["head_loss"]) > 0
-    assert max_abs_diff(head_off, state.params["discriminator"]["head"]) == 0
+    assert loss > 0 and max_abs_diff(head_off, state.params["discriminator"]["class_head"]) == 0
     assert max_abs_diff(head_on, head_off) > 0 and max_abs_diff(g_on, g_off) > 0
-    if "class_head" in variant:  # AC-GAN's head learns the real images' labels.
-        other = {**batch, "label": (labels + 1) % 10}
-        _, other_metrics = d_update(state, other, key(1), None, 0.0, 1, 1.0)
-        assert float(other_metrics["head_loss"]) != float(metrics["head_loss"])
+    # The head's loss is that of the real images' labels.
+    logits = state.model.apply(
+        {"params": state.params}, batch["image"], batch["label"], True, method=DCGAN.discriminate
+    )[1]
+    np.testing.assert_allclose(loss, gan.class_head_loss(logits, batch["label"]), rtol=1e-5)
 
 
 def test_a_class_head_needs_a_conditional_gan():
     with pytest.raises(ValueError, match="class_head needs a conditional GAN"):
-        head_state(class_head=True)
+        make_state(model_kwargs=dict(class_head=True))
+
+
+def test_minibatch_std_appends_the_batch_spread():
+    x = jax.random.normal(key(0), (5, 3, 3, 2))
+    out = append_minibatch_std(x)
+    assert out.shape == (5, 3, 3, 3) and max_abs_diff(out[..., :2], x) == 0
+    np.testing.assert_allclose(out[..., 2], jnp.mean(jnp.std(x, axis=0)), rtol=1e-4)
+    assert float(jnp.max(append_minibatch_std(jnp.ones((4, 2, 2, 1)))[..., 1])) < 1e-3
 
 
 def test_conditional_sample_grid_cycles_through_the_classes():
@@ -442,7 +426,7 @@ def test_gan_config_loads():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
-    assert (config.task, config.model, config.adam_b1) == ("gan", "DCGAN", 0.5)
+    assert (config.task, config.model, config.adam_b1) == ("gan", "DCGAN", 0.0)
     assert config.score_samples == 10_000
     json.loads(config.to_json_best_effort())
     state = jax.eval_shape(lambda rng: gan.create_state(config, rng, (28, 28, 1), 10, 100), key(0))

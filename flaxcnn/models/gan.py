@@ -20,8 +20,6 @@ class Generator(nn.Module):
     transposed convolution to C channels -> sigmoid, with k = len(widths) doublings in all.
     Sizes not divisible by 2^k are generated a little larger and centre-cropped. With
     `num_classes` > 0 the generator is conditional: the label, one-hot, joins the latent.
-    With `num_codes` > 0 it also takes an unsupervised categorical code (InfoGAN), read off
-    the latent itself (`latent_code`), so the latent alone still decides the image.
     `bn_momentum` 0 makes a training-mode call store its batch's statistics exactly.
     """
 
@@ -29,7 +27,6 @@ class Generator(nn.Module):
     widths: Sequence[int] = (128, 64)
     num_classes: int = 0
     bn_momentum: float = 0.9
-    num_codes: int = 0
 
     @nn.compact
     def __call__(
@@ -45,8 +42,6 @@ class Generator(nn.Module):
             x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum)(x)
             return nn.relu(x)
 
-        if self.num_codes:
-            z = condition(z, latent_code(z, self.num_codes), self.num_codes)
         z = condition(z, labels, self.num_classes)
         x = nn.Dense(base_h * base_w * self.widths[0], use_bias=False)(z)
         x = norm_relu(x.reshape(z.shape[0], base_h, base_w, self.widths[0]))
@@ -68,10 +63,11 @@ def condition(z: jax.Array, labels: jax.Array | None, num_classes: int) -> jax.A
     return jnp.concatenate([z, jax.nn.one_hot(labels, num_classes, dtype=z.dtype)], axis=-1)
 
 
-def latent_code(z: jax.Array, num_codes: int) -> jax.Array:
-    """The categorical code (B,) of latents `z`: the index of the largest of their first
-    `num_codes` entries, uniform over the codes for standard-normal latents."""
-    return jnp.argmax(z[:, :num_codes], axis=-1).astype(jnp.int32)
+def append_minibatch_std(x: jax.Array) -> jax.Array:
+    """`x` (B, H, W, C) with one more channel holding the batch's mean standard deviation of
+    its features (Karras et al., 2018): a batch of too-similar images stands out to D."""
+    std = jnp.mean(jnp.sqrt(jnp.var(x, axis=0) + 1e-8))
+    return jnp.concatenate([x, jnp.broadcast_to(std, (*x.shape[:-1], 1)).astype(x.dtype)], -1)
 
 
 class Discriminator(nn.Module):
@@ -79,14 +75,15 @@ class Discriminator(nn.Module):
     convolutions of `widths` channels with leaky relu (0.2), then a dense logit. No batch norm,
     so real and generated batches are scored independently of each other. With `num_classes`
     > 0, a projection discriminator (Miyato & Koyama, 2018): the logit adds the inner product
-    of the features with an embedding of the label. With `head_classes` > 0, a classification
-    head on the same features: InfoGAN's Q network (the generator's code) or AC-GAN's
-    auxiliary classifier (the label); `with_head` returns (logit, head logits (B,
-    head_classes))."""
+    of the features with an embedding of the label; with `class_head` also, a classifier of the
+    label on the same features (AC-GAN, Odena et al., 2017): `with_head` returns (logit, class
+    logits (B, num_classes)). `minibatch_std` appends the batch's feature spread before the
+    logit (`append_minibatch_std`)."""
 
     widths: Sequence[int] = (64, 128)
     num_classes: int = 0
-    head_classes: int = 0
+    class_head: bool = False
+    minibatch_std: bool = False
 
     @nn.compact
     def __call__(
@@ -95,6 +92,8 @@ class Discriminator(nn.Module):
         for features in self.widths:
             x = nn.Conv(features, (4, 4), strides=(2, 2))(x)
             x = nn.leaky_relu(x, 0.2)
+        if self.minibatch_std:
+            x = append_minibatch_std(x)
         x = x.reshape(x.shape[0], -1)
         logit = nn.Dense(1)(x)[:, 0]
         if self.num_classes:
@@ -104,18 +103,15 @@ class Discriminator(nn.Module):
             logit = logit + jnp.sum(embedding(labels) * x, axis=-1)
         if not with_head:
             return logit
-        if not self.head_classes:
-            raise ValueError("this discriminator has no classification head")
-        return logit, nn.Dense(self.head_classes, name="head")(x)
+        if not (self.class_head and self.num_classes):
+            raise ValueError("class_head needs a conditional GAN (config.conditional)")
+        return logit, nn.Dense(self.num_classes, name="class_head")(x)
 
 
 class DCGAN(nn.Module):
     """The generator and the discriminator of images of `image_shape` (H, W, C), both
-    conditioned on the class label when `num_classes` > 0. Two variants add a
-    classification head to the discriminator: `num_codes` > 0 gives the generator an
-    unsupervised categorical code of that many values that the head learns to read back
-    (InfoGAN, Chen et al., 2016); `class_head` (conditional only) makes the head a classifier
-    of the label (AC-GAN, Odena et al., 2017).
+    conditioned on the class label when `num_classes` > 0; `class_head` adds a classifier of
+    the label to the discriminator (AC-GAN) and `minibatch_std` its batch-spread feature.
 
     `__call__` (used to initialise both) scores generated images, D(G(z)); `generate` and
     `discriminate` apply one submodule, and need only that submodule's variables.
@@ -127,15 +123,8 @@ class DCGAN(nn.Module):
     discriminator_widths: Sequence[int] = (64, 128)
     num_classes: int = 0
     bn_momentum: float = 0.9
-    num_codes: int = 0
     class_head: bool = False
-
-    @property
-    def head_classes(self) -> int:
-        """The size of the discriminator's classification head (0: none)."""
-        if self.class_head and (self.num_codes or not self.num_classes):
-            raise ValueError("class_head needs a conditional GAN (num_classes) without codes")
-        return self.num_classes if self.class_head else self.num_codes
+    minibatch_std: bool = False
 
     def setup(self):
         self.generator = Generator(
@@ -143,17 +132,19 @@ class DCGAN(nn.Module):
             tuple(self.generator_widths),
             self.num_classes,
             self.bn_momentum,
-            self.num_codes,
         )
         self.discriminator = Discriminator(
-            tuple(self.discriminator_widths), self.num_classes, self.head_classes
+            tuple(self.discriminator_widths),
+            self.num_classes,
+            self.class_head,
+            self.minibatch_std,
         )
 
     def __call__(
         self, z: jax.Array, labels: jax.Array | None = None, train: bool = False
     ) -> jax.Array:
         images = self.generator(z, labels, train)
-        if self.head_classes:  # Initialises the head too.
+        if self.class_head:  # Initialises the head too.
             return self.discriminator(images, labels, with_head=True)[0]
         return self.discriminator(images, labels)
 

@@ -36,7 +36,7 @@ from flax import struct
 from flaxcnn import run_files
 from flaxcnn.data import augment, input_pipeline
 from flaxcnn.models import MODELS, create_model
-from flaxcnn.models.gan import DCGAN, latent_code
+from flaxcnn.models.gan import DCGAN
 from flaxcnn.reporting import generative_metrics, pictures
 from flaxcnn.training.gradient_step import keep_if_finite
 from flaxcnn.training.state import SCHEDULES, model_kwargs
@@ -177,7 +177,7 @@ def step_kwargs(config: ml_collections.ConfigDict) -> dict:
         "augmentation": augment.from_config(config) if "augment" in config else None,
         "r1_gamma": float(config.get("r1_gamma", 0.0)),
         "r1_every": int(config.get("r1_every", 1)),
-        "head_weight": float(config.get("head_weight", 1.0)),
+        "class_head_weight": float(config.get("class_head_weight", 1.0)),
     }
 
 
@@ -227,27 +227,19 @@ def _discriminate(state: GANState, params: Any, images: jax.Array, labels=None) 
 def _discriminate_with_head(
     state: GANState, params: Any, images: jax.Array, labels=None
 ) -> tuple[jax.Array, jax.Array | None]:
-    """D's logits of `images` and its classification head's logits (None without a head)."""
-    if not state.model.head_classes:
+    """D's logits of `images` and its class head's logits (None without a class head)."""
+    if not state.model.class_head:
         return _discriminate(state, params, images, labels), None
     return state.model.apply(
         {"params": {"discriminator": params}}, images, labels, True, method=DCGAN.discriminate
     )
 
 
-def head_loss(head_logits: jax.Array | None, targets: jax.Array | None) -> jax.Array:
-    """The summed cross-entropy of the head's logits against `targets`; 0 without a head."""
-    if head_logits is None:
+def class_head_loss(class_logits: jax.Array | None, labels: jax.Array | None) -> jax.Array:
+    """AC-GAN's summed cross-entropy of the class head against `labels`; 0 without a head."""
+    if class_logits is None:
         return jnp.zeros((), jnp.float32)
-    return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(head_logits, targets))
-
-
-def fake_targets(state: GANState, z: jax.Array, labels: jax.Array | None) -> jax.Array | None:
-    """What D's head should read off images generated from `z` [and `labels`]: their code
-    (InfoGAN) or their label (AC-GAN); None without a head."""
-    if state.model.num_codes:
-        return latent_code(z, state.model.num_codes)
-    return labels if state.model.head_classes else None
+    return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(class_logits, labels))
 
 
 def sampling_variables(state: GANState, num: int = STANDING_STATS_SAMPLES) -> dict:
@@ -363,7 +355,7 @@ def discriminator_update(
     augmentation: dict | None = None,
     r1_gamma: float = 0.0,
     r1_every: int = 1,
-    head_weight: float = 1.0,
+    class_head_weight: float = 1.0,
 ) -> tuple[GANState, Metrics]:
     """One optimizer update of the discriminator on `batch` (real) and as many generated
     images (from latents drawn with `rng`), both through `diff_augment`, with the R1 penalty
@@ -379,16 +371,17 @@ def discriminator_update(
     real, fake = diff_augment(rng, augmentation, real, fake)
 
     def loss_fn(d_params):
-        real_logits, real_head = _discriminate_with_head(state, d_params, real, labels)
-        fake_logits, fake_head = _discriminate_with_head(state, d_params, fake, labels)
-        metrics = discriminator_losses(real_logits, fake_logits, jnp.ones(len(real)))
-        # InfoGAN's head learns the codes of the fakes; AC-GAN's the labels of real images.
-        if state.model.num_codes:
-            head = head_loss(fake_head, fake_targets(state, z, labels))
-        else:
-            head = head_loss(real_head, labels)
-        loss = (metrics["d_loss"] + head_weight * head) / len(real)
-        return loss, {**metrics, "head_loss": head}
+        real_logits, class_logits = _discriminate_with_head(state, d_params, real, labels)
+        metrics = discriminator_losses(
+            real_logits,
+            _discriminate(state, d_params, fake, labels),
+            jnp.ones(len(real), jnp.float32),
+        )
+        # The class head learns the labels of real images only, so it cannot be taught to
+        # call a poor fake a good one.
+        head = class_head_loss(class_logits, labels)
+        loss = (metrics["d_loss"] + class_head_weight * head) / len(real)
+        return loss, {**metrics, "class_loss": head}
 
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params["discriminator"])
     if r1_gamma:
@@ -400,7 +393,7 @@ def discriminator_update(
     new_state = state.replace(
         params={**state.params, "discriminator": d_params}, d_opt_state=d_opt_state
     )
-    keep = ("d_loss", "d_real", "d_fake", "count", "head_loss")
+    keep = ("d_loss", "d_real", "d_fake", "count", "class_loss")
     return new_state, {k: metrics[k] for k in keep}
 
 
@@ -409,7 +402,7 @@ def generator_update(
     rng: jax.Array,
     batch_size: int,
     augmentation: dict | None = None,
-    head_weight: float = 1.0,
+    class_head_weight: float = 1.0,
 ) -> tuple[GANState, Metrics]:
     """One optimizer update of the generator on `batch_size` latents drawn with `rng`, with
     the non-saturating loss -log D(G(z)); updates its batch statistics and the moving average
@@ -422,9 +415,9 @@ def generator_update(
         # D judges the fakes through the augmentations of its own update (DiffAugment).
         (fake,) = diff_augment(rng, augmentation, fake)
         d_params = state.params["discriminator"]
-        logits, head_logits = _discriminate_with_head(state, d_params, fake, labels)
+        logits, class_logits = _discriminate_with_head(state, d_params, fake, labels)
         loss = jnp.sum(optax.sigmoid_binary_cross_entropy(logits, jnp.ones_like(logits)))
-        head = head_weight * head_loss(head_logits, fake_targets(state, z, labels))
+        head = class_head_weight * class_head_loss(class_logits, labels)
         return (loss + head) / batch_size, (loss, batch_stats)
 
     grads, (g_loss, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params["generator"])
@@ -450,7 +443,7 @@ def train_step(
     augmentation: dict | None = None,
     r1_gamma: float = 0.0,
     r1_every: int = 1,
-    head_weight: float = 1.0,
+    class_head_weight: float = 1.0,
 ) -> tuple[GANState, Metrics]:
     """A discriminator update, then a generator update against the updated discriminator.
 
@@ -464,10 +457,12 @@ def train_step(
     """
     d_rng, g_rng = jax.random.split(jax.random.fold_in(rng, state.step))
     new_state, metrics = discriminator_update(
-        state, batch, d_rng, augmentation, r1_gamma, r1_every, head_weight
+        state, batch, d_rng, augmentation, r1_gamma, r1_every, class_head_weight
     )
     batch_size = batch["image"].shape[0]
-    new_state, g_metrics = generator_update(new_state, g_rng, batch_size, augmentation, head_weight)
+    new_state, g_metrics = generator_update(
+        new_state, g_rng, batch_size, augmentation, class_head_weight
+    )
     metrics = {**metrics, **g_metrics, "loss": g_metrics["g_loss"]}
     new_state = new_state.replace(step=state.step + 1)
     if not skip_nonfinite:

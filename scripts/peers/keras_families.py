@@ -31,7 +31,7 @@ SETTINGS = {
     "rnn": dict(config="rnn_mnist", batch_size=128, learning_rate=2e-3, cosine=True, clip=1.0),
     "autoencoder": dict(config="ae_mnist", batch_size=128, learning_rate=1e-3, cosine=True),
     "vae": dict(config="vae_mnist", batch_size=128, learning_rate=1e-3, cosine=True),
-    "gan": dict(config="gan_mnist", batch_size=64, learning_rate=2e-4, beta_1=0.5),
+    "gan": dict(config="gan_mnist", batch_size=64, learning_rate=2e-3, beta_1=0.0),
 }
 
 
