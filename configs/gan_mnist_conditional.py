@@ -1,5 +1,5 @@
 """The class-conditional DCGAN on full MNIST: `configs/gan_mnist.py` with the label one-hot
-beside the generator's latent and a projection discriminator.
+beside the generator's latent, a projection discriminator, and AC-GAN's class head on it.
 
     TFDS_DATA_DIR=../shared/data/tfds python -m flaxcnn.main --workdir runs/cgan \
         --config configs/gan_mnist_conditional.py
@@ -7,8 +7,8 @@ beside the generator's latent and a projection discriminator.
 
 results.json adds the scorer's accuracy on samples drawn for each class
 ("per_class_conditional_accuracy") and their mean ("conditional_accuracy"). On a 2-core CPU
-(12 epochs, 10,116 steps): 9 min 6 s wall, 8 min 48 s training; 10,000 samples: inception
-score 9.28, Frechet distance 15.6, conditional accuracy 97.3% (per class 94.8-99.6%).
+(12 epochs, 10,116 steps): 9 min 25 s wall, 8 min 53 s training; 10,000 samples: inception
+score 9.87, Frechet distance 9.43, conditional accuracy 99.96% (per class 99.8-100%).
 """
 
 import importlib.util

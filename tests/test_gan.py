@@ -15,7 +15,7 @@ from PIL import Image
 
 from flaxcnn import default_config
 from flaxcnn.models import create_model
-from flaxcnn.models.gan import DCGAN, append_minibatch_std
+from flaxcnn.models.gan import DCGAN
 from flaxcnn.models.layers import MIN_FEATURES_PER_PHASE, ConvTranspose2x
 from flaxcnn.tasks import gan
 
@@ -359,14 +359,6 @@ def test_ac_gan_class_head_learns_real_labels_and_teaches_the_generator():
 def test_a_class_head_needs_a_conditional_gan():
     with pytest.raises(ValueError, match="class_head needs a conditional GAN"):
         make_state(model_kwargs=dict(class_head=True))
-
-
-def test_minibatch_std_appends_the_batch_spread():
-    x = jax.random.normal(key(0), (5, 3, 3, 2))
-    out = append_minibatch_std(x)
-    assert out.shape == (5, 3, 3, 3) and max_abs_diff(out[..., :2], x) == 0
-    np.testing.assert_allclose(out[..., 2], jnp.mean(jnp.std(x, axis=0)), rtol=1e-4)
-    assert float(jnp.max(append_minibatch_std(jnp.ones((4, 2, 2, 1)))[..., 1])) < 1e-3
 
 
 def test_conditional_sample_grid_cycles_through_the_classes():

@@ -63,13 +63,6 @@ def condition(z: jax.Array, labels: jax.Array | None, num_classes: int) -> jax.A
     return jnp.concatenate([z, jax.nn.one_hot(labels, num_classes, dtype=z.dtype)], axis=-1)
 
 
-def append_minibatch_std(x: jax.Array) -> jax.Array:
-    """`x` (B, H, W, C) with one more channel holding the batch's mean standard deviation of
-    its features (Karras et al., 2018): a batch of too-similar images stands out to D."""
-    std = jnp.mean(jnp.sqrt(jnp.var(x, axis=0) + 1e-8))
-    return jnp.concatenate([x, jnp.broadcast_to(std, (*x.shape[:-1], 1)).astype(x.dtype)], -1)
-
-
 class Discriminator(nn.Module):
     """Image (B, H, W, C) [and labels (B,)] -> logit (B,) of "real": 4x4 stride-2
     convolutions of `widths` channels with leaky relu (0.2), then a dense logit. No batch norm,
@@ -77,13 +70,11 @@ class Discriminator(nn.Module):
     > 0, a projection discriminator (Miyato & Koyama, 2018): the logit adds the inner product
     of the features with an embedding of the label; with `class_head` also, a classifier of the
     label on the same features (AC-GAN, Odena et al., 2017): `with_head` returns (logit, class
-    logits (B, num_classes)). `minibatch_std` appends the batch's feature spread before the
-    logit (`append_minibatch_std`)."""
+    logits (B, num_classes))."""
 
     widths: Sequence[int] = (64, 128)
     num_classes: int = 0
     class_head: bool = False
-    minibatch_std: bool = False
 
     @nn.compact
     def __call__(
@@ -92,8 +83,6 @@ class Discriminator(nn.Module):
         for features in self.widths:
             x = nn.Conv(features, (4, 4), strides=(2, 2))(x)
             x = nn.leaky_relu(x, 0.2)
-        if self.minibatch_std:
-            x = append_minibatch_std(x)
         x = x.reshape(x.shape[0], -1)
         logit = nn.Dense(1)(x)[:, 0]
         if self.num_classes:
@@ -111,7 +100,7 @@ class Discriminator(nn.Module):
 class DCGAN(nn.Module):
     """The generator and the discriminator of images of `image_shape` (H, W, C), both
     conditioned on the class label when `num_classes` > 0; `class_head` adds a classifier of
-    the label to the discriminator (AC-GAN) and `minibatch_std` its batch-spread feature.
+    the label to the discriminator (AC-GAN).
 
     `__call__` (used to initialise both) scores generated images, D(G(z)); `generate` and
     `discriminate` apply one submodule, and need only that submodule's variables.
@@ -124,7 +113,6 @@ class DCGAN(nn.Module):
     num_classes: int = 0
     bn_momentum: float = 0.9
     class_head: bool = False
-    minibatch_std: bool = False
 
     def setup(self):
         self.generator = Generator(
@@ -134,10 +122,7 @@ class DCGAN(nn.Module):
             self.bn_momentum,
         )
         self.discriminator = Discriminator(
-            tuple(self.discriminator_widths),
-            self.num_classes,
-            self.class_head,
-            self.minibatch_std,
+            tuple(self.discriminator_widths), self.num_classes, self.class_head
         )
 
     def __call__(

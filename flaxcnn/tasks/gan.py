@@ -13,7 +13,10 @@ discriminator's learning rate; `learning_rate`), `g_ema_decay` (0: the moving av
 generator's parameters that samples are drawn with; 0 keeps the live parameters),
 `conditional` (False: both networks take the class label), `r1_gamma` (0, off: the weight
 of the R1 penalty on the discriminator's gradient at real images), `r1_every` (1: the
-penalty's period in steps, a lazy regulariser when above 1), `score_samples` (0, off: how many
+penalty's period in steps, a lazy regulariser when above 1), `class_head_weight` (1: the
+weight of AC-GAN's classification loss, for a conditional model with `model_kwargs.class_head`:
+D's head learns the real images' labels, and G is trained to have its fakes classified as the
+labels they were drawn for), `score_samples` (0, off: how many
 samples `extra_results` scores) and `scorer_dir` (where the scoring classifier is kept; see
 flaxcnn.reporting.generative_metrics).
 
@@ -393,8 +396,9 @@ def discriminator_update(
     new_state = state.replace(
         params={**state.params, "discriminator": d_params}, d_opt_state=d_opt_state
     )
-    keep = ("d_loss", "d_real", "d_fake", "count", "class_loss")
-    return new_state, {k: metrics[k] for k in keep}
+    if not state.model.class_head:
+        del metrics["class_loss"]
+    return new_state, {k: v for k, v in metrics.items() if k != "g_loss"}
 
 
 def generator_update(
