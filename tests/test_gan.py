@@ -339,7 +339,7 @@ def test_ac_gan_class_head_learns_real_labels_and_teaches_the_generator():
     d_update = jax.jit(gan.discriminator_update, static_argnums=(3, 4, 5, 6))
     g_update = jax.jit(gan.generator_update, static_argnums=(2, 3, 4))
 
-    def after(weight, batch=batch):
+    def after(weight):
         d_state, metrics = d_update(state, batch, key(1), None, 0.0, 1, weight)
         g_state, _ = g_update(state, key(2), 8, None, weight)
         head = d_state.params["discriminator"]["class_head"]

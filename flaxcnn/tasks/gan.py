@@ -396,9 +396,9 @@ def discriminator_update(
     new_state = state.replace(
         params={**state.params, "discriminator": d_params}, d_opt_state=d_opt_state
     )
-    if not state.model.class_head:
-        del metrics["class_loss"]
-    return new_state, {k: v for k, v in metrics.items() if k != "g_loss"}
+    keep = ["d_loss", "d_real", "d_fake", "count"]
+    keep += ["class_loss"] if state.model.class_head else []
+    return new_state, {k: metrics[k] for k in keep}
 
 
 def generator_update(
