@@ -634,6 +634,13 @@ SHRINK = [
 # order (float32 rounding), so 12 steps of Adam agree to about 1e-4 in the loss; a test
 # metric may differ by one or two of the 500 test examples.
 TOLERANCE = {"rel": 2e-3, "abs": 5e-3}
+# The GANs run here at DCGAN's Adam (2e-4, b1 0.5). At their configs' 2e-3 without momentum,
+# Adam turns the rounding of near-zero gradients into whole steps of either sign, and two
+# players amplify them: after 12 steps the generator's loss differed by 0.35% on 2 devices.
+SLOW_ADAM = {
+    name: ["--config.learning_rate=2e-4", "--config.d_learning_rate=2e-4", "--config.adam_b1=0.5"]
+    for name in ("gan_mnist", "gan_mnist_conditional")
+}
 
 
 def run_on_devices(devices: int, *args) -> subprocess.CompletedProcess:
@@ -649,7 +656,7 @@ def run_on_devices(devices: int, *args) -> subprocess.CompletedProcess:
 def test_config_runs_on_1_2_3_and_8_devices_with_equal_results(
     name, shared_tfds, data_dir, tmp_path
 ):
-    config = [] if name == "default" else [f"--config=configs/{name}.py"]
+    config = [] if name == "default" else [f"--config=configs/{name}.py", *SLOW_ADAM.get(name, [])]
     data = [f"--config.data_dir={data_dir if name == 'default' else shared_tfds}"]
     results = {}
     for devices in DEVICE_COUNTS:
