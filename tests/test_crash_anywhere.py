@@ -145,6 +145,7 @@ CONFIGS = {
         "--config.model_kwargs.latent_dim=8",
         "--config.model_kwargs.generator_widths=(8,4)",
         "--config.model_kwargs.discriminator_widths=(4,8)",
+        "--config.num_clusters=16",  # Of the 640 training images.
         "--config.num_epochs=2",
         "--config.score_samples=0",
     ],

@@ -356,9 +356,81 @@ def test_ac_gan_class_head_learns_real_labels_and_teaches_the_generator():
     np.testing.assert_allclose(loss, gan.class_head_loss(logits, batch["label"]), rtol=1e-5)
 
 
+def test_labels_reach_the_generator_as_rows_and_the_head_through_its_dim():
+    state = conditional_state(model_kwargs=dict(class_head=True, class_head_dim=3))
+    g, d = state.params["generator"], state.params["discriminator"]
+    # One learned row per label, added to the first Dense of the 8 latents (7 x 7 x 8 outputs).
+    assert g["label_rows"]["embedding"].shape == (10, 392)
+    assert g["Dense_0"]["kernel"].shape == (8, 392)
+    # The class head reads the discriminator's 392 features mapped to 3 numbers.
+    assert d["class_features"]["kernel"].shape == (392, 3)
+    assert d["class_head"]["kernel"].shape == (3, 10)
+    z, variables = gan.fixed_latents(state, 4), gan.sampling_variables(state, 64)
+    threes = gan.generate_with(state, variables, z, jnp.full(4, 3))
+    assert max_abs_diff(threes, gan.generate_with(state, variables, z, jnp.full(4, 5))) > 0
+    # A label acts through its row alone: with every row alike, labels make no difference.
+    generator = variables["params"]["generator"]
+    rows = generator["label_rows"]["embedding"]
+    alike = {"embedding": jnp.broadcast_to(rows[0], rows.shape)}
+    variables = {**variables, "params": {"generator": {**generator, "label_rows": alike}}}
+    threes = gan.generate_with(state, variables, z, jnp.full(4, 3))
+    assert max_abs_diff(threes, gan.generate_with(state, variables, z, jnp.full(4, 5))) == 0
+
+
 def test_a_class_head_needs_a_conditional_gan():
     with pytest.raises(ValueError, match="class_head needs a conditional GAN"):
         make_state(model_kwargs=dict(class_head=True))
+
+
+def clustered_state(num_clusters=3, **overrides):
+    """A GAN conditioned on `num_clusters` clusters, fitted to three kinds of image: dark,
+    grey and bright."""
+    from flaxcnn.data import input_pipeline
+
+    state = make_state(num_clusters=num_clusters, **overrides)
+    levels = np.repeat(np.array([10, 128, 245], np.uint8), 8)
+    images = np.broadcast_to(levels[:, None, None, None], (24, 28, 28, 1)).copy()
+    split = input_pipeline.Split(images, np.zeros(24, np.int32), 10)
+    return gan.fit_to_data(state, tiny_config(num_clusters=num_clusters), split)
+
+
+def test_a_gan_conditioned_on_clusters_draws_each_latents_cluster():
+    placeholder, state = make_state(num_clusters=3), clustered_state()
+    assert (state.model.num_classes, state.model.num_clusters) == (0, 3)
+    assert "label_projection" in state.params["discriminator"]
+    assert max_abs_diff(placeholder.clusters, state.clusters) > 0
+    np.testing.assert_allclose(state.clusters["cum_share"], [1 / 3, 2 / 3, 1], atol=1e-6)
+    # Real images are labelled with their nearest centre.
+    grey = {"image": jnp.full((2, 28, 28, 1), 0.5), "label": jnp.zeros(2, jnp.int32)}
+    [grey_cluster] = set(gan.real_labels(state, grey).tolist())
+    np.testing.assert_allclose(state.clusters["centers"][grey_cluster], 128 / 255, atol=1e-6)
+    # Generation takes latents alone: each latent's cluster joins it.
+    z, variables = gan.fixed_latents(state, 12), gan.sampling_variables(state, 64)
+    implied = gan.latent_clusters(state, z)
+    assert len(set(implied.tolist())) > 1
+    images = gan.generate_with(state, variables, z)
+    assert max_abs_diff(images, gan.generate_with(state, variables, z, implied)) == 0
+    assert max_abs_diff(images, gan.generate_with(state, variables, z, (implied + 1) % 3)) > 0
+
+
+@pytest.mark.slow
+def test_train_step_conditions_on_the_real_images_clusters():
+    state, batch = clustered_state(), make_batch()
+    new_state, metrics = jax.jit(gan.train_step)(state, batch, key(1))
+    assert all(np.isfinite(float(v)) for v in metrics.values())
+    # Other centres, other clusters for the real images: another discriminator update.
+    moved = state.replace(clusters={**state.clusters, "centers": state.clusters["centers"][::-1]})
+    moved_state, _ = jax.jit(gan.train_step)(moved, batch, key(1))
+    assert max_abs_diff(new_state.params["discriminator"], moved_state.params["discriminator"]) > 0
+
+
+def test_clusters_are_refused_beside_classes_and_beyond_the_data():
+    with pytest.raises(ValueError, match="config.num_clusters conditions an unconditional GAN"):
+        make_state(num_clusters=3, conditional=True)
+    with pytest.raises(ValueError, match="config.num_clusters conditions an unconditional GAN"):
+        make_state(num_clusters=-1)
+    with pytest.raises(ValueError, match="num_clusters=30 is more than the 24 training images"):
+        clustered_state(num_clusters=30)
 
 
 def test_conditional_sample_grid_cycles_through_the_classes():
@@ -422,8 +494,10 @@ def test_gan_config_loads():
     assert config.score_samples == 10_000
     json.loads(config.to_json_best_effort())
     state = jax.eval_shape(lambda rng: gan.create_state(config, rng, (28, 28, 1), 10, 100), key(0))
-    assert count(state.params) == 270_690
-    assert count(state.params["generator"]) == 234_177  # Discriminator: 36,513.
+    # The 1,000 clusters' rows in the generator and projections in the discriminator.
+    assert config.num_clusters == 1000 and state.clusters["centers"].shape == (1000, 784)
+    assert count(state.params) == 6_542_690
+    assert count(state.params["generator"]) == 3_370_177  # Discriminator: 3,172,513.
 
 
 @pytest.mark.slow
@@ -444,3 +518,34 @@ def test_training_loop_runs_the_gan_task(data_dir, tmp_path):
     assert os.path.exists(os.path.join(workdir, "pictures", "samples_step8.png"))
     # The finished run is restored from its checkpoint, not trained again.
     assert loop.train_and_evaluate(config, workdir) == results
+
+
+@pytest.mark.slow
+def test_the_loop_fits_clusters_once_and_resumes_with_them(data_dir, tmp_path, monkeypatch):
+    from conftest import tiny_config as tiny_run_config
+
+    from flaxcnn.training import loop
+    from flaxcnn.training.checkpointing import Checkpointer
+
+    config = tiny_run_config(data_dir, task="gan", model="DCGAN", num_clusters=4)
+    config.model_kwargs.update(TINY)
+    fits, fit = [], gan.fit_to_data
+
+    def recording_fit(*args):
+        state = fit(*args)
+        fits.append(jax.device_get(state.clusters))  # A copy: the loop donates the state.
+        return state
+
+    monkeypatch.setattr(gan, "fit_to_data", recording_fit)
+    workdir = str(tmp_path / "run")
+    loop.train_and_evaluate(config, workdir)
+    config.num_train_steps = 12  # Resumes from step 8: the checkpoint holds the clusters.
+    results = loop.train_and_evaluate(config, workdir)
+    assert len(fits) == 1 and results["steps"] == 12
+    checkpointer = Checkpointer(workdir, 1)
+    template = jax.jit(lambda rng: gan.create_state(config, rng, (28, 28, 1), 10, 12))(key(0))
+    restored = checkpointer.restore_or(template)
+    checkpointer.close()
+    assert int(restored.step) == 12
+    assert max_abs_diff(restored.clusters, fits[0]) == 0
+    assert max_abs_diff(restored.clusters, template.clusters) > 0

@@ -26,13 +26,15 @@ TINY = {
 }
 
 
-def write_run(workdir: str, task: str, conditional: bool = False) -> str:
-    """An untrained run of `task` in `workdir`: what `load_run` needs, and nothing else."""
+def write_run(workdir: str, task: str, conditional: bool = False, num_clusters: int = 0) -> str:
+    """An untrained run of `task` in `workdir`: what `load_run` needs, and nothing else. A GAN
+    with `num_clusters` gets clusters of unequal shares."""
     config = default_config.get_config()
     config.task = task
     config.model, kwargs = TINY[task]
     config.model_kwargs.update(kwargs)
     config.conditional = conditional
+    config.num_clusters = num_clusters
     config.num_train_steps = 1
     os.makedirs(workdir, exist_ok=True)
     with open(run_files.path(workdir, run_files.CONFIG), "w") as f:
@@ -40,6 +42,14 @@ def write_run(workdir: str, task: str, conditional: bool = False) -> str:
     names = [str(i) for i in range(10)]
     run_files.write_dataset_info(workdir, run_files.DatasetInfo(SHAPE, 10, names))
     state = get_task(task).create_state(config, jax.random.key(0), SHAPE, 10, 1)
+    if num_clusters:
+        shares = jnp.arange(1, num_clusters + 1, dtype=jnp.float32)
+        state = state.replace(
+            clusters={
+                "centers": jax.random.uniform(jax.random.key(1), (num_clusters, np.prod(SHAPE))),
+                "cum_share": jnp.cumsum(shares) / jnp.sum(shares),
+            }
+        )
     checkpointer = Checkpointer(workdir, 1)
     checkpointer.save(state)
     checkpointer.wait_until_finished()
@@ -53,6 +63,7 @@ def runs(tmp_path_factory) -> dict[str, str]:
     return {
         "gan": write_run(str(root / "gan"), "gan"),
         "cgan": write_run(str(root / "cgan"), "gan", conditional=True),
+        "sgan": write_run(str(root / "sgan"), "gan", num_clusters=3),
         "vae": write_run(str(root / "vae"), "vae"),
         "cvae": write_run(str(root / "cvae"), "vae", conditional=True),
         "ae": write_run(str(root / "ae"), "autoencoder"),
@@ -63,7 +74,7 @@ def read_png(path) -> np.ndarray:
     return np.asarray(Image.open(path))
 
 
-@pytest.mark.parametrize("name", ["gan", "cgan", "vae", "cvae"])
+@pytest.mark.parametrize("name", ["gan", "cgan", "sgan", "vae", "cvae"])
 def test_a_grid_of_samples_is_written_and_a_seed_repeats_it(runs, tmp_path, name):
     out = tmp_path / "grid.png"
     args = ["--workdir", runs[name], "--num", "10", "--seed", "3", "--out", str(out)]
@@ -143,6 +154,7 @@ def test_autoencoder_reconstructs_image_files(runs, tmp_path):
     "name, extra, message",
     [
         ("gan", ["--label", "1"], "--label needs a class-conditional run"),
+        ("sgan", ["--label", "1"], "--label needs a class-conditional run"),
         ("cgan", ["--label", "10"], "--label must be in [0, 9]"),
         ("gan", ["--manifold"], "--manifold needs a VAE with 2 latents"),
         ("gan", ["--images", "x.png"], "a GAN has no encoder"),
@@ -163,7 +175,7 @@ def test_a_workdir_without_a_run_is_refused(tmp_path, capsys):
     assert "holds no training run" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["gan", "cgan"])
+@pytest.mark.parametrize("name", ["gan", "cgan", "sgan"])
 def test_the_exported_generator_matches_the_sampler(runs, tmp_path, name):
     from flaxcnn.inference import load_run
     from flaxcnn.tasks import gan

@@ -6,7 +6,8 @@
 GAN and VAE runs draw `--num` samples into a grid PNG at PATH (default W/samples.png), or
 with `--files` into PATH as a folder of `sample_0000.png`, ... A class-conditional run draws
 class `--label` (without it, the classes in turn). `--interpolate`: each row walks in
-`INTERPOLATION_STEPS` straight steps from one random latent to another (`--num` rows);
+`INTERPOLATION_STEPS` straight steps from one random latent to another (`--num` rows; a
+GAN conditioned on clusters changes cluster where the first coordinate crosses a boundary);
 `--manifold`: a VAE with 2 latents decodes a 20 x 20 grid of prior quantiles (the classic
 latent-manifold picture). Autoencoder (and VAE) runs reconstruct the image files given with
 `--images` (originals in the first row of each pair, reconstructions below). The same

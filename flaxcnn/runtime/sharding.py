@@ -26,6 +26,19 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def replicate(tree, mesh: Mesh):
+    """`tree` with every leaf replicated on the mesh; each process passes the same values
+    (leaves already replicated stay as they are)."""
+    target = replicated(mesh)
+
+    def put(x):
+        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(target, x.ndim):
+            return x
+        return jax.make_array_from_process_local_data(target, np.asarray(x))
+
+    return jax.tree.map(put, tree)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (example) axis split over `data`."""
     return NamedSharding(mesh, PartitionSpec("data"))

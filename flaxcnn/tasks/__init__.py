@@ -11,6 +11,7 @@ flaxcnn/tasks/base.py for the documented Protocol):
     step_kwargs(config) -> dict
     write_pictures(state, images, rng, workdir, step, writer) -> None   (optional)
     extra_results(state, config, workdir, test_split) -> dict   (optional)
+    fit_to_data(state, config, train_split) -> state   (optional)
 """
 
 from typing import Any

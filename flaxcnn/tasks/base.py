@@ -70,6 +70,16 @@ class ResultsHook(Protocol):
     ) -> dict: ...
 
 
+class DataHook(Protocol):
+    """Optional: the initial state adjusted to the training split (`flaxcnn.data.
+    input_pipeline.Split`: uint8 images and labels in memory), before the first step of a
+    new run; a resumed run restores its result from the checkpoint instead."""
+
+    def fit_to_data(
+        self, state: Any, config: ml_collections.ConfigDict, train_split: Any
+    ) -> Any: ...
+
+
 class ValidateHook(Protocol):
     """Optional: raise ValueError (one line) for a training setting the task cannot honour
     (augmentation, microbatches, L2, clipping, EMA, skip_nonfinite: tasks whose step is
@@ -80,7 +90,7 @@ class ValidateHook(Protocol):
 
 
 REQUIRED = ("create_state", "train_step", "eval_step", "step_kwargs")
-OPTIONAL = ("write_pictures", "extra_results", "validate")
+OPTIONAL = ("write_pictures", "extra_results", "fit_to_data", "validate")
 
 
 def check_task(task: Any, name: str) -> None:

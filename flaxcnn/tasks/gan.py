@@ -16,7 +16,9 @@ of the R1 penalty on the discriminator's gradient at real images), `r1_every` (1
 penalty's period in steps, a lazy regulariser when above 1), `class_head_weight` (1: the
 weight of AC-GAN's classification loss, for a conditional model with `model_kwargs.class_head`:
 D's head learns the real images' labels, and G is trained to have its fakes classified as the
-labels they were drawn for), `score_samples` (0, off: how many
+labels they were drawn for), `num_clusters` (0, off: an unconditional GAN conditioned on that
+many k-means clusters of its training images, found before the first step; see
+flaxcnn.data.clusters), `score_samples` (0, off: how many
 samples `extra_results` scores) and `scorer_dir` (where the scoring classifier is kept; see
 flaxcnn.reporting.generative_metrics).
 
@@ -34,10 +36,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
 from flax import struct
 
 from flaxcnn import run_files
-from flaxcnn.data import augment, input_pipeline
+from flaxcnn.data import augment, clusters, input_pipeline
 from flaxcnn.models import MODELS, create_model
 from flaxcnn.models.gan import DCGAN
 from flaxcnn.reporting import generative_metrics, pictures
@@ -73,6 +76,7 @@ class GANState(struct.PyTreeNode):
     g_opt_state: optax.OptState
     d_opt_state: optax.OptState
     g_ema: dict[str, Any]  # The generator's parameters, averaged with decay `g_ema_decay`.
+    clusters: clusters.Clusters  # The data's clusters (config.num_clusters), or {}.
     model: DCGAN = struct.field(pytree_node=False)
     g_tx: optax.GradientTransformation = struct.field(pytree_node=False)
     d_tx: optax.GradientTransformation = struct.field(pytree_node=False)
@@ -114,7 +118,8 @@ def create_state(
     total_steps: int,
 ) -> GANState:
     """`config.model` (a DCGAN) for images of `input_shape`, initialised, with an optimizer
-    each; conditioned on the `num_classes` labels when `config.conditional` is set."""
+    each; conditioned on the `num_classes` labels when `config.conditional` is set, or on
+    `config.num_clusters` clusters (placeholders until `fit_to_data`)."""
     validate(config)
     model_class = MODELS.get(config.model)
     if not (isinstance(model_class, type) and issubclass(model_class, DCGAN)):
@@ -122,12 +127,15 @@ def create_state(
     kwargs = model_kwargs(config)
     if config.get("conditional", False):
         kwargs["num_classes"] = num_classes
+    num_clusters = int(config.get("num_clusters", 0))
+    if num_clusters:
+        kwargs["num_clusters"] = num_clusters
     model = create_model(config.model, image_shape=tuple(input_shape), **kwargs)
     decay = float(config.get("g_ema_decay", 0.0))
     if not 0 <= decay < 1:
         raise ValueError(f"config.g_ema_decay must be in [0, 1), got {decay}")
     z = jnp.zeros((1, model.latent_dim), jnp.float32)
-    labels = jnp.zeros((1,), jnp.int32) if model.num_classes else None
+    labels = jnp.zeros((1,), jnp.int32) if model.num_conditions else None
     variables = model.init(rng, z, labels, train=False)
     params = variables["params"]
     g_tx = _optimizer(config, config.learning_rate, total_steps)
@@ -140,6 +148,7 @@ def create_state(
         d_opt_state=d_tx.init(params["discriminator"]),
         # A copy, so that donating the state never donates one buffer twice.
         g_ema=jax.tree.map(jnp.copy, params["generator"]),
+        clusters=clusters.empty(num_clusters, tuple(input_shape)) if num_clusters else {},
         model=model,
         g_ema_decay=decay,
         g_tx=g_tx,
@@ -164,11 +173,41 @@ def validate(config: ml_collections.ConfigDict) -> None:
             "config.r1_gamma must be >= 0 and config.r1_every >= 1, got "
             f"{config.get('r1_gamma', 0.0)} and {config.get('r1_every', 1)}"
         )
+    if config.get("num_clusters", 0) < 0 or (
+        config.get("num_clusters", 0) and config.get("conditional", False)
+    ):
+        raise ValueError(
+            "config.num_clusters conditions an unconditional GAN on clusters of its data: "
+            f"set it to 0 or more, and config.conditional to False (got {config.num_clusters} "
+            f"and {config.get('conditional', False)})"
+        )
     if config.get("ema_decay", 0.0):
         raise ValueError(
             "task 'gan' averages only the generator's parameters: set config.g_ema_decay, "
             f"and config.ema_decay to 0 (not {config.ema_decay})"
         )
+
+
+def fit_to_data(
+    state: GANState, config: ml_collections.ConfigDict, train_split: input_pipeline.Split
+) -> GANState:
+    """The state with the k-means clusters of the training images (`config.num_clusters`;
+    unchanged without): called once, before the first step."""
+    if not state.model.num_clusters:
+        return state
+    num = state.model.num_clusters
+    if num > train_split.num_examples:
+        raise ValueError(
+            f"config.num_clusters={num} is more than the {train_split.num_examples} training images"
+        )
+    fitted, purity = clusters.fit(train_split.images, train_split.labels, num, config.seed)
+    logging.info(
+        "k-means: %d clusters of the training images, %.1f%% pure in their labels "
+        "(which the GAN does not see).",
+        num,
+        100 * purity,
+    )
+    return state.replace(clusters=fitted)
 
 
 def step_kwargs(config: ml_collections.ConfigDict) -> dict:
@@ -194,6 +233,30 @@ def random_labels(state: GANState, rng: jax.Array, num: int) -> jax.Array | None
     if not state.model.num_classes:
         return None
     return jax.random.randint(rng, (num,), 0, state.model.num_classes, jnp.int32)
+
+
+def latent_clusters(state: GANState, z: jax.Array) -> jax.Array | None:
+    """The cluster each latent is drawn from (`clusters.of_latents`) for a GAN conditioned on
+    clusters; None for any other."""
+    if not state.model.num_clusters:
+        return None
+    return clusters.of_latents(state.clusters, z)
+
+
+def generator_labels(state: GANState, z: jax.Array, rng: jax.Array) -> jax.Array | None:
+    """What latents `z` are generated for: uniform classes drawn with `rng` (a conditional
+    GAN), their clusters (`latent_clusters`), or None."""
+    if state.model.num_clusters:
+        return latent_clusters(state, z)
+    return random_labels(state, rng, len(z))
+
+
+def real_labels(state: GANState, batch: Batch) -> jax.Array | None:
+    """What real images are conditioned on: their class (a conditional GAN), the cluster
+    nearest them (one conditioned on clusters), or None."""
+    if state.model.num_clusters:
+        return clusters.nearest(state.clusters, batch["image"])
+    return batch["label"] if state.model.num_classes else None
 
 
 def fixed_latents(state: GANState, num: int = NUM_PICTURE_SAMPLES) -> jax.Array:
@@ -252,9 +315,9 @@ def sampling_variables(state: GANState, num: int = STANDING_STATS_SAMPLES) -> di
     parameters, not the averaged ones; fixed latents make the statistics deterministic."""
     rng = jax.random.fold_in(jax.random.key(0), _STANDING_STATS_FOLD)
     z = latents(state, rng, num)
-    labels = None
-    if state.model.num_classes:
-        labels = jnp.arange(num, dtype=jnp.int32) % state.model.num_classes
+    labels = fixed_labels(state, num)
+    if labels is None:
+        labels = latent_clusters(state, z)
     variables = {"params": {"generator": state.g_ema}, "batch_stats": state.batch_stats}
     _, updates = state.model.clone(bn_momentum=0.0).apply(
         variables, z, labels, train=True, method=DCGAN.generate, mutable=["batch_stats"]
@@ -266,7 +329,9 @@ def generate_with(
     state: GANState, variables: dict, z: jax.Array, labels: jax.Array | None = None
 ) -> jax.Array:
     """G(z, labels) in evaluation mode with `variables` (see `sampling_variables`): (num, H,
-    W, C) in [0, 1]."""
+    W, C) in [0, 1]. A GAN conditioned on clusters takes no labels: each latent's cluster."""
+    if labels is None:
+        labels = latent_clusters(state, z)
     return state.model.apply(variables, z, labels, method=DCGAN.generate)
 
 
@@ -366,8 +431,8 @@ def discriminator_update(
     The generator is applied in training mode, as in its own update, but its batch
     statistics are not updated here."""
     real = batch["image"]
-    # A conditional GAN's fakes are drawn for the real batch's labels.
-    labels = batch["label"] if state.model.num_classes else None
+    # A conditional GAN's fakes are drawn for the real batch's labels (or clusters).
+    labels = real_labels(state, batch)
     z = latents(state, rng, len(real))
     fake, _ = _generate(state, state.params["generator"], z, labels, True)
     fake = jax.lax.stop_gradient(fake)
@@ -410,9 +475,10 @@ def generator_update(
 ) -> tuple[GANState, Metrics]:
     """One optimizer update of the generator on `batch_size` latents drawn with `rng`, with
     the non-saturating loss -log D(G(z)); updates its batch statistics and the moving average
-    of its parameters too. A conditional GAN draws uniform labels with `rng`."""
+    of its parameters too. A conditional GAN draws uniform labels with `rng`; one
+    conditioned on clusters, each latent's cluster."""
     z = latents(state, rng, batch_size)
-    labels = random_labels(state, jax.random.fold_in(rng, _LABEL_FOLD), batch_size)
+    labels = generator_labels(state, z, jax.random.fold_in(rng, _LABEL_FOLD))
 
     def loss_fn(g_params):
         fake, batch_stats = _generate(state, g_params, z, labels, train=True)
@@ -484,7 +550,7 @@ def eval_step(state: GANState, batch: Batch, rng: jax.Array | None = None) -> Me
         rng = jax.random.key(0)
     real = batch["image"]
     weights = batch.get("mask", jnp.ones(len(real), bool)).astype(jnp.float32)
-    labels = batch["label"] if state.model.num_classes else None
+    labels = real_labels(state, batch)
     z = latents(state, rng, len(real))
     fake, _ = _generate(state, state.params["generator"], z, labels, False)
     metrics = discriminator_losses(

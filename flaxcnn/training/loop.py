@@ -167,6 +167,8 @@ def open_run(
     step = int(state.step)
     if step:
         logging.info("Resumed from the checkpoint at step %d.", step)
+    elif hasattr(task, "fit_to_data"):
+        state = sharding.replicate(task.fit_to_data(state, config, splits["train"]), mesh)
     stopper = load_early_stopping(config, workdir, step // steps_per_epoch)
     best = None
     if stopper.enabled:
