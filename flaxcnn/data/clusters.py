@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# k-means fits a random subset of at most this many images: enough for tens of clusters.
+# k-means fits a random subset of at most this many images (60 a cluster for 1,000 clusters).
 MAX_FIT_IMAGES = 60_000
 ITERATIONS = 10
 
