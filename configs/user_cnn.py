@@ -1,6 +1,6 @@
 """A user's own model, written with plain `flax.linen` layers only (no flaxcnn layers):
 two 3x3 convolutions with relu, 2x2 max-pooling, dropout and a dense layer, on full MNIST
-for 2 epochs. Its Keras twin is `scripts/peers/keras_user_cnn.py`.
+for 2 epochs. Its Keras twin is `scripts/peers/keras_user_models.py`.
 
 The model is named by this file's path, as a user names their own:
 

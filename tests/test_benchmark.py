@@ -9,6 +9,8 @@ import sys
 import pytest
 from conftest import REPO
 
+from flaxcnn import config as config_lib
+
 SCRIPT = os.path.join(REPO, "scripts", "benchmark.py")
 spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)
 benchmark = importlib.util.module_from_spec(spec)
@@ -141,6 +143,41 @@ def test_every_family_has_a_keras_twin_of_the_same_architecture_and_settings():
         assert settings.get("cosine", False) == (config.lr_schedule == "cosine"), family
         assert settings.get("clip", 0.0) == config.grad_clip_norm, family
         assert settings.get("beta_1", 0.9) == config.get("adam_b1", 0.9), family
+
+
+USER_TWINS = os.path.join(REPO, "scripts", "peers", "keras_user_models.py")
+# Each user model's config, and its Keras twin's parameter count and optimizer settings.
+USER_TWIN_FACTS = f"""
+import importlib.util, json
+import keras
+spec = importlib.util.spec_from_file_location("twins", {USER_TWINS!r})
+twins = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(twins)
+facts = {{}}
+for name, (config, build, optimizer) in twins.MODELS.items():
+    optimizer = optimizer(keras)
+    momentum = getattr(optimizer, "momentum", None)
+    facts[name] = [config, build(keras).count_params(), type(optimizer).__name__.lower(),
+                   float(optimizer.learning_rate), momentum]
+print(json.dumps(facts))
+"""
+
+
+@pytest.mark.slow
+def test_every_user_model_has_a_keras_twin_of_the_same_architecture_and_optimizer():
+    env = {**os.environ, "KERAS_BACKEND": "numpy", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run(
+        [sys.executable, "-c", USER_TWIN_FACTS], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    facts = json.loads(proc.stdout.splitlines()[-1])
+    assert set(facts) == {"user_cnn", "flax_example", "keras_example"}
+    for name, (config_file, parameters, optimizer, learning_rate, momentum) in facts.items():
+        config = config_lib.load_file(os.path.join(REPO, "configs", config_file))
+        assert parameters == flaxcnn_parameters(config), name
+        assert optimizer == config.optimizer, name
+        assert learning_rate == pytest.approx(config.learning_rate), name
+        assert momentum == config.optimizer_kwargs.get("momentum"), name
 
 
 def test_family_table_reports_the_fraction_of_the_peak_and_pairs_repeats():

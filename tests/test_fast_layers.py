@@ -174,9 +174,15 @@ def test_convolutions_leave_ynnpack_and_large_steps_are_compiled_memory_optimize
     variables = model.init(jax.random.key(1), x)
     lowered = jax.jit(lambda v, x: microbatch_grads(model, v, x, 4)).lower(variables, x)
     fits = fast_cpu.compile_for_this_backend(lowered).memory_analysis().temp_size_in_bytes
-    monkeypatch.setattr(fast_cpu, "last_level_cache_bytes", lambda: fits - 1)
+    monkeypatch.setattr(fast_cpu, "LARGE_TEMPS_BYTES", fits - 1)
     reused = fast_cpu.compile_for_this_backend(lowered).memory_analysis().temp_size_in_bytes
-    assert reused < fits  # The memory-optimised schedule reuses the microbatches' buffers.
+    assert reused <= fast_cpu.LEAN_ENOUGH * fits  # It reuses the microbatches' buffers.
+    # One whole batch: both schedules hold about the same, and the default one is kept.
+    lowered = jax.jit(lambda v, x: microbatch_grads(model, v, x, 1)).lower(variables, x)
+    default = lowered.compile(compiler_options=fast_cpu.CPU_COMPILER_OPTIONS)
+    monkeypatch.setattr(fast_cpu, "LARGE_TEMPS_BYTES", 0)
+    kept = fast_cpu.compile_for_this_backend(lowered)
+    assert kept.as_text() == default.as_text()
     monkeypatch.setenv(fast_cpu.ENV_SWITCH, "0")
     plain = fast_cpu.compile_for_this_backend(lowered).as_text()
     assert plain == lowered.compile().as_text()

@@ -36,6 +36,10 @@ CPU_COMPILER_OPTIONS = {
     )
 }
 MEMORY_OPTIMIZED = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+# Temporaries above which the memory-optimised schedule is tried (`compile_for_this_backend`).
+# A fixed size, not the reported L3: virtual machines report the host's (300 MB here).
+LARGE_TEMPS_BYTES = 16 * 2**20
+LEAN_ENOUGH = 0.75
 
 
 def wins_here() -> bool:
@@ -44,27 +48,23 @@ def wins_here() -> bool:
 
 
 def compile_for_this_backend(lowered: jax.stages.Lowered) -> jax.stages.Compiled:
-    """`lowered.compile()`, with CPU_COMPILER_OPTIONS where they win (`wins_here`). A function
-    whose temporaries outgrow the last-level cache (a large batch in several microbatches:
-    XLA's default concurrency-optimised schedule keeps every microbatch's activations live
-    at once) is compiled again memory-optimised, which reuses them."""
+    """`lowered.compile()`, with CPU_COMPILER_OPTIONS where they win (`wins_here`).
+
+    A function with more than LARGE_TEMPS_BYTES of temporaries is compiled a second time
+    with XLA's memory-optimised schedule, and that one is kept if it needs at most
+    LEAN_ENOUGH of the default's: the default concurrency-optimised schedule keeps every
+    microbatch of a large batch live at once, a working set that no longer stays in the
+    cores' caches (a plain `flax.linen` CNN at batch 128 in 4 microbatches: 38 MB of
+    temporaries against 24 MB, 3,050 examples/s against 3,340). Where the schedules hold
+    about the same (a GAN, an RNN, one large batch), the default one stays."""
     if not wins_here():
         return lowered.compile()
     compiled = lowered.compile(compiler_options=CPU_COMPILER_OPTIONS)
-    if compiled.memory_analysis().temp_size_in_bytes <= last_level_cache_bytes():
+    temps = compiled.memory_analysis().temp_size_in_bytes
+    if temps <= LARGE_TEMPS_BYTES:
         return compiled
-    return lowered.compile(compiler_options={**CPU_COMPILER_OPTIONS, **MEMORY_OPTIMIZED})
-
-
-@functools.cache  # A fact of the machine: read once, not at every compilation.
-def last_level_cache_bytes() -> int:
-    """This CPU's L3 cache size as Linux reports it, or 32 MiB where it does not."""
-    try:
-        with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
-            size = f.read().strip()  # E.g. "32768K".
-        return int(size[:-1]) * 2 ** {"K": 10, "M": 20}[size[-1]]
-    except (OSError, ValueError, KeyError):
-        return 32 * 2**20
+    lean = lowered.compile(compiler_options={**CPU_COMPILER_OPTIONS, **MEMORY_OPTIMIZED})
+    return lean if lean.memory_analysis().temp_size_in_bytes <= LEAN_ENOUGH * temps else compiled
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))

@@ -1,7 +1,9 @@
-"""The Keras twin of `configs/user_cnn.py`: the same architecture, data split, optimizer,
-batch size and epochs, trained by `fit`, then tested; prints the training throughput.
+"""The Keras twins of the user models (`configs/user_cnn.py`, `user_flax_example.py`,
+`user_keras_example.py`): the same architecture, data split, optimizer, batch size and
+epochs, trained by `fit`, then tested; prints the training throughput.
 
-    python scripts/peers/keras_user_cnn.py [--batch-size 32] [--epochs 2] [--backend tensorflow]
+    python scripts/peers/keras_user_models.py [--model user_cnn] [--batch-size 32] [--epochs 2]
+        [--backend tensorflow] [--batch-norm]
 
 Reads MNIST from ../shared/data/mnist/mnist.npz (x_train, y_train, x_test, y_test).
 """
@@ -14,7 +16,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 NPZ = os.path.join(REPO, "..", "shared", "data", "mnist", "mnist.npz")
 
 
-def build(keras, widths=(16, 32), dropout_rate=0.25, batch_norm=False):
+def user_cnn(keras, widths=(16, 32), dropout_rate=0.25, batch_norm=False):
     """Conv(16) -> Conv(32) (3x3 'valid', relu) -> MaxPool(2) -> Dropout -> Dense(10)."""
     layers = [keras.Input((28, 28, 1))]
     for width in widths:
@@ -31,8 +33,55 @@ def build(keras, widths=(16, 32), dropout_rate=0.25, batch_norm=False):
     return keras.Sequential(layers)
 
 
+def flax_example(keras):
+    """Conv(32) -> AvgPool(2) -> Conv(64) -> AvgPool(2) (3x3 'same', relu) -> Dense(256, relu)
+    -> Dense(10)."""
+    layers = [keras.Input((28, 28, 1))]
+    for width in (32, 64):
+        layers += [
+            keras.layers.Conv2D(width, 3, padding="same", activation="relu"),
+            keras.layers.AveragePooling2D(2),
+        ]
+    layers += [
+        keras.layers.Flatten(),
+        keras.layers.Dense(256, activation="relu"),
+        keras.layers.Dense(10),
+    ]
+    return keras.Sequential(layers)
+
+
+def keras_example(keras):
+    """Conv(32) -> MaxPool(2) -> Conv(64) -> MaxPool(2) (3x3 'valid', relu) -> Dropout(0.5)
+    -> Dense(10)."""
+    layers = [keras.Input((28, 28, 1))]
+    for width in (32, 64):
+        layers += [
+            keras.layers.Conv2D(width, 3, activation="relu"),
+            keras.layers.MaxPooling2D(2),
+        ]
+    layers += [keras.layers.Flatten(), keras.layers.Dropout(0.5), keras.layers.Dense(10)]
+    return keras.Sequential(layers)
+
+
+# Each model's flaxcnn config (under configs/), Keras builder and optimizer.
+MODELS = {
+    "user_cnn": ("user_cnn.py", user_cnn, lambda keras: keras.optimizers.Adam(1e-3)),
+    "flax_example": (
+        "user_flax_example.py",
+        flax_example,
+        lambda keras: keras.optimizers.SGD(0.1, momentum=0.9),
+    ),
+    "keras_example": (
+        "user_keras_example.py",
+        keras_example,
+        lambda keras: keras.optimizers.Adam(1e-3),
+    ),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="user_cnn", choices=sorted(MODELS))
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--backend", default="tensorflow", choices=["tensorflow", "jax"])
@@ -47,9 +96,10 @@ def main() -> None:
     data = np.load(NPZ)
     x, y = data["x_train"][..., None].astype("float32") / 255, data["y_train"]
     x_test, y_test = data["x_test"][..., None].astype("float32") / 255, data["y_test"]
-    model = build(keras, batch_norm=args.batch_norm)
+    _, build, optimizer = MODELS[args.model]
+    model = build(keras, batch_norm=True) if args.batch_norm else build(keras)
     model.compile(
-        optimizer=keras.optimizers.Adam(1e-3),
+        optimizer=optimizer(keras),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
