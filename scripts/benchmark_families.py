@@ -201,7 +201,7 @@ def run_worker(name: str, family: str, args) -> dict | None:
 def run_throughput(args) -> dict:
     """{"contender:family": [result or None per repeat]}, with "peak:" the matmul's; each
     repeat runs every contender once, in turn."""
-    jobs = [("peak", "")] + [(c, f) for f in args.families for c in ("flaxcnn", "keras")]
+    jobs = [("peak", "")] + [(c, f) for f in args.families for c in args.contenders]
     runs = {f"{name}:{family}": [] for name, family in jobs}
     for repeat in range(args.repeats):
         for name, family in jobs:
@@ -238,7 +238,7 @@ def throughput_table(runs: dict, families: list[str]) -> list[str]:
         "| --- " * 9 + "|",
     ]
     for family in families:
-        ours, theirs = runs[f"flaxcnn:{family}"], runs[f"keras:{family}"]
+        ours, theirs = runs.get(f"flaxcnn:{family}", []), runs.get(f"keras:{family}", [])
         done = [r for r in ours if r]
         flops = done[0]["flops_per_step"] if done else None
         rates = [r["flops_per_step"] * r["steps_per_s"] for r in done]
@@ -306,7 +306,7 @@ def run_commands(args) -> dict:
     """{"contender:family": [run or None]}: each family's two commands, taking turns, 1 +
     `--command-repeats` times; flaxcnn's first run of a family with empty caches."""
     scratch = tempfile.mkdtemp(prefix="flaxcnn-families-")
-    runs = {f"{c}:{f}": [] for f in args.families for c in ("flaxcnn", "keras")}
+    runs = {f"{c}:{f}": [] for f in args.families for c in args.contenders}
     try:
         for repeat in range(1 + args.command_repeats):
             for key, results in runs.items():
@@ -332,7 +332,7 @@ def command_table(runs: dict, families: list[str]) -> list[str]:
         "| --- " * 7 + "|",
     ]
     for family in families:
-        ours, theirs = runs[f"flaxcnn:{family}"], runs[f"keras:{family}"]
+        ours, theirs = runs.get(f"flaxcnn:{family}", []), runs.get(f"keras:{family}", [])
         first = ours[0]["seconds"] if ours and ours[0] else None
         later = median_of(ours[1:], "seconds") or first
         twin = median_of(theirs, "seconds")
@@ -352,6 +352,13 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
     parser.add_argument(
         "--epochs", type=float, default=0.25, help="epochs' worth of examples timed (throughput)"
+    )
+    parser.add_argument(
+        "--contenders",
+        nargs="+",
+        default=["flaxcnn", "keras"],
+        choices=["flaxcnn", "keras"],
+        help="flaxcnn alone on a GPU, whose twins would run on the CPU",
     )
     parser.add_argument("--repeats", type=int, default=3, help="throughput repeats")
     parser.add_argument(

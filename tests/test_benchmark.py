@@ -204,6 +204,10 @@ def test_family_table_reports_the_fraction_of_the_peak_and_pairs_repeats():
     # 20 steps/s of 1 GFLOP = 20 GFLOP/s, 40% of 50; ratio of medians 2000 / 1500; per
     # repeat 2000 / 1000 and 3000 / 2000.
     assert cells == ["cnn", "100", "1.000", "2,000", "20.0", "40.0%", "1,500", "1.33x", "1.75x"]
+    # flaxcnn alone (`--contenders flaxcnn`, on a GPU): the twin's cells are empty.
+    del runs["keras:cnn"]
+    cells = [c.strip() for c in families.throughput_table(runs, ["cnn"])[-1].split("|")[1:-1]]
+    assert cells == ["cnn", "100", "1.000", "2,000", "20.0", "40.0%", "-", "-", "-"]
 
 
 def test_family_commands_are_the_shell_commands_a_user_types():
