@@ -125,14 +125,18 @@ def flaxcnn_parameters(config) -> int:
     return sum(leaf.size for leaf in jax.tree.leaves(shapes["params"]))
 
 
+def printed_facts(program: str) -> dict:
+    """The JSON that `program` prints last, run by a fresh interpreter on Keras's numpy
+    backend."""
+    env = {**os.environ, "KERAS_BACKEND": "numpy", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
 @pytest.mark.slow
 def test_every_family_has_a_keras_twin_of_the_same_architecture_and_settings():
-    env = {**os.environ, "KERAS_BACKEND": "numpy", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    proc = subprocess.run(
-        [sys.executable, "-c", TWIN_FACTS], capture_output=True, text=True, env=env
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    facts = json.loads(proc.stdout.splitlines()[-1])
+    facts = printed_facts(TWIN_FACTS)
     assert set(facts) == set(families.FAMILIES)
     for family, (parameters, settings) in facts.items():
         config = families.load_config(family, "unused")
@@ -165,12 +169,7 @@ print(json.dumps(facts))
 
 @pytest.mark.slow
 def test_every_user_model_has_a_keras_twin_of_the_same_architecture_and_optimizer():
-    env = {**os.environ, "KERAS_BACKEND": "numpy", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    proc = subprocess.run(
-        [sys.executable, "-c", USER_TWIN_FACTS], capture_output=True, text=True, env=env
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    facts = json.loads(proc.stdout.splitlines()[-1])
+    facts = printed_facts(USER_TWIN_FACTS)
     assert set(facts) == {"user_cnn", "flax_example", "keras_example"}
     for name, (config_file, parameters, optimizer, learning_rate, momentum) in facts.items():
         config = config_lib.load_file(os.path.join(REPO, "configs", config_file))
