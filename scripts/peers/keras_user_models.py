@@ -85,8 +85,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--backend", default="tensorflow", choices=["tensorflow", "jax"])
-    parser.add_argument("--batch-norm", action="store_true")
+    parser.add_argument("--batch-norm", action="store_true", help="user_cnn only")
     args = parser.parse_args()
+    if args.batch_norm and args.model != "user_cnn":
+        parser.error("--batch-norm applies to --model user_cnn only")
     os.environ["KERAS_BACKEND"] = args.backend
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
