@@ -38,6 +38,7 @@ import numpy as np
 
 from flaxcnn.data import input_pipeline, preprocess
 from flaxcnn.inference import Run, load_config, load_run
+from flaxcnn.models import fast_cpu
 
 STABLEHLO_FILE = "model.stablehlo"
 GENERATOR_FILE = "generator.stablehlo"  # A GAN's or VAE's generator.
@@ -55,7 +56,8 @@ def serving_fn(run: Run) -> Callable[[dict, jax.Array], jax.Array]:
 
     def probabilities(variables: dict, images: jax.Array) -> jax.Array:
         x = preprocess.to_model_input(images, run.mean, run.std)
-        return jax.nn.softmax(apply_fn(variables, x, train=False), axis=-1)
+        with fast_cpu.standard_layers():  # Exported programs run anywhere: no custom calls.
+            return jax.nn.softmax(apply_fn(variables, x, train=False), axis=-1)
 
     return probabilities
 
@@ -153,7 +155,8 @@ def export_generator(run: Run, platforms: Sequence[str] = DEFAULT_PLATFORMS):
     latent_dim, num_classes, decode = decoder(run.config.task, run.state)
 
     def images(z, labels=None):
-        return jnp.round(jnp.clip(decode(z, labels), 0.0, 1.0) * 255).astype(jnp.uint8)
+        with fast_cpu.standard_layers():
+            return jnp.round(jnp.clip(decode(z, labels), 0.0, 1.0) * 255).astype(jnp.uint8)
 
     (b,) = jax.export.symbolic_shape("b")
     specs = [jax.ShapeDtypeStruct((b, latent_dim), jnp.float32)]

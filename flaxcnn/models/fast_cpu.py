@@ -3,21 +3,24 @@
 Two changes, both on CPUs only (`wins_here`) and both turned off by setting the environment
 variable FLAXCNN_FAST_CPU_LAYERS=0:
 
-- `rewrite(apply_fn)` traces `apply_fn` to a jaxpr and evaluates it with
-  `reduce_window_max` over non-overlapping windows (`nn.max_pool` with strides equal to its
-  window, 'VALID') as a reshape and a max, with the gradient of `lax.reduce_window` (to the
-  first maximum of each window) written out, where XLA:CPU's select-and-scatter is many
-  times slower. Everything else runs as traced; no parameter and no random draw changes.
+- `rewrite(apply_fn)` traces `apply_fn` to a jaxpr and evaluates it with RULES:
+  - `lax.conv_general_dilated` (`nn.Conv`: 2-D, float32) runs oneDNN's convolution kernels,
+    forward and both gradients (`onednn_conv`), where XLA:CPU's run 1.3-2.5x slower;
+  - `reduce_window_max` over non-overlapping windows (`nn.max_pool` with strides equal to
+    its window, 'VALID') is a reshape and a max, with the gradient of `lax.reduce_window`
+    (to the first maximum of each window) written out, where XLA:CPU's select-and-scatter
+    is many times slower.
+  Everything else runs as traced; no parameter and no random draw changes.
 - `compile_for_this_backend(lowered)` compiles with XLA:CPU's own (Eigen) convolution
-  kernels instead of YNNPACK's, its default (dots and reductions stay with YNNPACK): a 3x3
-  convolution of 16 to 32 channels at batch 32 runs its forward pass 2.1x and its kernel
-  gradient 1.4x faster, and a plain `flax.linen` CNN's training step 1.6x.
+  kernels instead of YNNPACK's, its default, for the convolutions oneDNN does not take
+  (dots and reductions stay with YNNPACK): a 3x3 convolution of 16 to 32 channels at batch
+  32 runs its forward pass 2.1x and its kernel gradient 1.4x faster.
 
-Outputs and gradients equal the standard layers' up to float32 summation order. (Patches
-times kernel, the seed CNN's first layer in `flaxcnn.models.layers`, did not beat Eigen's
-convolutions past the first layer, and is not applied.)
+Outputs and gradients equal the standard layers' up to float32 summation order.
 """
 
+import contextlib
+import contextvars
 import functools
 import math
 import os
@@ -27,6 +30,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax.extend import core as jex_core
+
+from flaxcnn.models import onednn_conv
 
 ENV_SWITCH = "FLAXCNN_FAST_CPU_LAYERS"
 # XLA:CPU's default library fusions less the convolutions (see the module docstring).
@@ -126,7 +131,10 @@ def _max_pool_rule(
     return max_pool_blocks(x, tuple(window_dimensions))
 
 
-RULES: dict[str, Callable] = {"reduce_window_max": _max_pool_rule}
+RULES: dict[str, Callable] = {
+    "reduce_window_max": _max_pool_rule,
+    "conv_general_dilated": onednn_conv.conv_rule,
+}
 
 
 def _eval(jaxpr: jex_core.Jaxpr, consts: Sequence, args: Sequence, rules: dict) -> list:
@@ -155,6 +163,20 @@ def _eval(jaxpr: jex_core.Jaxpr, consts: Sequence, args: Sequence, rules: dict) 
     return [read(v) for v in jaxpr.outvars]
 
 
+_STANDARD_LAYERS = contextvars.ContextVar("standard_layers", default=False)
+
+
+@contextlib.contextmanager
+def standard_layers():
+    """Within it, every `Rewritten` computes as its `fn` does: for programs that run on
+    other machines (an export), which the custom calls into this one's libraries cannot."""
+    token = _STANDARD_LAYERS.set(True)
+    try:
+        yield
+    finally:
+        _STANDARD_LAYERS.reset(token)
+
+
 class Rewritten:
     """`fn` (e.g. a Flax `model.apply`) computed with `rules`: same signature and results.
     Array arguments (keyword ones too: rngs) become inputs of the traced jaxpr; anything
@@ -178,6 +200,8 @@ class Rewritten:
         return hash(self.fn)
 
     def __call__(self, *args, **kwargs):
+        if _STANDARD_LAYERS.get():
+            return self.fn(*args, **kwargs)
         leaves, treedef = jax.tree.flatten((args, kwargs))
         is_array = [hasattr(leaf, "shape") and hasattr(leaf, "dtype") for leaf in leaves]
         arrays = [leaf for leaf, array in zip(leaves, is_array) if array]

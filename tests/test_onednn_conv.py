@@ -1,0 +1,127 @@
+"""flaxcnn.models.onednn_conv: oneDNN's convolutions equal XLA's (values, both gradients,
+second derivatives, under vmap), reach a plain `nn.Conv`, and step aside where they cannot."""
+
+import functools
+import logging
+import platform
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from flaxcnn.models import fast_cpu, onednn_conv
+
+pytestmark = pytest.mark.skipif(
+    (platform.system(), platform.machine()) != ("Linux", "x86_64") or jax.device_count() > 1,
+    reason="oneDNN's convolutions are a dependency on x86-64 Linux only, used on one device",
+)
+
+# (x shape, kernel shape, strides, padding, dilation): 'SAME' and 'VALID' 3x3 layers, one
+# input channel, strides with uneven padding, a dilated rectangular kernel, batch 1.
+GEOMETRIES = [
+    ((4, 12, 12, 3), (3, 3, 3, 8), (1, 1), ((1, 1), (1, 1)), (1, 1)),
+    ((3, 13, 11, 1), (3, 3, 1, 5), (1, 1), ((0, 0), (0, 0)), (1, 1)),
+    ((2, 15, 16, 4), (3, 3, 4, 6), (2, 2), ((1, 0), (1, 2)), (1, 1)),
+    ((1, 20, 17, 5), (5, 3, 5, 7), (2, 1), ((2, 2), (0, 1)), (2, 1)),
+]
+
+
+def random(shape, seed):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32))
+
+
+def close(got, want):
+    """Equal up to float32 summation order, relative to the largest value."""
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert g.shape == w.shape
+        np.testing.assert_allclose(g, w, atol=2e-5 * float(jnp.max(jnp.abs(w))), rtol=0)
+
+
+def test_built_and_registered_here():
+    assert onednn_conv.available()
+
+
+@pytest.mark.parametrize("x_shape, w_shape, strides, padding, dilation", GEOMETRIES)
+def test_values_and_gradients_equal_xlas(x_shape, w_shape, strides, padding, dilation):
+    geometry = (strides, padding, dilation)
+    x, w = random(x_shape, 0), random(w_shape, 1)
+    target = random(
+        jax.eval_shape(functools.partial(onednn_conv.reference, geometry=geometry), x, w).shape, 2
+    )
+
+    def loss(conv):
+        return jax.jit(
+            jax.value_and_grad(lambda x, w: jnp.sum(conv(x, w, geometry) * target), (0, 1))
+        )
+
+    close(loss(onednn_conv.conv)(x, w), loss(onednn_conv.reference)(x, w))
+    assert "flaxcnn_conv_backward_weights" in loss(onednn_conv.conv).lower(x, w).as_text()
+
+
+def test_second_derivatives_and_vmap_equal_xlas():
+    geometry = ((2, 1), ((1, 2), (1, 1)), (1, 1))
+    x, w = random((3, 9, 8, 2), 3), random((3, 3, 2, 4), 4)
+
+    def penalty(conv):  # A gradient penalty: the norm of the input gradient, differentiated.
+        def norm(x, w):
+            dx = jax.grad(lambda x: jnp.sum(jnp.tanh(conv(x, w, geometry))))(x)
+            return jnp.sum(dx**2)
+
+        return jax.jit(jax.grad(norm, (0, 1)))(x, w)
+
+    close(penalty(onednn_conv.conv), penalty(onednn_conv.reference))
+    xs = random((2, 3, 9, 8, 2), 5)
+    vmapped = [
+        jax.vmap(functools.partial(f, w=w, geometry=geometry))(xs)
+        for f in (onednn_conv.conv, onednn_conv.reference)
+    ]
+    close(*vmapped)
+
+
+def test_threads_running_convolutions_at_once_get_their_own_results():
+    # XLA runs independent custom calls on several threads; oneDNN's scratch memory must
+    # not be shared between them.
+    geometry = ((1, 1), ((1, 1), (1, 1)), (1, 1))
+    xs = [random((8, 16, 16, c), c) for c in (3, 4, 5, 6)]
+    ws = [random((3, 3, c, 16), 10 + c) for c in (3, 4, 5, 6)]
+
+    def all_of(conv):
+        return jax.jit(lambda xs, ws: [conv(x, w, geometry) for x, w in zip(xs, ws)])
+
+    want = all_of(onednn_conv.reference)(xs, ws)
+    for _ in range(10):
+        close(all_of(onednn_conv.conv)(xs, ws), want)
+
+
+def compiled_text(module: nn.Module, x) -> str:
+    variables = module.init(jax.random.key(0), x)
+    return jax.jit(fast_cpu.rewrite(module.apply)).lower(variables, x).compile().as_text()
+
+
+def test_a_plain_conv_layer_runs_on_onednn_and_others_stay_xlas():
+    x = random((2, 10, 10, 3), 6)
+    assert "flaxcnn_conv_forward" in compiled_text(nn.Conv(8, (3, 3)), x)
+    unsupported = {
+        "feature groups": (nn.Conv(6, (3, 3), feature_group_count=3), x),
+        "bfloat16": (nn.Conv(8, (3, 3), dtype=jnp.bfloat16), x),
+        "1-D": (nn.Conv(8, (3,)), x[:, 0]),
+        "input dilation": (nn.ConvTranspose(8, (3, 3), strides=(2, 2)), x),
+    }
+    for name, (module, inputs) in unsupported.items():
+        text = compiled_text(module, inputs)
+        assert "flaxcnn_conv" not in text and "convolution" in text, name
+
+
+def test_without_a_build_convolutions_stay_xlas_and_a_warning_says_why(
+    monkeypatch, tmp_path, caplog
+):
+    monkeypatch.setenv("FLAXCNN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(onednn_conv.Unavailable, match="cannot run .*no-such-compiler"):
+        onednn_conv.build()
+    with caplog.at_level(logging.WARNING):
+        assert not onednn_conv.available.__wrapped__()
+    assert "oneDNN convolutions unavailable" in caplog.text
+    assert list(tmp_path.iterdir()) == []  # Nothing half-built is left to be loaded later.
