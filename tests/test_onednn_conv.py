@@ -72,6 +72,8 @@ def test_second_derivatives_and_vmap_equal_xlas():
         return jax.jit(jax.grad(norm, (0, 1)))(x, w)
 
     close(penalty(onednn_conv.conv), penalty(onednn_conv.reference))
+    text = jax.jit(lambda x: penalty(onednn_conv.conv)).lower(x).as_text()
+    assert "convolution" not in text  # Every order by oneDNN.
     xs = random((2, 3, 9, 8, 2), 5)
     vmapped = [
         jax.vmap(functools.partial(f, w=w, geometry=geometry))(xs)
@@ -107,11 +109,36 @@ def test_a_plain_conv_layer_runs_on_onednn_and_others_stay_xlas():
         "feature groups": (nn.Conv(6, (3, 3), feature_group_count=3), x),
         "bfloat16": (nn.Conv(8, (3, 3), dtype=jnp.bfloat16), x),
         "1-D": (nn.Conv(8, (3,)), x[:, 0]),
-        "input dilation": (nn.ConvTranspose(8, (3, 3), strides=(2, 2)), x),
     }
     for name, (module, inputs) in unsupported.items():
         text = compiled_text(module, inputs)
         assert "flaxcnn_conv" not in text and "convolution" in text, name
+
+
+@pytest.mark.parametrize(
+    "kernel, strides, padding",
+    [
+        ((4, 4), (2, 2), "SAME"),
+        ((3, 3), (2, 2), "SAME"),
+        ((3, 2), (3, 2), "VALID"),
+        ((5, 5), (2, 2), ((1, 2), (2, 1))),
+    ],
+)
+def test_transposed_convolutions_equal_the_standard_layer(kernel, strides, padding):
+    module = nn.ConvTranspose(5, kernel, strides=strides, padding=padding)
+    x = random((3, 7, 6, 4), 7)
+    variables = module.init(jax.random.key(0), x)
+    target = random(module.apply(variables, x).shape, 8)
+
+    def grads(apply):
+        def loss(variables, x):
+            return jnp.sum(apply(variables, x) * target)
+
+        return jax.jit(jax.value_and_grad(loss, (0, 1)))
+
+    close(grads(fast_cpu.rewrite(module.apply))(variables, x), grads(module.apply)(variables, x))
+    text = grads(fast_cpu.rewrite(module.apply)).lower(variables, x).compile().as_text()
+    assert "flaxcnn_conv_backward_data" in text and "convolution(" not in text
 
 
 def test_without_a_build_convolutions_stay_xlas_and_a_warning_says_why(

@@ -54,6 +54,11 @@ def wins_here() -> bool:
     return jax.default_backend() == "cpu" and os.environ.get(ENV_SWITCH, "1") != "0"
 
 
+def convolutions_by_onednn() -> bool:
+    """Whether the rewrite runs `nn.Conv`'s convolutions with oneDNN here (`onednn_conv`)."""
+    return wins_here() and jax.device_count() == 1 and onednn_conv.available()
+
+
 def compile_for_this_backend(lowered: jax.stages.Lowered) -> jax.stages.Compiled:
     """`lowered.compile()`, with CPU_COMPILER_OPTIONS where they win (`wins_here`).
 

@@ -101,6 +101,8 @@ Geometry = tuple[tuple[int, ...], tuple[tuple[int, int], ...], tuple[int, ...]]
 
 
 def _call(name: str, out: jax.ShapeDtypeStruct, a, b, geometry: Geometry) -> jax.Array:
+    if not available():
+        raise Unavailable("oneDNN's convolutions are not available here: see the warning")
     strides, padding, dilation = geometry
     return jax.ffi.ffi_call(f"flaxcnn_conv_{name}", out, vmap_method="sequential")(
         a,
@@ -111,10 +113,6 @@ def _call(name: str, out: jax.ShapeDtypeStruct, a, b, geometry: Geometry) -> jax
     )
 
 
-def _out_shape(x, w, geometry: Geometry) -> jax.ShapeDtypeStruct:
-    return jax.eval_shape(functools.partial(reference, geometry=geometry), x, w)
-
-
 def reference(x: jax.Array, w: jax.Array, geometry: Geometry) -> jax.Array:
     """The same convolution as XLA computes it."""
     strides, padding, dilation = geometry
@@ -123,49 +121,88 @@ def reference(x: jax.Array, w: jax.Array, geometry: Geometry) -> jax.Array:
     )
 
 
+def _like(shape: tuple[int, ...]) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+# The convolution y = conv(x, w) is bilinear, so each of its three operations (forward,
+# input gradient, kernel gradient) is differentiated by the other two: oneDNN computes
+# gradients of every order (a gradient penalty, a Hessian-vector product).
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def conv(x: jax.Array, w: jax.Array, geometry: Geometry) -> jax.Array:
     """`reference(x, w, geometry)` by oneDNN: x (N, H, W, C) and w (KH, KW, C, O) float32;
     `geometry` is (strides, ((lo, hi), (lo, hi)) padding, kernel dilation)."""
-    return _call("forward", _out_shape(x, w, geometry), x, w, geometry)
+    out = jax.eval_shape(functools.partial(reference, geometry=geometry), x, w)
+    return _call("forward", out, x, w, geometry)
 
 
-def _conv_fwd(x, w, geometry):
-    return conv(x, w, geometry), (x, w)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def input_gradient(dy: jax.Array, w: jax.Array, x_shape: tuple, geometry: Geometry):
+    """The gradient `conv(x, w, geometry)` sends its input x (of `x_shape`) from dy: also
+    the transposed convolution of dy."""
+    return _call("backward_data", _like(x_shape), dy, w, geometry)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def kernel_gradient(x: jax.Array, dy: jax.Array, w_shape: tuple, geometry: Geometry):
+    """The gradient `conv(x, w, geometry)` sends its kernel w (of `w_shape`) from dy."""
+    return _call("backward_weights", _like(w_shape), x, dy, geometry)
 
 
 def _conv_bwd(geometry, residuals, dy):
     x, w = residuals
-    return _gradients(x, w, dy, geometry)
+    return input_gradient(dy, w, x.shape, geometry), kernel_gradient(x, dy, w.shape, geometry)
 
 
-conv.defvjp(_conv_fwd, _conv_bwd)
+def _input_gradient_bwd(x_shape, geometry, residuals, dx):
+    dy, w = residuals
+    return conv(dx, w, geometry), kernel_gradient(dx, dy, w.shape, geometry)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _gradients(x, w, dy, geometry):
-    """The input's and the kernel's gradients by oneDNN; differentiated (a gradient
-    penalty, a Hessian-vector product) as XLA's reference is."""
-    dx = _call("backward_data", jax.ShapeDtypeStruct(x.shape, x.dtype), dy, w, geometry)
-    dw = _call("backward_weights", jax.ShapeDtypeStruct(w.shape, w.dtype), x, dy, geometry)
-    return dx, dw
+def _kernel_gradient_bwd(w_shape, geometry, residuals, dw):
+    x, dy = residuals
+    return input_gradient(dy, dw, x.shape, geometry), conv(x, dw, geometry)
 
 
-def _reference_gradients(x, w, dy, geometry):
-    return jax.vjp(lambda x, w: reference(x, w, geometry), x, w)[1](dy)
+def _saving_inputs(fn):
+    def fwd(*args):
+        return fn(*args), args[:2]
+
+    return fwd
 
 
-def _gradients_fwd(x, w, dy, geometry):
-    return _gradients(x, w, dy, geometry), (x, w, dy)
+conv.defvjp(_saving_inputs(conv), _conv_bwd)
+input_gradient.defvjp(_saving_inputs(input_gradient), _input_gradient_bwd)
+kernel_gradient.defvjp(_saving_inputs(kernel_gradient), _kernel_gradient_bwd)
 
 
-def _gradients_bwd(geometry, residuals, cotangents):
-    return jax.vjp(functools.partial(_reference_gradients, geometry=geometry), *residuals)[1](
-        cotangents
+def _transposed(u, k, padding, dilation, lhs_dilation) -> jax.Array | None:
+    """The input-dilated convolution `nn.ConvTranspose` computes (u (N, h, w, C), kernel k
+    (KH, KW, C, O), stride 1, input dilation s) as the input gradient of a stride-s
+    convolution with the flipped kernel from (N, H, W, O), or None where its padding has no
+    such form (more than the dilated kernel's extent less one on a side)."""
+    extents = [(size - 1) * d + 1 for size, d in zip(k.shape[:2], dilation)]
+    if not all(0 <= p <= e - 1 for pair, e in zip(padding, extents) for p in pair):
+        return None
+    geometry = (
+        tuple(lhs_dilation),
+        tuple((e - 1 - lo, e - 1 - hi) for (lo, hi), e in zip(padding, extents)),
+        tuple(dilation),
     )
+    x_shape = jax.eval_shape(
+        lambda u, k: lax.conv_general_dilated(
+            u, k, (1, 1), padding, lhs_dilation, dilation, dimension_numbers=LAYOUT
+        ),
+        u,
+        k,
+    ).shape
+    if 0 in x_shape:
+        return None
+    flipped = jnp.flip(k, (0, 1)).transpose(0, 1, 3, 2)
+    return input_gradient(u, flipped, x_shape, geometry)
 
-
-_gradients.defvjp(_gradients_fwd, _gradients_bwd)
 
 _LAYOUT_NUMBERS = lax.conv_dimension_numbers((1,) * 4, (1,) * 4, LAYOUT)
 
@@ -184,20 +221,27 @@ def conv_rule(
     preferred_element_type,
     **_,
 ):
-    """`conv` for a `lax.conv_general_dilated` that oneDNN's handlers compute as it is (2-D,
-    flax.linen's layout, float32, no input dilation or feature groups), else None. Only on
-    one device: XLA would run a custom call on the whole batch on every device."""
+    """oneDNN's computation of a `lax.conv_general_dilated` that its handlers take (2-D,
+    flax.linen's layout, float32, no feature groups; an input dilation only as
+    `nn.ConvTranspose` has it, with stride 1), else None. Only on one device: XLA would run
+    a custom call on the whole batch on every device."""
+    padding = tuple(map(tuple, padding))
+    transposed = any(s != 1 for s in lhs_dilation)
     supported = (
         jax.device_count() == 1
         and dimension_numbers == _LAYOUT_NUMBERS
         and lhs.dtype == rhs.dtype == jnp.float32
         and preferred_element_type in (None, jnp.float32)
-        and all(d == 1 for d in lhs_dilation)
         and feature_group_count == batch_group_count == 1
-        and all(lo >= 0 and hi >= 0 for lo, hi in padding)
+        and not (transposed and any(s != 1 for s in window_strides))
         and 0 not in (*lhs.shape, *rhs.shape)
     )
-    geometry = (tuple(window_strides), tuple(map(tuple, padding)), tuple(rhs_dilation))
-    if not supported or 0 in _out_shape(lhs, rhs, geometry).shape:
+    if not supported or not available():
         return None
-    return conv(lhs, rhs, geometry) if available() else None
+    if transposed:
+        return _transposed(lhs, rhs, padding, rhs_dilation, lhs_dilation)
+    geometry = (tuple(window_strides), padding, tuple(rhs_dilation))
+    out = jax.eval_shape(functools.partial(reference, geometry=geometry), lhs, rhs)
+    if any(p < 0 for pair in padding for p in pair) or 0 in out.shape:
+        return None
+    return conv(lhs, rhs, geometry)

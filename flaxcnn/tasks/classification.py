@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from flaxcnn.models import create_model
+from flaxcnn.models import create_model, fast_cpu
 from flaxcnn.training import gradient_step
 from flaxcnn.training.gradient_step import num_microbatches as num_microbatches
 from flaxcnn.training.state import TrainState, create_optimizer, create_train_state, model_kwargs
@@ -43,8 +43,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def step_kwargs(config: ml_collections.ConfigDict) -> dict:
     """`train_step`'s static settings from the config (`gradient_step.step_kwargs`). A
-    microbatch size of -1 means 32 on CPUs and 0 (whole batch) elsewhere."""
-    return gradient_step.step_kwargs(config, cpu_microbatch_size=32)
+    microbatch size of -1 means the whole batch, except on CPUs where XLA's own
+    convolutions run (`fast_cpu.convolutions_by_onednn` false): 32 there, which keeps their
+    working set in cache. oneDNN's convolutions train faster on whole batches (batch 128:
+    1.05-1.22x the examples/s of microbatches of 32, on four models)."""
+    microbatch = 0 if fast_cpu.convolutions_by_onednn() else 32
+    return gradient_step.step_kwargs(config, cpu_microbatch_size=microbatch)
 
 
 def classification_metrics(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> Metrics:
