@@ -13,7 +13,7 @@ from conftest import REPO
 from flax import linen as nn
 from PIL import Image
 
-from flaxcnn.models import create_model
+from flaxcnn.models import create_model, fast_cpu
 from flaxcnn.models.autoencoder import ConvTranspose2x, StridedConv
 from flaxcnn.reporting import pictures
 from flaxcnn.tasks import autoencoder, classification, get_task, vae
@@ -174,20 +174,28 @@ def test_autoencoder_rejects_images_of_another_shape():
     ],
     ids=["strided_conv", "conv_transpose_2x"],
 )
-def test_resampling_layers_are_their_flax_counterparts(ours, reference, shape, out_shape):
+@pytest.mark.parametrize("as_matmuls", [True, False], ids=["matmuls", "as_on_this_machine"])
+def test_resampling_layers_are_their_flax_counterparts(
+    ours, reference, shape, out_shape, as_matmuls, monkeypatch
+):
+    if as_matmuls:  # Also where oneDNN convolves: the routes of every other machine.
+        monkeypatch.setattr(fast_cpu, "convolutions_by_onednn", lambda: False)
     x = jax.random.normal(key(1), shape)
     variables = reference.init(key(0), x)
     variables = jax.tree.map(lambda p: p + 0.1, variables)  # Nonzero biases too.
     assert shapes(jax.eval_shape(ours.init, key(0), x)) == shapes(variables)
 
-    def outputs_and_grads(module):
+    def outputs_and_grads(apply):
         def loss(v, x):
-            return jnp.sum(jnp.sin(module.apply(v, x)))
+            return jnp.sum(jnp.sin(apply(v, x)))
 
-        return module.apply(variables, x), jax.grad(loss, argnums=(0, 1))(variables, x)
+        return apply(variables, x), jax.grad(loss, argnums=(0, 1))(variables, x)
 
-    ours_out, ours_grads = jax.jit(outputs_and_grads, static_argnums=0)(ours)
-    reference_out, reference_grads = jax.jit(outputs_and_grads, static_argnums=0)(reference)
+    # Ours as training runs it (with the rewrite on CPUs), the reference as Flax has it.
+    ours_out, ours_grads = jax.jit(outputs_and_grads, static_argnums=0)(
+        fast_cpu.for_this_backend(ours.apply)
+    )
+    reference_out, reference_grads = jax.jit(outputs_and_grads, static_argnums=0)(reference.apply)
     assert ours_out.shape == out_shape
     np.testing.assert_allclose(ours_out, reference_out, atol=1e-5)
     assert max_abs_diff(ours_grads, reference_grads) < 1e-4

@@ -19,14 +19,15 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from flaxcnn.models.layers import ConvTranspose2x
+from flaxcnn.models.layers import ConvTranspose2x, resampling_as_matmuls
 
 
 class StridedConv(nn.Module):
     """A 3x3 stride-2 'SAME' convolution, (B, H, W, C) -> (B, ceil(H/2), ceil(W/2), features):
     numerically `nn.Conv(features, (3, 3), strides=(2, 2))`, with its parameters.
 
-    The nine taps are strided slices of the padded input, concatenated into patches.
+    The nine taps are strided slices of the padded input, concatenated into patches; where
+    oneDNN convolves (`resampling_as_matmuls` false), it is `lax.conv_general_dilated`.
     """
 
     features: int
@@ -37,6 +38,10 @@ class StridedConv(nn.Module):
         _, height, width, channels = x.shape
         kernel = self.param("kernel", self.kernel_init, (3, 3, channels, self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        if not resampling_as_matmuls():
+            layout = ("NHWC", "HWIO", "NHWC")
+            y = jax.lax.conv_general_dilated(x, kernel, (2, 2), "SAME", dimension_numbers=layout)
+            return y + bias
         out_h, out_w = -(-height // 2), -(-width // 2)
         # XLA's 'SAME' padding for stride 2: the odd pixel of the padding goes after.
         pad_h, pad_w = 2 * out_h + 1 - height, 2 * out_w + 1 - width

@@ -41,7 +41,7 @@ from flax import struct
 
 from flaxcnn import run_files
 from flaxcnn.data import augment, clusters, input_pipeline
-from flaxcnn.models import MODELS, create_model
+from flaxcnn.models import MODELS, create_model, fast_cpu
 from flaxcnn.models.gan import DCGAN
 from flaxcnn.reporting import generative_metrics, pictures
 from flaxcnn.training.gradient_step import keep_if_finite
@@ -276,16 +276,21 @@ def _generate(state: GANState, params: Any, z: jax.Array, labels, train: bool):
     """G(z, labels), and in training mode (batch statistics) the updated batch statistics."""
     variables = {"params": {"generator": params}, "batch_stats": state.batch_stats}
     if not train:
-        images = state.model.apply(variables, z, labels, method=DCGAN.generate)
+        images = _apply(state)(variables, z, labels, method=DCGAN.generate)
         return images, state.batch_stats
-    images, updates = state.model.apply(
+    images, updates = _apply(state)(
         variables, z, labels, train=True, method=DCGAN.generate, mutable=["batch_stats"]
     )
     return images, updates["batch_stats"]
 
 
+def _apply(state: GANState) -> Callable:
+    """The model's `apply` for training: with the standard layers made fast on CPUs."""
+    return fast_cpu.for_this_backend(state.model.apply)
+
+
 def _discriminate(state: GANState, params: Any, images: jax.Array, labels=None) -> jax.Array:
-    return state.model.apply(
+    return _apply(state)(
         {"params": {"discriminator": params}}, images, labels, method=DCGAN.discriminate
     )
 
@@ -296,7 +301,7 @@ def _discriminate_with_head(
     """D's logits of `images` and its class head's logits (None without a class head)."""
     if not state.model.class_head:
         return _discriminate(state, params, images, labels), None
-    return state.model.apply(
+    return _apply(state)(
         {"params": {"discriminator": params}}, images, labels, True, method=DCGAN.discriminate
     )
 
