@@ -10,6 +10,7 @@ later runs, and registered with XLA. Where any of that fails, `available()` is F
 warning says why, and convolutions stay XLA's.
 """
 
+import ctypes
 import functools
 import hashlib
 import importlib.metadata
@@ -48,6 +49,7 @@ def _package_file(distribution: str, suffix: str) -> Path:
 
 
 def cache_dir() -> Path:
+    """Where built handlers are kept: FLAXCNN_CACHE_DIR, else the user's cache."""
     default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "flaxcnn"
     return Path(os.environ.get("FLAXCNN_CACHE_DIR", default))
 
@@ -84,8 +86,6 @@ def build() -> Path:
 @functools.cache
 def available() -> bool:
     """Whether the handlers are built and registered with XLA:CPU (once per process)."""
-    import ctypes
-
     try:
         library = ctypes.CDLL(str(build()))
     except (Unavailable, OSError) as e:
