@@ -1,6 +1,7 @@
 """One 3x3 'same' convolution's training work (forward, and the gradients of its input and
-kernel) in XLA (jax.jit) and in TensorFlow (tf.function, Keras's backend: oneDNN on CPUs),
-at the shapes of flaxcnn's `CNN` on MNIST: how fast each runs the same FLOPs.
+kernel) as flaxcnn runs it (jax.jit through the CPU rewrite: oneDNN's kernels), with XLA's
+own kernels, and in TensorFlow (tf.function, Keras's backend: oneDNN on CPUs), at the shapes
+of flaxcnn's `CNN` on MNIST: how fast each runs the same FLOPs.
 
     python scripts/peers/conv_speed.py [--batch-size 128] [--repeats 20]
 
@@ -8,6 +9,7 @@ Prints GFLOP/s per shape and the ratio; the families benchmark's CNN row is boun
 """
 
 import argparse
+import functools
 import os
 import statistics
 import time
@@ -31,16 +33,22 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(seconds)
 
 
-def jax_step(x: np.ndarray, kernel: np.ndarray):
-    """Compiled as flaxcnn compiles its steps (`fast_cpu.compile_for_this_backend`)."""
+def jax_step(x: np.ndarray, kernel: np.ndarray, rewritten: bool):
+    """Compiled as flaxcnn compiles its steps (`fast_cpu.compile_for_this_backend`), with the
+    convolution through `fast_cpu.rewrite` (`rewritten`) or as XLA has it."""
     import jax
 
     from flaxcnn.models import fast_cpu
 
+    def conv(x, kernel):
+        layout = ("NHWC", "HWIO", "NHWC")
+        return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=layout)
+
+    if rewritten:
+        conv = fast_cpu.rewrite(conv)
+
     def loss(x, kernel):
-        y = jax.lax.conv_general_dilated(
-            x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-        )
+        y = conv(x, kernel)
         return (y * y).sum()
 
     x, kernel = jax.device_put(x), jax.device_put(kernel)
@@ -71,20 +79,25 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    print("| shape (B, H, W, Cin -> Cout) | XLA GFLOP/s | TensorFlow GFLOP/s | XLA / TF |")
-    print("| --- | --- | --- | --- |")
+    print(
+        "| shape (B, H, W, Cin -> Cout) | flaxcnn GFLOP/s | XLA's own GFLOP/s "
+        "| TensorFlow GFLOP/s | flaxcnn / TF |"
+    )
+    print("| --- | --- | --- | --- | --- |")
+    steps = [
+        functools.partial(jax_step, rewritten=True),
+        functools.partial(jax_step, rewritten=False),
+        tf_step,
+    ]
     for height, width, cin, cout in SHAPES:
         x = rng.standard_normal((args.batch_size, height, width, cin), np.float32)
         kernel = rng.standard_normal((3, 3, cin, cout), np.float32)
         # Forward, input gradient and kernel gradient: three convolutions' worth.
         flops = 3 * 2 * args.batch_size * height * width * 9 * cin * cout
-        rates = [
-            flops / median_seconds(step(x, kernel), args.repeats) / 1e9
-            for step in (jax_step, tf_step)
-        ]
+        rates = [flops / median_seconds(step(x, kernel), args.repeats) / 1e9 for step in steps]
         print(
             f"| {args.batch_size}, {height}, {width}, {cin} -> {cout} | {rates[0]:.1f} "
-            f"| {rates[1]:.1f} | {rates[0] / rates[1]:.2f}x |"
+            f"| {rates[1]:.1f} | {rates[2]:.1f} | {rates[0] / rates[2]:.2f}x |"
         )
 
 
