@@ -91,9 +91,9 @@ def _steps(config: ml_collections.ConfigDict) -> None:
     config.num_epochs = 10
     config.num_train_steps = -1  # > 0 overrides num_epochs.
     # Gradients are accumulated over microbatches of this many examples (0: whole batch).
-    # Smaller working sets run several times faster on CPUs; -1: the task's choice (the
-    # classifier 32 on CPUs, whatever the device count; the autoencoder and VAE the whole
-    # batch; 0 elsewhere).
+    # -1: the task's choice (the classifier 32 on CPUs where XLA's own convolutions run,
+    # whose smaller working sets run faster there, whatever the device count, and the whole
+    # batch where oneDNN's do; the autoencoder and VAE the whole batch; 0 elsewhere).
     # The GAN trains on whole batches and refuses sizes > 0.
     config.microbatch_size = -1
     # Training steps (and evaluation batches) run per dispatch, a lax.scan over the data kept
