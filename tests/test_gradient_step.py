@@ -234,9 +234,9 @@ def test_step_kwargs_follow_the_config():
     kwargs = classification.step_kwargs(config)
     assert kwargs["l2"] == 1e-4 and kwargs["skip_nonfinite"] is True
     assert kwargs["augmentation"]["noise"] == 0.1
-    # Microbatches of 32 only on CPUs with XLA's own convolutions.
-    eigen = jax.default_backend() == "cpu" and not fast_cpu.convolutions_by_onednn()
-    assert kwargs["microbatch_size"] == (32 * jax.device_count() if eigen else 0)
+    # Microbatches of 32 only on CPUs without oneDNN's convolutions, on any device count.
+    eigen = jax.default_backend() == "cpu" and not fast_cpu.onednn_here()
+    assert kwargs["microbatch_size"] == (32 if eigen else 0)
     # The generative tasks' -1 is the whole batch; a size given is used.
     assert autoencoder.step_kwargs(config_for("autoencoder"))["microbatch_size"] == 0
     assert vae.step_kwargs(config_for("vae", microbatch_size=8))["microbatch_size"] == 8

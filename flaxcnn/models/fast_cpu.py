@@ -54,9 +54,14 @@ def wins_here() -> bool:
     return jax.default_backend() == "cpu" and os.environ.get(ENV_SWITCH, "1") != "0"
 
 
+def onednn_here() -> bool:
+    """Whether oneDNN's convolutions (`onednn_conv`) are built for this CPU backend."""
+    return wins_here() and onednn_conv.available()
+
+
 def convolutions_by_onednn() -> bool:
-    """Whether the rewrite runs `nn.Conv`'s convolutions with oneDNN here (`onednn_conv`)."""
-    return wins_here() and jax.device_count() == 1 and onednn_conv.available()
+    """Whether the rewrite runs `nn.Conv`'s convolutions with oneDNN here: on one device."""
+    return onednn_here() and jax.device_count() == 1
 
 
 def compile_for_this_backend(lowered: jax.stages.Lowered) -> jax.stages.Compiled:

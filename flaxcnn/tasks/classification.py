@@ -43,11 +43,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def step_kwargs(config: ml_collections.ConfigDict) -> dict:
     """`train_step`'s static settings from the config (`gradient_step.step_kwargs`). A
-    microbatch size of -1 means the whole batch, except on CPUs where XLA's own
-    convolutions run (`fast_cpu.convolutions_by_onednn` false): 32 there, which keeps their
-    working set in cache. oneDNN's convolutions train faster on whole batches (batch 128:
-    1.05-1.22x the examples/s of microbatches of 32, on four models)."""
-    microbatch = 0 if fast_cpu.convolutions_by_onednn() else 32
+    microbatch size of -1 means the whole batch, except on CPUs without oneDNN's
+    convolutions (`fast_cpu.onednn_here` false): 32 there, which keeps XLA's own
+    convolutions' working set in cache. oneDNN's train faster on whole batches (batch 128:
+    1.05-1.22x the examples/s of microbatches of 32, on four models). The choice does not
+    depend on the device count, so a model with batch norm trains alike on 1 device or 8."""
+    microbatch = 0 if fast_cpu.onednn_here() else 32
     return gradient_step.step_kwargs(config, cpu_microbatch_size=microbatch)
 
 
