@@ -60,7 +60,8 @@ def onednn_here() -> bool:
 
 
 def convolutions_by_onednn() -> bool:
-    """Whether the rewrite runs `nn.Conv`'s convolutions with oneDNN here: on one device."""
+    """Whether the rewrite runs `nn.Conv`'s convolutions with oneDNN here: on one device
+    only, as on several XLA would run a custom call on the whole batch on every device."""
     return onednn_here() and jax.device_count() == 1
 
 
@@ -141,9 +142,14 @@ def _max_pool_rule(
     return max_pool_blocks(x, tuple(window_dimensions))
 
 
+def _conv_rule(lhs, rhs, **params):
+    """`onednn_conv.conv_rule` where oneDNN convolves (`convolutions_by_onednn`), else None."""
+    return onednn_conv.conv_rule(lhs, rhs, **params) if convolutions_by_onednn() else None
+
+
 RULES: dict[str, Callable] = {
     "reduce_window_max": _max_pool_rule,
-    "conv_general_dilated": onednn_conv.conv_rule,
+    "conv_general_dilated": _conv_rule,
 }
 
 

@@ -223,20 +223,19 @@ def conv_rule(
 ):
     """oneDNN's computation of a `lax.conv_general_dilated` that its handlers take (2-D,
     flax.linen's layout, float32, no feature groups; an input dilation only as
-    `nn.ConvTranspose` has it, with stride 1), else None. Only on one device: XLA would run
-    a custom call on the whole batch on every device."""
+    `nn.ConvTranspose` has it, with stride 1), else None. Where it applies is
+    `fast_cpu.convolutions_by_onednn`'s to say."""
     padding = tuple(map(tuple, padding))
     transposed = any(s != 1 for s in lhs_dilation)
     supported = (
-        jax.device_count() == 1
-        and dimension_numbers == _LAYOUT_NUMBERS
+        dimension_numbers == _LAYOUT_NUMBERS
         and lhs.dtype == rhs.dtype == jnp.float32
         and preferred_element_type in (None, jnp.float32)
         and feature_group_count == batch_group_count == 1
         and not (transposed and any(s != 1 for s in window_strides))
         and 0 not in (*lhs.shape, *rhs.shape)
     )
-    if not supported or not available():
+    if not supported:
         return None
     if transposed:
         return _transposed(lhs, rhs, padding, rhs_dilation, lhs_dilation)
