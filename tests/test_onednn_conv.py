@@ -103,9 +103,12 @@ def compiled_text(module: nn.Module, x) -> str:
     return jax.jit(fast_cpu.rewrite(module.apply)).lower(variables, x).compile().as_text()
 
 
-def test_a_plain_conv_layer_runs_on_onednn_and_others_stay_xlas():
+def test_a_plain_conv_layer_runs_on_onednn_and_others_stay_xlas(monkeypatch):
     x = random((2, 10, 10, 3), 6)
     assert "flaxcnn_conv_forward" in compiled_text(nn.Conv(8, (3, 3)), x)
+    with monkeypatch.context() as switched_off:
+        switched_off.setenv(fast_cpu.ONEDNN_SWITCH, "0")
+        assert "flaxcnn_conv" not in compiled_text(nn.Conv(8, (3, 3)), x)
     unsupported = {
         "feature groups": (nn.Conv(6, (3, 3), feature_group_count=3), x),
         "bfloat16": (nn.Conv(8, (3, 3), dtype=jnp.bfloat16), x),

@@ -34,6 +34,7 @@ from jax.extend import core as jex_core
 from flaxcnn.models import onednn_conv
 
 ENV_SWITCH = "FLAXCNN_FAST_CPU_LAYERS"
+ONEDNN_SWITCH = "FLAXCNN_ONEDNN"  # =0: XLA's own convolutions, the rest of the rewrite kept.
 # XLA:CPU's default library fusions less the convolutions (see the module docstring).
 CPU_COMPILER_OPTIONS = {
     "xla_cpu_experimental_ynn_fusion_type": (
@@ -55,8 +56,9 @@ def wins_here() -> bool:
 
 
 def onednn_here() -> bool:
-    """Whether oneDNN's convolutions (`onednn_conv`) are built for this CPU backend."""
-    return wins_here() and onednn_conv.available()
+    """Whether oneDNN's convolutions (`onednn_conv`) are built for this CPU backend and not
+    turned off by ONEDNN_SWITCH=0."""
+    return wins_here() and os.environ.get(ONEDNN_SWITCH, "1") != "0" and onednn_conv.available()
 
 
 def convolutions_by_onednn() -> bool:
