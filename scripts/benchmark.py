@@ -26,7 +26,8 @@ JSON and markdown.
     python scripts/benchmark.py --families [--families-epochs 0.25] [--families-repeats 3]
 
 runs instead every zoo family against its Keras twin (`scripts/benchmark_families.py`):
-throughput, FLOP/s as a fraction of the machine's peak, and whole-command time.
+throughput, FLOP/s as a fraction of the machine's peak, and whole-command time; then the
+plain-`flax.linen` user models against theirs.
 """
 
 import argparse
@@ -493,6 +494,7 @@ def add_family_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--families-epochs", type=float, default=0.25)
     parser.add_argument("--families-repeats", type=int, default=3)
     parser.add_argument("--families-command-repeats", type=int, default=1)
+    parser.add_argument("--families-user-model-repeats", type=int, default=2)
 
 
 def run_families(args) -> None:
@@ -501,6 +503,7 @@ def run_families(args) -> None:
     families.main(
         ["--epochs", str(args.families_epochs), "--repeats", str(args.families_repeats)]
         + ["--command-repeats", str(args.families_command_repeats), "--npz", args.npz]
+        + ["--user-model-repeats", str(args.families_user_model_repeats)]
         + ["--tfds", args.tfds, "--out", args.out]
     )
 

@@ -3,21 +3,24 @@
 the machine's peak, and whole-command time.
 
     python scripts/benchmark_families.py [--epochs 0.25] [--repeats 3] [--command-repeats 1]
+        [--user-model-repeats 2]
     python scripts/benchmark.py --families   # the same, from the main benchmark
 
 Throughput: flaxcnn's run of `configs/<family>_mnist.py` as its loop runs it (the AOT-compiled
 multi-step function on the training split kept on the device, real shuffled batches) over
 `--epochs` epochs' worth of steps after a warm-up dispatch; the twin's `fit` over the same
 number of examples, its second epoch timed (the first traces and compiles). The step's FLOPs
-are XLA's cost analysis of the compiled one-step function (no loop: XLA counts a loop's body
-once); achieved FLOP/s = FLOPs per step * steps/s; the peak is a 2048 x 2048 float32
-matmul's, the faster of XLA's and TensorFlow's, measured in every repeat. Each contender
-runs in a fresh process and the contenders take turns (each repeat runs every one once), so
-a shared machine's drift slows them alike; medians over the repeats. Whole command:
+are XLA's cost analysis of the compiled one-step function with the standard layers (no loop:
+XLA counts a loop's body once; nor custom calls: oneDNN's convolutions); achieved FLOP/s =
+FLOPs per step * steps/s; the peak is a 2048 x 2048 float32 matmul's, the faster of XLA's
+and TensorFlow's, measured in every repeat. Each contender runs in a fresh process and the
+contenders take turns (each repeat runs every one once), so a shared machine's drift slows
+them alike; medians over the repeats. Whole command:
 `python -m flaxcnn.main --config configs/<family>_mnist.py --config.num_epochs=1` (the
 generative runs' extra scores, which the twins do not compute, off) against
 `keras_families.py --family <family> --epochs 1`, from start to exit; the first flaxcnn run
-of a family has empty caches.
+of a family has empty caches. Last, the user models written with plain `flax.linen` against
+their Keras twins, whole command at batch 32 and 128 (`peers/compare_user_models.py`).
 """
 
 import argparse
@@ -355,6 +358,21 @@ def command_table(runs: dict, families: list[str]) -> list[str]:
     return table
 
 
+def compare_user_models():
+    """scripts/peers/compare_user_models.py, imported on demand (workers need none of it)."""
+    sys.path.insert(0, os.path.dirname(TWIN))
+    import compare_user_models
+
+    return compare_user_models
+
+
+def run_user_models(args) -> dict:
+    """The user models' whole commands at batch 32 and 128, the contenders taking turns."""
+    module = compare_user_models()
+    models, batch_sizes = list(module.MODELS), [32, 128]
+    return module.compare(models, batch_sizes, args.user_model_repeats, args.contenders, args.tfds)
+
+
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
@@ -374,6 +392,12 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="whole commands run after the first of each (-1: no whole commands)",
+    )
+    parser.add_argument(
+        "--user-model-repeats",
+        type=int,
+        default=2,
+        help="repeats of the user models' commands (0: none)",
     )
     parser.add_argument("--npz", default=os.path.join(SHARED, "mnist", "mnist.npz"))
     parser.add_argument("--tfds", default=os.path.join(SHARED, "tfds"))
@@ -396,6 +420,10 @@ def run(args) -> list[str]:
         results["commands"] = run_commands(args)
         report += ["", "## Families: whole command (1 epoch)", ""]
         report += command_table(results["commands"], args.families)
+    if args.user_model_repeats > 0:
+        results["user_models"] = run_user_models(args)
+        report += ["", "## User models (plain flax.linen): whole command (2 epochs)", ""]
+        report += compare_user_models().table(results["user_models"], args.contenders)
     report += ["", f"Load average (1 min) at the end: {os.getloadavg()[0]:.2f}"]
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "families.json"), "w") as f:

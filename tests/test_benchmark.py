@@ -235,3 +235,23 @@ def test_family_commands_are_the_shell_commands_a_user_types():
     }
     cells = [c.strip() for c in families.command_table(runs, ["gan"])[-1].split("|")[1:-1]]
     assert cells == ["gan", "30.0", "-", "5.0 / 20.0", "45.0", "1.50x", "loss 1.0000 / 2.0000"]
+
+
+def test_user_model_table_takes_medians_and_divides_keras_seconds_by_flaxcnns():
+    compare = families.compare_user_models()
+    runs = {
+        "user_cnn 32 flaxcnn": [
+            {"seconds": 30.0, "examples_per_s": 4000.0, "accuracy": 0.99},
+            {"seconds": 20.0, "examples_per_s": 5000.0, "accuracy": 0.98},
+            {"seconds": None},  # A failed run counts for nothing.
+        ],
+        "user_cnn 32 keras": [{"seconds": 50.0, "examples_per_s": 2000.0, "accuracy": 0.97}],
+        "user_cnn 128 flaxcnn": [{"seconds": None}],
+        "user_cnn 128 keras": [{"seconds": 40.0, "examples_per_s": 3000.0, "accuracy": 0.96}],
+    }
+    table = compare.table(runs, ["flaxcnn", "keras"])
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in table[2:]]
+    assert rows == [
+        ["user_cnn", "32", "25.0 (4,500)", "50.0 (2,000)", "2.00x", "0.9850 / 0.9700"],
+        ["user_cnn", "128", "failed", "40.0 (3,000)", "-", "- / 0.9600"],
+    ]

@@ -5,10 +5,11 @@ and without the CPU rewrite of standard layers) against their Keras twins
 
     python scripts/peers/compare_user_models.py [--models user_cnn flax_example keras_example]
         [--batch-sizes 32 128] [--repeats 3] [--contenders flaxcnn flaxcnn-plain keras]
+    python scripts/benchmark_families.py   # also runs it, beside the families
 
 flaxcnn reads full MNIST through tfds from ../shared/data/tfds; Keras from the npz. Prints
-one line per run and the medians per model, contender and batch size; the machine may be
-shared, so each repeat runs every contender once.
+one line per run and a markdown table of the medians per model and batch size; the machine
+may be shared, so each repeat runs every contender once.
 """
 
 import argparse
@@ -28,8 +29,10 @@ sys.path.insert(0, HERE)
 from keras_user_models import MODELS  # noqa: E402
 
 
-def command(model: str, contender: str, batch_size: int, workdir: str) -> tuple[list[str], dict]:
-    env = dict(os.environ, TFDS_DATA_DIR=TFDS)
+def command(
+    model: str, contender: str, batch_size: int, workdir: str, tfds: str
+) -> tuple[list[str], dict]:
+    env = dict(os.environ, TFDS_DATA_DIR=tfds)
     if contender == "keras":
         twin = os.path.join(HERE, "keras_user_models.py")
         return [sys.executable, twin, "--model", model, "--batch-size", str(batch_size)], env
@@ -47,9 +50,9 @@ def command(model: str, contender: str, batch_size: int, workdir: str) -> tuple[
     ], env
 
 
-def run_once(model: str, contender: str, batch_size: int) -> dict:
+def run_once(model: str, contender: str, batch_size: int, tfds: str) -> dict:
     with tempfile.TemporaryDirectory() as workdir:
-        argv, env = command(model, contender, batch_size, os.path.join(workdir, "run"))
+        argv, env = command(model, contender, batch_size, os.path.join(workdir, "run"), tfds)
         start = time.perf_counter()
         done = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=REPO)
         seconds = time.perf_counter() - start
@@ -66,34 +69,65 @@ def run_once(model: str, contender: str, batch_size: int) -> dict:
         return {"seconds": seconds, "examples_per_s": rate, "accuracy": accuracy}
 
 
+def compare(
+    models: list[str], batch_sizes: list[int], repeats: int, contenders: list[str], tfds: str
+) -> dict[str, list[dict]]:
+    """{"model batch contender": [run]}: every contender once per repeat, taking turns."""
+    runs = {}
+    for repeat in range(repeats):
+        for model in models:
+            for batch_size in batch_sizes:
+                for contender in contenders:
+                    result = run_once(model, contender, batch_size, tfds)
+                    runs.setdefault(f"{model} {batch_size} {contender}", []).append(result)
+                    print(
+                        f"repeat {repeat} {model} batch {batch_size} {contender}: {result}",
+                        flush=True,
+                    )
+    return runs
+
+
+def _median(runs: list[dict], key: str) -> float | None:
+    values = [r[key] for r in runs if r["seconds"] is not None]
+    return statistics.median(values) if values else None
+
+
+def table(runs: dict[str, list[dict]], contenders: list[str]) -> list[str]:
+    """Markdown: per model and batch size, each contender's median whole-command seconds and
+    training examples/s, Keras's seconds over flaxcnn's, and the test accuracies."""
+    header = " | ".join(f"{c} s (train ex/s)" for c in contenders)
+    lines = [
+        f"| model | batch | {header} | Keras / flaxcnn | test accuracy ({', '.join(contenders)}) |",
+        "| --- " * (4 + len(contenders)) + "|",
+    ]
+    for row in dict.fromkeys(key.rsplit(" ", 1)[0] for key in runs):
+        cells, seconds, accuracies = [], {}, []
+        for contender in contenders:
+            results = runs.get(f"{row} {contender}", [])
+            seconds[contender] = _median(results, "seconds")
+            rate, accuracy = _median(results, "examples_per_s"), _median(results, "accuracy")
+            failed = rate is None
+            cells.append("failed" if failed else f"{seconds[contender]:.1f} ({rate:,.0f})")
+            accuracies.append(f"{accuracy:.4f}" if accuracy is not None else "-")
+        ours, theirs = seconds.get("flaxcnn"), seconds.get("keras")
+        ratio = f"{theirs / ours:.2f}x" if ours and theirs else "-"
+        model, batch_size = row.split(" ")
+        lines.append(
+            f"| {model} | {batch_size} | {' | '.join(cells)} | {ratio} | {' / '.join(accuracies)} |"
+        )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--contenders", nargs="+", default=["flaxcnn", "flaxcnn-plain", "keras"])
+    parser.add_argument("--tfds", default=TFDS)
     args = parser.parse_args()
-    runs = {}
-    for repeat in range(args.repeats):
-        for model in args.models:
-            for batch_size in args.batch_sizes:
-                for contender in args.contenders:
-                    result = run_once(model, contender, batch_size)
-                    runs.setdefault((model, contender, batch_size), []).append(result)
-                    print(
-                        f"repeat {repeat} {model} batch {batch_size} {contender}: {result}",
-                        flush=True,
-                    )
-    print("\nmodel, contender, batch: median whole-command s, median training ex/s, accuracies")
-    for (model, contender, batch_size), results in runs.items():
-        ok = [r for r in results if r["seconds"] is not None]
-        if not ok:
-            print(f"{model}, {contender}, {batch_size}: all runs failed")
-            continue
-        seconds = statistics.median(r["seconds"] for r in ok)
-        rate = statistics.median(r["examples_per_s"] for r in ok)
-        accuracies = ", ".join(f"{r['accuracy']:.4f}" for r in ok)
-        print(f"{model}, {contender}, {batch_size}: {seconds:.1f} s, {rate:.0f} ex/s, {accuracies}")
+    runs = compare(args.models, args.batch_sizes, args.repeats, args.contenders, args.tfds)
+    print("\n".join(["", *table(runs, args.contenders)]))
 
 
 if __name__ == "__main__":
