@@ -11,4 +11,5 @@ python -m pytest -q -p no:xdist tests/test_classification.py tests/test_layers.p
 python scripts/benchmark.py --trainers flaxcnn --batch-sizes 32 128 --repeats 3 \
     --tfds "${TFDS_DATA_DIR:-../shared/data/tfds}" --out benchmark/gpu
 python scripts/benchmark_families.py --contenders flaxcnn --epochs 0.25 --repeats 3 \
-    --command-repeats 1 --tfds "${TFDS_DATA_DIR:-../shared/data/tfds}" --out benchmark/gpu
+    --command-repeats 1 --user-model-repeats 1 --tfds "${TFDS_DATA_DIR:-../shared/data/tfds}" \
+    --out benchmark/gpu
