@@ -17,6 +17,9 @@ CHECKPOINTS = "checkpoints"  # The newest `keep_checkpoints` orbax checkpoints.
 BEST_CHECKPOINTS = "checkpoints_best"  # With early stopping: the best validation checkpoint.
 EARLY_STOPPING = "early_stopping.json"  # The early-stopping record.
 METRICS = "metrics.jsonl"  # One JSON record per log.
+# A run stopped by a signal between two logs: its steps' metrics since the last log, which
+# the resumed run's next log includes, as an uninterrupted run's does.
+PENDING_METRICS = "pending_metrics.json"
 CURVES = "curves.png"  # Every metric against step.
 PICTURES = "pictures"  # Reconstruction and sample grids.
 RESULTS = "results.json"  # Test metrics of a finished run (written last, atomically).

@@ -224,6 +224,32 @@ def test_second_ctrl_c_quits_at_once():
     assert stop.interrupted(7).exit_code == 130
 
 
+def test_a_stop_between_two_logs_leaves_the_metrics_of_an_uninterrupted_run(
+    data_dir, tmp_path, monkeypatch
+):
+    config = tiny_config(data_dir)  # A log every 4 steps, one step per dispatch.
+    loop.train_and_evaluate(config, str(tmp_path / "reference"))
+    calls = []
+
+    def signalled_at_the_second_step(stop):
+        calls.append(stop)
+        stop.signum = signal.SIGTERM
+        return len(calls) == 2
+
+    with monkeypatch.context() as patched:
+        patched.setattr(signals.StopOnSignal, "should_stop", signalled_at_the_second_step)
+        with pytest.raises(signals.Interrupted) as stopped:
+            loop.train_and_evaluate(config, str(tmp_path / "run"))
+    assert stopped.value.step == 2  # Between the logs of steps 0 and 4.
+    loop.train_and_evaluate(config, str(tmp_path / "run"))
+
+    def records(workdir):
+        path = str(workdir / run_files.METRICS)
+        return [{k: v for k, v in r.items() if k != "time"} for r in read_metrics(path)]
+
+    assert records(tmp_path / "run") == records(tmp_path / "reference")
+
+
 @pytest.mark.slow  # Two starts of the command line and a run that waits for the signal.
 def test_sigterm_mid_run_saves_the_step_and_the_rerun_resumes(data_dir, tmp_path):
     """A run told to stop saves a checkpoint of the step it reached, says so on stderr, exits

@@ -268,18 +268,46 @@ def log_train_metrics(run: Run, pending: list[dict]) -> None:
     run.progress.update(run.step, metrics)
 
 
+def save_pending_metrics(run: Run, pending: list[dict]) -> None:
+    """Keeps the metrics of the steps since the last log (exact values and dtypes) for the
+    run that resumes from this step."""
+    if run.is_main:
+        fetched = [
+            {name: [str(v.dtype), v.tolist()] for name, v in m.items()}
+            for m in jax.device_get(pending)
+        ]
+        path = run_files.path(run.workdir, run_files.PENDING_METRICS)
+        run_files.write_json_atomically(path, {"step": run.step, "metrics": fetched})
+
+
+def resumed_pending_metrics(run: Run) -> list[dict]:
+    """The metrics `save_pending_metrics` kept at this step, else none."""
+    path = run_files.path(run.workdir, run_files.PENDING_METRICS)
+    if not os.path.exists(path):
+        return []
+    saved = run_files.read_json(path)
+    if saved["step"] != run.step:
+        return []
+    return [
+        {name: np.asarray(value, dtype) for name, (dtype, value) in m.items()}
+        for m in saved["metrics"]
+    ]
+
+
 def train_to_boundary(run: Run, state, stop: StopOnSignal):
     """The steps up to the end of the epoch or of the run. Each dispatch runs as many steps
     as fit before the next log step; the choice is a function of the step alone, so a
     resumed run computes what an uninterrupted one does. A stop signal saves a checkpoint
-    of the current step and raises `signals.Interrupted`."""
+    of the current step (and the metrics since the last log) and raises
+    `signals.Interrupted`."""
     config = run.config
     position = run.step % run.steps_per_epoch
     indices = batching.epoch_indices(
         run.splits["train"].num_examples, config.batch_size, config.seed, run.epoch
     )
     epoch_end = min(run.steps_per_epoch, position + run.total_steps - run.step)
-    pending = []  # Device-side metrics of the steps since the last log, fetched in one go.
+    # Device-side metrics of the steps since the last log, fetched in one go.
+    pending = resumed_pending_metrics(run)
     while position < epoch_end:
         room = min(epoch_end - position, config.log_every_steps - run.step % config.log_every_steps)
         k = max(size for size in run.steps.train if size <= room)
@@ -292,7 +320,7 @@ def train_to_boundary(run: Run, state, stop: StopOnSignal):
             pending = []
         if stop.should_stop():
             if pending:
-                run.writer.write(run.step, "train", compiled_steps.mean_metrics(pending))
+                save_pending_metrics(run, pending)
             run.checkpointer.save(state)
             raise stop.interrupted(run.step)
     return state
