@@ -220,6 +220,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         models.check_call(config.model)
     validate_optimization(config)
     preprocess.validate(config)  # config.normalize, and the tasks that take none.
+    views = config.test_time_augment
+    if (views.flip or views.shift) and config.task != "classification":
+        raise ValueError(
+            f"config.test_time_augment applies to classification, not the {config.task} task"
+        )
     for key in ("learning_rate", "batch_size", "eval_batch_size"):
         if not (config[key] > 0 or (key == "eval_batch_size" and config[key] == -1)):
             raise ValueError(f"config.{key} must be positive, got {config[key]}")

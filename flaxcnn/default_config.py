@@ -130,6 +130,10 @@ def _evaluation(config: ml_collections.ConfigDict) -> None:
     config.early_stopping = ml_collections.ConfigDict(
         dict(metric="accuracy", patience=0, min_delta=0.0)
     )
+    # Test-time augmentation of a classifier (flaxcnn/models/test_time.py): evaluation,
+    # predict and export average the logits of each image, its mirror image (flip) and its
+    # copies shifted by `shift` pixels up, down, left and right (0: none).
+    config.test_time_augment = ml_collections.ConfigDict(dict(flip=False, shift=0))
 
 
 def _preprocessing(config: ml_collections.ConfigDict) -> None:

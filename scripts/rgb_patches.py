@@ -1,7 +1,7 @@
 """A small real RGB image folder, built offline: 32x32 patches of photographs that ship with
 scikit-image (and matplotlib), one class per photograph, for `configs/rgb_folders.py`.
 
-    pip install scikit-image   # a script dependency only; flaxcnn does not need it
+    pip install -e '.[scripts]'   # scikit-image and matplotlib: scripts only
     python scripts/rgb_patches.py --out /tmp/rgb_patches
 
 Each photograph is scaled so that its shorter side is 240 pixels and cut into 48x48 blocks;

@@ -44,7 +44,8 @@ def make_batch(size=16, seed=0):
 
 def max_abs_diff(a, b) -> float:
     return max(
-        float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+        float(jnp.max(jnp.abs(x - y)))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
     )
 
 

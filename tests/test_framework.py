@@ -19,8 +19,9 @@ import flaxcnn
 from flaxcnn import config as config_lib
 from flaxcnn import default_config, inference, run_files
 from flaxcnn.cli import evaluate, export, predict
-from flaxcnn.models import create_model
+from flaxcnn.models import create_model, model_arguments
 from flaxcnn.tasks import get_task
+from flaxcnn.training.regularization import decay_mask
 from flaxcnn.training.state import create_optimizer
 
 # A user's model file: plain flax.linen layers, nothing from flaxcnn.
@@ -56,7 +57,7 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-from flaxcnn.models import create_model
+from flaxcnn.models import create_model, model_arguments
 
 
 def create_state(config, rng, input_shape, num_classes, total_steps):
@@ -261,7 +262,9 @@ def test_resolver_names_builtins_import_paths_and_files(user_dir):
     model = create_model(f"{user_dir / 'my_nets.py'}:TinyNet", num_classes=7, width=2)
     assert (model.num_classes, model.width) == (7, 2)
     # The dataset's num_classes goes only to modules that take it.
-    assert type(create_model(f"{user_dir / 'my_nets.py'}:Denoiser", num_classes=7)).__name__
+    denoiser = f"{user_dir / 'my_nets.py'}:Denoiser"
+    assert model_arguments(denoiser, {"num_classes": 7}) == {}  # Dropped: it takes none.
+    assert type(create_model(denoiser, num_classes=7)).__name__ == "Denoiser"
     same = config_lib.resolve("model", f"{user_dir / 'my_nets.py'}:TinyNet", {})
     assert same is type(model)  # One module per file: classes keep their identity.
     with pytest.raises(ValueError, match=r"unknown model 'Nope'; valid: CNN, .*SeedCNN, or an"):
@@ -330,10 +333,16 @@ def test_any_optax_optimizer_with_its_arguments_under_the_schedule():
     config.optimizer_kwargs = ml_collections.ConfigDict({"b3": 1.0})
     with pytest.raises(ValueError, match="optimizer_kwargs.b3 is not an argument of .*'lion'"):
         create_optimizer(config, 10)
-    # Weight decay goes to any optimizer that takes it; not to one that does not.
+    # Weight decay goes to any optimizer that takes it, on the kernels only; not to one that
+    # does not.
     config.optimizer_kwargs = ml_collections.ConfigDict()
     config.weight_decay = 0.1
-    create_optimizer(config, 10)
+    decayed = two_updates(create_optimizer(config, 10))
+    want = two_updates(optax.lion(1e-3, weight_decay=0.1, mask=decay_mask(params)))
+    undecayed = two_updates(optax.lion(1e-3, weight_decay=0.0))
+    np.testing.assert_allclose(decayed["w"], want["w"])
+    assert not np.allclose(decayed["w"], undecayed["w"])  # The kernel decays ...
+    np.testing.assert_allclose(decayed["b"], undecayed["b"])  # ... the bias does not.
     config.optimizer = "rmsprop"
     with pytest.raises(ValueError, match="weight_decay needs optimizer 'adamw'"):
         create_optimizer(config, 10)

@@ -234,7 +234,7 @@ def test_reports_confusion_matrix_and_per_class_accuracy(tmp_path):
     report = reports.classification_report(labels, predictions, 4, ["a", "b", "c", "d"])
     assert report["per_class_accuracy"] == {"a": 0.5, "b": 2 / 3, "c": 0.0, "d": None}
     assert (report["accuracy"], report["count"]) == (0.5, 6)
-    json.dumps(report)  # JSON-ready: no NaN, no numpy types.
+    json.dumps(report, allow_nan=False)  # JSON-ready: no NaN, no numpy types.
     with pytest.raises(ValueError, match=r"a prediction is outside \[0, 2\)"):
         reports.confusion_matrix([0, 1], [0, 2], 2)
     path = tmp_path / "sub" / "confusion.png"

@@ -44,7 +44,7 @@ def test_conv_matches_flax_conv_and_its_gradients(channels, padding):
     np.testing.assert_allclose(ours.apply(params, x), reference.apply(params, x), atol=1e-5)
     grad = jax.jit(jax.grad(loss, argnums=(1, 2)), static_argnums=0)
     grads, expected = grad(ours, params, x), grad(reference, params, x)
-    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
@@ -101,7 +101,7 @@ def test_conv_relu_max_pool_matches_lax_conv_and_max_pool(shape, padding, featur
             argnums=(0, 1),
         )
     )(params, x)
-    for got, wanted in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
+    for got, wanted in zip(jax.tree.leaves(grads), jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(got, wanted, atol=1e-4, rtol=1e-4)
 
 
@@ -122,7 +122,7 @@ def test_conv_relu_max_pool_gradient_goes_to_the_first_of_tied_maxima():
             loss(lambda x, k, b: conv_relu_pool_reference(x, k, b, "VALID")), argnums=(0, 1, 2)
         )
     )(x, kernel, bias)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)  # Bias sums differ in order.
 
 
@@ -148,7 +148,7 @@ def test_flatten_dense_matches_flatten_then_dense_and_its_gradients(shape):
     expected = jax.jit(
         jax.grad(lambda p, x: loss(p, x.reshape(shape[0], -1), reference), argnums=(0, 1))
     )(params, x)
-    for got, wanted in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
+    for got, wanted in zip(jax.tree.leaves(grads), jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(got, wanted, atol=1e-4, rtol=1e-4)
 
 
@@ -173,7 +173,7 @@ def test_fused_layers_and_their_fallback_share_parameters_outputs_and_gradients(
     np.testing.assert_allclose(fused.apply(params, x), plain.apply(params, x), atol=1e-5)
     grad = jax.jit(jax.grad(loss, argnums=(1, 2)), static_argnums=0)
     grads, expected = grad(fused, params, x), grad(plain, params, x)
-    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
@@ -239,5 +239,5 @@ def test_conv_transpose_2x_is_flax_conv_transpose_with_its_gradients(
     np.testing.assert_allclose(ours.apply(variables, x), want, atol=1e-5)
     grad = jax.jit(jax.grad(loss, argnums=(1, 2)), static_argnums=0)
     grads, expected = grad(ours, variables, x), grad(reference, variables, x)
-    for got, wanted in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
+    for got, wanted in zip(jax.tree.leaves(grads), jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(got, wanted, atol=1e-4, rtol=1e-4)

@@ -117,6 +117,20 @@ def test_cli_overrides_reach_the_run(data_dir, tmp_path):
     assert json.loads((workdir / "results.json").read_text())["steps"] == 5
 
 
+def test_python_m_flaxcnn_runs_a_command_like_the_console_script(data_dir, tmp_path):
+    result = run_command(
+        "train",
+        f"--workdir={tmp_path}",
+        f"--config.data_dir={data_dir}",
+        "--config.num_train_steps=4",
+        module="flaxcnn",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((tmp_path / "results.json").read_text())["steps"] == 4
+    usage = run_command("--help", module="flaxcnn")
+    assert usage.returncode == 0 and "train" in usage.stdout and "scorer" in usage.stdout
+
+
 def test_cli_bad_input_is_one_line_and_exit_code_2(data_dir, tmp_path):
     result = run_command(
         f"--workdir={tmp_path}", "--config.model=Nope", f"--config.data_dir={data_dir}"

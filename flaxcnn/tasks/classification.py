@@ -13,6 +13,7 @@ import ml_collections
 import optax
 
 from flaxcnn.models import create_model, fast_cpu
+from flaxcnn.models.test_time import ViewAveraged
 from flaxcnn.training import gradient_step
 from flaxcnn.training.gradient_step import num_microbatches as num_microbatches
 from flaxcnn.training.state import TrainState, create_optimizer, create_train_state, model_kwargs
@@ -28,17 +29,25 @@ def create_state(
     num_classes: int,
     total_steps: int,
 ) -> TrainState:
-    """`config.model` with `num_classes` outputs in `config.compute_dtype`, and
-    `config.optimizer`, initialised (with a moving average when `config.ema_decay` > 0)."""
+    """`config.model` with `num_classes` outputs in `config.compute_dtype` (evaluated on
+    `config.test_time_augment`'s views), and `config.optimizer`, initialised (with a moving
+    average when `config.ema_decay` > 0)."""
     model = create_model(config.model, num_classes=num_classes, **model_kwargs(config))
+    views = config.test_time_augment
+    if views.flip or views.shift:
+        model = ViewAveraged(model, flip=views.flip, shift=views.shift)
     tx = create_optimizer(config, total_steps)
     return create_train_state(model, tx, rng, input_shape, ema_decay=config.ema_decay)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError (one line) for a setting this task cannot honour: it honours every
-    training setting of `gradient_step`."""
+    training setting of `gradient_step`, and test-time views of any image."""
     gradient_step.validate(config)
+    if config.test_time_augment.shift < 0:  # The ConfigDict keeps it an int.
+        raise ValueError(
+            f"config.test_time_augment.shift must be >= 0, got {config.test_time_augment.shift}"
+        )
 
 
 def step_kwargs(config: ml_collections.ConfigDict) -> dict:
