@@ -254,6 +254,13 @@ def test_gradient_step_tasks_accept_every_setting():
     config.grad_clip_norm, config.skip_nonfinite, config.augment.rotation = 1.0, True, 10.0
     for name in TASKS:
         TASKS[name][0].validate(config)
+        settings = TASKS[name][0].step_kwargs(config)
+        assert (settings["microbatch_size"], settings["l2"], settings["skip_nonfinite"]) == (
+            8,
+            1e-3,
+            True,
+        ), name
+        assert settings["augmentation"]["rotation"] == 10.0, name
 
 
 @pytest.mark.parametrize(

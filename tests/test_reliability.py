@@ -201,8 +201,7 @@ def test_sigterm_sets_the_flag_and_handlers_come_back():
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     with signals.StopOnSignal() as stop:
         assert not stop.requested and not stop.should_stop()
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.01)  # Python runs the handler between bytecodes of the main thread.
+        signal.raise_signal(signal.SIGTERM)  # Its handler has run when this returns.
         assert stop.requested and stop.should_stop()
         assert stop.signal_name == "SIGTERM"
         error = stop.interrupted(step=42)
@@ -215,12 +214,10 @@ def test_sigterm_sets_the_flag_and_handlers_come_back():
 
 def test_second_ctrl_c_quits_at_once():
     with signals.StopOnSignal() as stop:
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.01)
+        signal.raise_signal(signal.SIGINT)
         assert stop.requested and stop.signal_name == "SIGINT"
         with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.01)
+            signal.raise_signal(signal.SIGINT)
     assert stop.interrupted(7).exit_code == 130
 
 
@@ -583,11 +580,20 @@ def test_unprepared_dataset_with_the_real_probe_offline_fails_within_the_timeout
     address = f"127.0.0.1:{silent_port}" if target == "silent port" else "no-such-host.invalid:443"
     monkeypatch.setenv(input_pipeline.PROBE_ENV, address)
     monkeypatch.setenv(input_pipeline.PROBE_TIMEOUT_ENV, "1.5")
-    start = time.perf_counter()
+    probe, probe_seconds = input_pipeline._network_reachable, []
+
+    def timed_probe(*args, **kwargs):  # The probe's own time, not the tfds builder's.
+        start = time.perf_counter()
+        try:
+            return probe(*args, **kwargs)
+        finally:
+            probe_seconds.append(time.perf_counter() - start)
+
+    monkeypatch.setattr(input_pipeline, "_network_reachable", timed_probe)
     with pytest.raises(input_pipeline.DataError, match="not prepared .* network is unreachable"):
         input_pipeline.load_split("mnist", "train", str(tmp_path))
-    elapsed = time.perf_counter() - start
-    assert elapsed < 6
+    [elapsed] = probe_seconds
+    assert elapsed < 1.5 + 1.0  # Its timeout, and time to give up.
     if target == "silent port":
         assert elapsed >= 1.4  # It did wait for the answer that never came.
 
@@ -626,11 +632,15 @@ def test_a_hung_test_is_stopped_by_the_default_timeout(tmp_path):
 # --- Any device count -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("devices", [1, 2, 3, 6, 8, 128])
-def test_default_eval_batch_size_is_the_same_for_any_device_count(devices):
-    # The same batches on any device count: evaluation's random draws do not change.
+def test_default_eval_batch_size_is_the_same_for_any_device_count():
+    # The same batches on any device count (the size takes no device count): evaluation's
+    # random draws do not change. The default is never refused, where the same size set by
+    # the user is on devices that cannot split it.
     assert config_lib.eval_batch_size(_config(eval_batch_size=-1)) == 100
-    config_lib.check_divisible("eval_batch_size", -1, devices)  # The default never fails.
+    for devices in (1, 2, 3, 6, 8, 128):
+        config_lib.check_divisible("eval_batch_size", -1, devices)
+    with pytest.raises(ValueError, match="not divisible by the 3 devices"):
+        config_lib.check_divisible("eval_batch_size", 100, 3)
 
 
 def test_a_batch_size_the_devices_cannot_split_names_values_that_work():
@@ -696,11 +706,14 @@ def test_config_runs_on_1_2_3_and_8_devices_with_equal_results(
         assert result.returncode == 0, (devices, result.stderr[-3000:])
         results[devices] = json.loads((workdir / "results.json").read_text())
     reference = results[1]
+    compared = [k for k, v in reference.items() if k.startswith("test_") and isinstance(v, float)]
+    assert compared, reference  # Every task reports test figures.
     for devices, result in results.items():
-        assert result["steps"] == 12 and result.get("num_test_examples", 500) == 500
-        for key, value in reference.items():
-            if key.startswith("test_") and isinstance(value, float):
-                assert result[key] == pytest.approx(value, **TOLERANCE), (devices, key)
+        assert result["steps"] == 12 and result.keys() == reference.keys(), devices
+        if "num_test_examples" in reference:  # Classifiers count them; generative tasks not.
+            assert result["num_test_examples"] == 500, devices
+        for key in compared:
+            assert result[key] == pytest.approx(reference[key], **TOLERANCE), (devices, key)
 
 
 # --- A damaged workdir ----------------------------------------------------------------------
