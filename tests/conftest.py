@@ -35,6 +35,22 @@ def pytest_unconfigure(config) -> None:
         shutil.rmtree(os.environ.pop("JAX_COMPILATION_CACHE_DIR", ""), ignore_errors=True)
 
 
+# A skip whose reason starts so says the test cannot apply on this platform; under CI every
+# other skip is a failure, so a green CI has run every test that applies.
+PLATFORM_SKIP = "not on this platform: "
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    if not (os.environ.get("CI") and report.skipped) or hasattr(report, "wasxfail"):
+        return
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    if not reason.startswith(("Skipped: " + PLATFORM_SKIP, PLATFORM_SKIP)):
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI, which runs every test that applies: {reason}"
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):

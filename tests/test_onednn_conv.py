@@ -9,13 +9,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import PLATFORM_SKIP
 from flax import linen as nn
 
 from flaxcnn.models import fast_cpu, onednn_conv
 
 pytestmark = pytest.mark.skipif(
     (platform.system(), platform.machine()) != ("Linux", "x86_64") or jax.device_count() > 1,
-    reason="oneDNN's convolutions are a dependency on x86-64 Linux only, used on one device",
+    reason=PLATFORM_SKIP + "oneDNN's convolutions are a dependency on x86-64 Linux only, used on "
+    "one device",
 )
 
 # (x shape, kernel shape, strides, padding, dilation): 'SAME' and 'VALID' 3x3 layers, one

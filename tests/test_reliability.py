@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -352,6 +353,21 @@ def run_cli(*args, timeout=180) -> subprocess.CompletedProcess:
     return run_command(*args, timeout=timeout)
 
 
+def run_on_read_only_mount(directory: str, argv, timeout=180) -> subprocess.CompletedProcess:
+    """The training command in a mount namespace of its own where `directory` is a
+    read-only bind mount of itself (for root, whom permissions do not stop)."""
+    mount = f"mount --bind {directory} {directory} && mount -o remount,bind,ro {directory}"
+    command = shlex.join([sys.executable, "-m", "flaxcnn.main", *argv])
+    return subprocess.run(
+        ["unshare", "-m", "sh", "-c", f"{mount} && exec {command}"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "JAX_PLATFORMS": "cpu"},
+        cwd=REPO,
+        timeout=timeout,
+    )
+
+
 TINY = ("--config.num_train_steps=8", "--config.eval_batch_size=500")
 
 
@@ -447,15 +463,18 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(
 ):
     workdir = str(tmp_path / "run")
     shutil.copytree(prior_run, workdir)
-    if flags == ["chmod"]:
-        if os.geteuid() == 0:
-            pytest.skip("root ignores directory permissions")
+    read_only = flags == ["chmod"]
+    if read_only:
         flags = []
         os.chmod(workdir, 0o500)
     (tmp_path / "broken.py").write_text("def get_config():\n    return 1 / 0\n")
     before = snapshot(workdir)
     flags = [f.replace("WORKDIR", workdir).replace("TMP", str(tmp_path)) for f in flags]
-    result = run_cli(f"--workdir={workdir}", f"--config.data_dir={data_dir}", *TINY, *flags)
+    argv = (f"--workdir={workdir}", f"--config.data_dir={data_dir}", *TINY, *flags)
+    if read_only and os.geteuid() == 0:  # Root writes through permissions: mount it read-only.
+        result = run_on_read_only_mount(workdir, argv)
+    else:
+        result = run_cli(*argv)
     os.chmod(workdir, 0o700)
     assert result.returncode == 2, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.strip()]
