@@ -11,6 +11,7 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_TFDS = REPO.parent / "shared" / "data" / "tfds"
+SPLIT_CACHE_ENV = "FLAXCNN_SPLIT_CACHE"  # flaxcnn.data.cache.CACHE_ENV, read before imports.
 # Full trainings (tests/test_accuracy.py) take many minutes on a 2-core CPU: the slow suite's
 # per-test bound, unless a test carries its own @pytest.mark.timeout.
 SLOW_TIMEOUT_S = 3600
@@ -26,6 +27,13 @@ def pytest_configure(config) -> None:
     if not hasattr(config, "workerinput"):  # The controller, or a run without xdist.
         cache = tempfile.mkdtemp(prefix="flaxcnn-test-jax-cache-")
         os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
+        # Hermetic: a home of the run's own, so the split, scorer and kernel caches (under
+        # ~/.cache) start empty and the user's are never read or written.
+        os.environ["HOME"] = os.path.join(cache, "home")
+        os.environ.pop("XDG_CACHE_HOME", None)
+        os.environ.pop(SPLIT_CACHE_ENV, None)
+        os.environ.pop("FLAXCNN_CACHE_DIR", None)
+    assert os.path.expanduser("~/.cache").startswith(os.environ["JAX_COMPILATION_CACHE_DIR"])
     jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 

@@ -65,6 +65,16 @@ def test_a_changed_source_is_decoded_again(data_dir, cache_dir, decodes):
     assert decodes == ["test", "test"]
 
 
+def test_a_changed_decoder_is_decoded_again(data_dir, cache_dir, decodes, monkeypatch):
+    input_pipeline.load_split("embedded_mnist", "test", data_dir)
+    input_pipeline.load_split("embedded_mnist", "test", data_dir)
+    monkeypatch.setattr(cache, "_decoder_hash", lambda: "another decoder")
+    input_pipeline.load_split("embedded_mnist", "test", data_dir)
+    monkeypatch.setattr(cache, "_version", lambda distribution: "0.0")  # Another Pillow, tfds.
+    input_pipeline.load_split("embedded_mnist", "test", data_dir)
+    assert decodes == ["test", "test", "test"]
+
+
 def test_entries_of_a_vanished_source_are_pruned(data_dir, cache_dir):
     key = cache.split_key("gone", "train", data_dir, None, None)
     images, labels = np.zeros((2, 3, 3, 1), np.uint8), np.zeros(2, np.int32)

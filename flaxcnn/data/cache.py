@@ -4,11 +4,12 @@ split once per machine rather than on every run.
 An entry is `images.npy` (N, H, W, C uint8), `labels.npy` (N,) int32 and `meta.json` in
 `$XDG_CACHE_HOME/flaxcnn/splits/<key hash>/` (`~/.cache/...` by default; the
 `FLAXCNN_SPLIT_CACHE` environment variable names another folder, or `off`). The key is what
-was asked for: dataset name, split, data_dir, image_size, color_mode, the tfds version and
-this format's version. The entry records the prepared tfds folder it was decoded from and a
-fingerprint of that folder's files (names, sizes, modification times): an entry whose
-folder has changed or gone is not used. Images are memory-mapped when read: the pages a run
-touches come from the OS's file cache.
+was asked for (dataset name, split, data_dir, image_size, color_mode) and what decodes it
+(the tfds and Pillow versions, the decoding code's own text, this format's version). The
+entry records the prepared tfds folder it was decoded from and a fingerprint of that
+folder's files (names, sizes, modification times): an entry whose folder has changed or
+gone is not used. Images are memory-mapped when read: the pages a run touches come from the
+OS's file cache.
 """
 
 import hashlib
@@ -52,14 +53,29 @@ def split_key(
         "data_dir": os.path.abspath(os.path.expanduser(data_dir)),
         "image_size": list(image_size) if image_size else None,
         "color_mode": color_mode,
-        "tfds": _tfds_version(),
+        "tfds": _version("tensorflow-datasets"),
+        "pillow": _version("pillow"),
+        "decoder": _decoder_hash(),
     }
 
 
-def _tfds_version() -> str:
-    """The installed tfds's version (without importing it): it picks a dataset's version."""
+# The modules whose code turns stored files into the cached arrays.
+DECODERS = ("input_pipeline.py", "image_folder.py")
+
+
+def _decoder_hash() -> str:
+    digest = hashlib.sha256()
+    for name in DECODERS:
+        with open(os.path.join(os.path.dirname(__file__), name), "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
+def _version(distribution: str) -> str:
+    """An installed distribution's version, without importing it (tfds's picks a dataset's
+    version; Pillow's its resizing)."""
     try:
-        return importlib.metadata.version("tensorflow-datasets")
+        return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
         return "none"
 
