@@ -12,6 +12,7 @@ from conftest import tiny_config
 from flaxcnn import inference
 from flaxcnn.cli import export
 from flaxcnn.data import input_pipeline
+from flaxcnn.models.test_time import ViewAveraged
 from flaxcnn.tasks import classification
 from flaxcnn.training import loop
 
@@ -101,6 +102,25 @@ def test_batch_norm_model_exports_its_statistics(images, tmp_path):
     )
     for output in serve(load_saved_model(str(tmp_path / "out")), batch):
         np.testing.assert_allclose(output, expected, atol=TOLERANCE)
+
+
+def test_a_normalised_run_with_test_time_views_exports_what_it_was_tested_with(data_dir, tmp_path):
+    config = tiny_config(data_dir, num_train_steps=4, normalize="dataset")
+    config.test_time_augment.flip, config.test_time_augment.shift = True, 1
+    workdir = str(tmp_path / "run")
+    results = loop.train_and_evaluate(config, workdir)
+    out = str(tmp_path / "export")
+    assert export.main(["--workdir", workdir, "--out", out, "--platforms", "cpu"]) == 0
+    run = inference.load_run(workdir)
+    assert isinstance(run.apply_fn.__self__, ViewAveraged) and run.mean is not None
+    test = input_pipeline.load_split("embedded_mnist", config.test_split, data_dir)
+    probabilities = run.predict_proba(test.images)
+    # Predict classifies the test split as the run's test evaluation did ...
+    accuracy = np.mean(np.argmax(probabilities, -1) == test.labels)
+    assert accuracy == pytest.approx(results["test_accuracy"])
+    # ... and the exported model computes predict's probabilities.
+    batch = test.images[:9]
+    np.testing.assert_allclose(load_stablehlo(out).call(batch), probabilities[:9], atol=TOLERANCE)
 
 
 def test_metadata_and_errors(exported, tmp_path, capsys):
