@@ -124,6 +124,7 @@ def test_batch_not_divisible_by_the_devices_is_a_clear_error(data_dir, tmp_path)
         "error: config.batch_size=36 is not divisible by the 8 devices: use a multiple of 8, "
         "e.g. 32 or 40"
     )
+    assert os.listdir(tmp_path) == []  # Refused before the workdir is touched.
 
 
 def free_port() -> int:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
+from flaxcnn import config as config_lib
 from flaxcnn import default_config, inference, run_files
 from flaxcnn.data import device_data, input_pipeline, preprocess
 from flaxcnn.runtime import sharding
@@ -127,13 +128,16 @@ def test_tasks_whose_targets_are_images_reject_normalisation(task):
         preprocess.resolve_config(config, uint8_images())
 
 
-def test_the_default_config_takes_every_form_of_normalize():
-    config = default_config.get_config()
-    config.lock()
-    for value in ("dataset", (MEAN, STD), "none"):
-        config.normalize = value
+def test_the_command_line_takes_every_form_of_normalize():
+    for text, value in [
+        ("dataset", "dataset"),
+        ("none", "none"),
+        ("((0.5,),(0.25,))", ((0.5,), (0.25,))),
+    ]:
+        config = config_lib.load(None, [("normalize", text)])
         assert config.normalize == value
-    assert '"normalize": "none"' in config.to_json_best_effort()
+        config_lib.validate(config)
+    assert '"normalize": "none"' in default_config.get_config().to_json_best_effort()
 
 
 # --- The one input function ----------------------------------------------------------------

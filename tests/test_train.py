@@ -131,16 +131,6 @@ def test_python_m_flaxcnn_runs_a_command_like_the_console_script(data_dir, tmp_p
     assert usage.returncode == 0 and "train" in usage.stdout and "scorer" in usage.stdout
 
 
-def test_cli_bad_input_is_one_line_and_exit_code_2(data_dir, tmp_path):
-    result = run_command(
-        f"--workdir={tmp_path}", "--config.model=Nope", f"--config.data_dir={data_dir}"
-    )
-    assert result.returncode == 2
-    last_line = result.stderr.strip().splitlines()[-1]
-    assert last_line.startswith("error: unknown model 'Nope'; valid: CNN, ")
-    assert "Traceback" not in result.stderr
-
-
 def test_each_step_function_compiles_once(data_dir, tmp_path, caplog):
     config = partial_batches_config(data_dir)  # Partial train and test batches: still one each.
     with jax.log_compiles(), caplog.at_level(logging.WARNING, logger="jax"):
