@@ -364,3 +364,33 @@ def test_gan_with_microbatches_is_a_one_line_error(tmp_path):
         "set config.microbatch_size to 0 or -1, not 16"
     ]
     assert "Traceback" not in result.stderr
+
+
+def scaled_sgd(learning_rate, scale: float = 1.0):
+    """An optimizer given by import path, as a user's would be (`learning_rate`: a schedule)."""
+    return optax.chain(optax.sgd(learning_rate), optax.scale(scale))
+
+
+@pytest.mark.parametrize(
+    "optimizer, kwargs",
+    [
+        ("adam", {}),
+        ("adamw", {"weight_decay": 1e-4}),
+        ("sgd", {"optimizer_kwargs": {"momentum": 0.9}}),
+        ("lion", {"learning_rate": 1e-4}),  # Any optax optimizer by name.
+        ("rmsprop", {"learning_rate": 1e-3}),
+        (f"{__file__}:scaled_sgd", {"optimizer_kwargs": {"scale": 2.0}}),
+    ],
+)
+def test_every_kind_of_optimizer_by_name_trains(optimizer, kwargs):
+    """A few steps on one batch bring its loss down, with each way of naming an optimizer."""
+    config = config_for("classification", optimizer=optimizer, learning_rate=1e-2)
+    config.update(kwargs)
+    state = classification.create_state(config, key(0), SHAPE, 10, 100)
+    step = jax.jit(classification.train_step)
+    batch = make_batch(32)
+    losses = []
+    for _ in range(6):
+        state, metrics = step(state, batch, key(1))
+        losses.append(float(metrics["loss"]) / 32)
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
