@@ -17,11 +17,12 @@ def load_config(name: str):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "name, target",
-    [("seed_keras", 0.983), ("seed_fast", 0.985), ("cnn_mnist", 0.992), ("cnn_mnist_best", 0.996)],
-)
+@pytest.mark.parametrize("name, target", [("seed_keras", 0.983), ("cnn_mnist_best", 0.996)])
 def test_config_reaches_its_accuracy(name, target, shared_tfds, tmp_path):
+    """The targets that only a full run shows; the other configs' figures are benchmarks
+    (README's configs table). Measured on full MNIST (seed, convolutions: test accuracy):
+    seed_keras 98.34% (seed 0); cnn_mnist_best 99.61% (seed 0, oneDNN), the runs of
+    README's configs table: its target has a margin of one or two test images."""
     config = load_config(name)
     config.data_dir = shared_tfds
     results = loop.train_and_evaluate(config, str(tmp_path))

@@ -157,4 +157,18 @@ def test_without_a_build_convolutions_stay_xlas_and_a_warning_says_why(
     with caplog.at_level(logging.WARNING):
         assert not onednn_conv.available.__wrapped__()
     assert "oneDNN convolutions unavailable" in caplog.text
-    assert list(tmp_path.iterdir()) == []  # Nothing half-built is left to be loaded later.
+    # Nothing half-built is left to be loaded later; the failure is remembered, not retried.
+    [marker] = tmp_path.iterdir()
+    assert marker.suffix == ".failed" and "no-such-compiler" in marker.read_text()
+    monkeypatch.setattr(onednn_conv, "_compile", lambda *args: pytest.fail("compiled again"))
+    with pytest.raises(onednn_conv.Unavailable, match="no-such-compiler.*remembered in"):
+        onednn_conv.build()
+
+
+def test_where_no_onednn_exists_convolutions_are_xlas_without_a_warning(monkeypatch, caplog):
+    monkeypatch.setattr(onednn_conv.platform, "system", lambda: "Darwin")
+    monkeypatch.setattr(onednn_conv.platform, "machine", lambda: "arm64")
+    monkeypatch.setattr(onednn_conv, "build", lambda: pytest.fail("tried to build"))
+    with caplog.at_level(logging.DEBUG):
+        assert not onednn_conv.available.__wrapped__()
+    assert caplog.text == ""

@@ -7,7 +7,8 @@ handlers. On first use it is compiled with the machine's C++ compiler ($CXX, els
 against jaxlib's FFI headers and the oneDNN of the `onednn-devel-cpu-gomp` package (a
 dependency on x86-64 Linux), kept under FLAXCNN_CACHE_DIR (default ~/.cache/flaxcnn) for
 later runs, and registered with XLA. Where any of that fails, `available()` is False, one
-warning says why, and convolutions stay XLA's.
+warning says why, and convolutions stay XLA's; a failed build is remembered beside it and
+not tried again. Elsewhere (no oneDNN package exists there) convolutions are XLA's, silently.
 """
 
 import ctypes
@@ -16,6 +17,7 @@ import hashlib
 import importlib.metadata
 import logging
 import os
+import platform
 import subprocess
 import tempfile
 from pathlib import Path
@@ -66,26 +68,40 @@ def build() -> Path:
         "\0".join([SOURCE.read_text(), jaxlib.__version__, compiler, *flags, *links]).encode()
     ).hexdigest()[:16]
     target = cache_dir() / f"onednn_conv-{key}.so"
+    failed = target.with_suffix(".failed")  # Why this build failed: not tried again.
     if target.exists():
         return target
+    if failed.exists():
+        raise Unavailable(f"{failed.read_text().strip()} (remembered in {failed})")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
         command = [compiler, *flags, str(SOURCE), "-o", str(built), *links]
         try:
-            run = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise Unavailable(f"cannot run {compiler}: {e}") from None
-        if run.returncode != 0:
-            errors = [line for line in run.stderr.splitlines() if "error" in line]
-            raise Unavailable(f"{compiler} failed: {(errors or [run.stderr.strip()])[0]}")
+            _compile(command, compiler)
+        except Unavailable as e:
+            failed.write_text(str(e))
+            raise
         os.replace(built, target)  # Atomic: a concurrent run sees no half-written library.
     return target
 
 
+def _compile(command: list[str], compiler: str) -> None:
+    try:
+        run = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise Unavailable(f"cannot run {compiler}: {e}") from None
+    if run.returncode != 0:
+        errors = [line for line in run.stderr.splitlines() if "error" in line]
+        raise Unavailable(f"{compiler} failed: {(errors or [run.stderr.strip()])[0]}")
+
+
 @functools.cache
 def available() -> bool:
-    """Whether the handlers are built and registered with XLA:CPU (once per process)."""
+    """Whether the handlers are built and registered with XLA:CPU (once per process). False
+    without a word where no oneDNN package exists (only x86-64 Linux has one)."""
+    if (platform.system(), platform.machine()) != ("Linux", "x86_64"):
+        return False
     try:
         library = ctypes.CDLL(str(build()))
     except (Unavailable, OSError) as e:
