@@ -221,6 +221,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     validate_optimization(config)
     preprocess.validate(config)  # config.normalize, and the tasks that take none.
     views = config.test_time_augment
+    if views.shift < 0:  # The ConfigDict keeps it an int.
+        raise ValueError(f"config.test_time_augment.shift must be >= 0, got {views.shift}")
     if (views.flip or views.shift) and config.task != "classification":
         raise ValueError(
             f"config.test_time_augment applies to classification, not the {config.task} task"

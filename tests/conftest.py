@@ -11,7 +11,6 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_TFDS = REPO.parent / "shared" / "data" / "tfds"
-SPLIT_CACHE_ENV = "FLAXCNN_SPLIT_CACHE"  # flaxcnn.data.cache.CACHE_ENV, read before imports.
 # Full trainings (tests/test_accuracy.py) take many minutes on a 2-core CPU: the slow suite's
 # per-test bound, unless a test carries its own @pytest.mark.timeout.
 SLOW_TIMEOUT_S = 3600
@@ -23,6 +22,8 @@ def pytest_configure(config) -> None:
     compile the same small steps, and compiling is most of their time. Kept out of the
     user's own cache, and removed at the end."""
     import jax
+
+    from flaxcnn.data.cache import CACHE_ENV as SPLIT_CACHE_ENV
 
     if not hasattr(config, "workerinput"):  # The controller, or a run without xdist.
         cache = tempfile.mkdtemp(prefix="flaxcnn-test-jax-cache-")

@@ -441,7 +441,7 @@ CASES = [
         ["--config=TMP/broken.py"],
         ["cannot load config file", "broken.py", "ZeroDivisionError"],
     ),
-    case("stray argument", ["stray"], ["unexpected arguments: stray"], slow=True),
+    case("stray argument", ["stray"], ["unexpected arguments: stray"]),
     case(
         "other model in workdir",
         ["--config.model=CNN"],
@@ -768,10 +768,9 @@ def test_config_runs_on_1_3_and_8_devices_with_equal_results(name, data_dir, tmp
 @pytest.mark.slow
 @pytest.mark.parametrize("name", OTHER_CONFIGS)
 def test_every_other_config_trains_and_tests(name, data_dir, tmp_path):
-    flags = [*shrunk(name), f"--config.data_dir={data_dir}"]
-    config_file = next((f.split("=", 1)[1] for f in flags if f.startswith("--config=")), None)
-    overrides = [f.removeprefix("--config.").split("=", 1) for f in flags if "--config." in f]
-    config = config_lib.load(config_file and str(REPO / config_file), overrides)
+    rest, overrides = train_cli.split_overrides([*shrunk(name), f"--config.data_dir={data_dir}"])
+    config_file = next((str(REPO / r.removeprefix("--config=")) for r in rest), None)
+    config = config_lib.load(config_file, overrides)
     results = loop.train_and_evaluate(config, str(tmp_path))
     assert results["steps"] == 12
     figures = [v for k, v in results.items() if k.startswith("test_") and isinstance(v, float)]

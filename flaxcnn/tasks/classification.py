@@ -42,12 +42,8 @@ def create_state(
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError (one line) for a setting this task cannot honour: it honours every
-    training setting of `gradient_step`, and test-time views of any image."""
+    training setting of `gradient_step`."""
     gradient_step.validate(config)
-    if config.test_time_augment.shift < 0:  # The ConfigDict keeps it an int.
-        raise ValueError(
-            f"config.test_time_augment.shift must be >= 0, got {config.test_time_augment.shift}"
-        )
 
 
 def step_kwargs(config: ml_collections.ConfigDict) -> dict:
