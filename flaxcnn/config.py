@@ -227,6 +227,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"config.test_time_augment applies to classification, not the {config.task} task"
         )
+    if config.label_smoothing and config.task != "classification":
+        raise ValueError(
+            f"config.label_smoothing applies to classification, not the {config.task} task"
+        )
     for key in ("learning_rate", "batch_size", "eval_batch_size"):
         if not (config[key] > 0 or (key == "eval_batch_size" and config[key] == -1)):
             raise ValueError(f"config.{key} must be positive, got {config[key]}")

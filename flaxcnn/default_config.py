@@ -61,6 +61,9 @@ def _optimisation(config: ml_collections.ConfigDict) -> None:
     config.grad_clip_norm = 0.0  # Clip the gradients' global norm to this (0: off).
     config.l2 = 0.0  # Coefficient of 0.5 * sum of squared kernel weights added to the loss.
     config.weight_decay = 0.0  # Decoupled weight decay of kernels; needs optimizer "adamw".
+    # Classification: train on targets that give the true class 1 - label_smoothing and
+    # spread label_smoothing evenly over all classes (0: off; e.g. 0.1).
+    config.label_smoothing = 0.0
     config.ema_decay = 0.0  # Evaluate a moving average of the parameters (0: off; e.g. 0.999).
 
 

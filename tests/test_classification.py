@@ -100,6 +100,25 @@ def test_microbatches_give_the_full_batch_update():
     assert float(micro_metrics["count"]) == 32
 
 
+def test_label_smoothing_trains_on_smoothed_targets_and_reports_plain_cross_entropy():
+    state, batch, rng = make_state(), make_batch(), jax.random.key(1)
+    variables = {"params": state.params}
+    logits = state.apply_fn(variables, batch["image"])
+    targets = 0.9 * jax.nn.one_hot(batch["label"], 10) + 0.1 / 10
+    expected = -jnp.sum(targets * jax.nn.log_softmax(logits))
+    loss, (metrics, _) = classification.loss_fn(
+        state.apply_fn, variables, batch, rng, label_smoothing=0.1
+    )
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    plain, _ = classification.loss_fn(state.apply_fn, variables, batch, rng)
+    np.testing.assert_allclose(metrics["loss"], plain, rtol=1e-6)
+    assert abs(float(loss) - float(plain)) > 1e-3
+    smoothed = functools.partial(classification.train_step, label_smoothing=0.1)
+    smooth_state, _ = jax.jit(smoothed)(make_state(), batch, rng)
+    plain_state, _ = jitted_train_step(make_state(), batch, rng)
+    assert max_abs_diff(smooth_state.params, plain_state.params) > 0
+
+
 @pytest.mark.parametrize(
     "batch, micro, expected",
     [(32, 0, 1), (32, 32, 1), (32, 64, 1), (128, 32, 4), (300, 32, 10), (7, 2, 7)],

@@ -86,6 +86,11 @@ def test_epochs_checkpoint_validate_and_count_every_test_example(data_dir, tmp_p
         ({"model": "Nope"}, "unknown model .Nope.; valid: CNN, "),
         ({"optimizer": "adagradd"}, "unknown optimizer 'adagradd'; valid: adam, adamw, sgd"),
         ({"learning_rate": 0.0}, "config.learning_rate must be positive"),
+        ({"label_smoothing": 1.0}, r"^config.label_smoothing must be in \[0, 1\), got 1.0$"),
+        (
+            {"label_smoothing": 0.1, "task": "autoencoder", "model": "ConvAutoencoder"},
+            "^config.label_smoothing applies to classification, not the autoencoder task$",
+        ),
         ({"batch_size": 20000}, "larger than the 9000 training examples"),
     ],
 )
