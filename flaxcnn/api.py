@@ -91,7 +91,7 @@ def fit(
     config_lib.validate(cfg)
     from flaxcnn.cli import scorer
     from flaxcnn.cli.train import prepare_workdir
-    from flaxcnn.training import loop
+    from flaxcnn.runner import loop
 
     prepare_workdir(workdir, cfg, force)
     scorer.ensure_scorer(cfg)

@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--out", default="ablations.md")
     args = parser.parse_args()
     logging.set_verbosity(logging.WARNING)
-    from flaxcnn.training import loop
+    from flaxcnn.runner import loop
 
     lines = ["| technique | setting | test accuracy |", "| --- | --- | --- |"]
     for base, technique, setting, overrides in ABLATIONS:

@@ -83,8 +83,8 @@ def bench_flaxcnn(args) -> dict:
     from flaxcnn import tasks
     from flaxcnn.data import batching, device_data, input_pipeline
     from flaxcnn.reporting.writers import read_metrics
+    from flaxcnn.runner import loop, steps
     from flaxcnn.runtime import sharding
-    from flaxcnn.training import loop, steps
 
     # Two epochs of a real run; the second is timed between the validation records that
     # end the epochs (training, validation and checkpoint, as Keras's epoch has them).
@@ -197,7 +197,7 @@ def tta_flaxcnn(args) -> dict:
     """Seconds from the call until the test accuracy first reaches the target, with the
     test split as the run's per-epoch validation (`configs/seed_fast.py`)."""
     from flaxcnn.reporting.writers import read_metrics
-    from flaxcnn.training import loop
+    from flaxcnn.runner import loop
 
     config = flaxcnn_config("seed_fast", args, validation_split="test")
     with tempfile.TemporaryDirectory() as workdir:

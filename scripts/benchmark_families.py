@@ -110,8 +110,8 @@ def flaxcnn_steps(family: str, tfds: str, steps: int) -> tuple:
 
     from flaxcnn import tasks
     from flaxcnn.data import batching, device_data, input_pipeline
+    from flaxcnn.runner import steps as compiled_steps
     from flaxcnn.runtime import sharding
-    from flaxcnn.training import steps as compiled_steps
 
     config = load_config(family, tfds)
     split = input_pipeline.load_split(config.dataset, config.train_split, config.data_dir)

@@ -6,7 +6,7 @@ import json
 import pytest
 from conftest import REPO
 
-from flaxcnn.training import loop
+from flaxcnn.runner import loop
 
 
 def load_config(name: str):

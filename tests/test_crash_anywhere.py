@@ -82,7 +82,7 @@ from flaxcnn.reporting import writers
 def train_log(self, step, split, *args, **kwargs):
     return "train_log" if split == "train" else None
 wrap(writers.MetricWriter, "write", train_log)
-from flaxcnn.training import steps
+from flaxcnn.runner import steps
 def evaluation(*args, **kwargs):  # The test rows follow the validation rows on the device.
     rows = kwargs.get("rows", args[3] if len(args) > 3 else None)
     return "test" if isinstance(rows, range) and rows.start > 0 else "validation"

@@ -11,9 +11,9 @@ import pytest
 
 from flaxcnn.data import batching, device_data, input_pipeline
 from flaxcnn.models import create_model
+from flaxcnn.runner import steps
 from flaxcnn.runtime import sharding
 from flaxcnn.tasks import classification
-from flaxcnn.training import steps
 from flaxcnn.training.state import create_train_state
 
 

@@ -13,8 +13,8 @@ from flaxcnn import inference
 from flaxcnn.cli import export
 from flaxcnn.data import input_pipeline
 from flaxcnn.models.test_time import ViewAveraged
+from flaxcnn.runner import loop
 from flaxcnn.tasks import classification
-from flaxcnn.training import loop
 
 TOLERANCE = 1e-5
 

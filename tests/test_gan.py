@@ -504,7 +504,7 @@ def test_gan_config_loads():
 def test_training_loop_runs_the_gan_task(data_dir, tmp_path):
     from conftest import tiny_config as tiny_run_config
 
-    from flaxcnn.training import loop
+    from flaxcnn.runner import loop
 
     config = tiny_run_config(data_dir, task="gan", model="DCGAN", learning_rate=2e-4)
     config.model_kwargs.update(TINY)
@@ -524,7 +524,7 @@ def test_training_loop_runs_the_gan_task(data_dir, tmp_path):
 def test_the_loop_fits_clusters_once_and_resumes_with_them(data_dir, tmp_path, monkeypatch):
     from conftest import tiny_config as tiny_run_config
 
-    from flaxcnn.training import loop
+    from flaxcnn.runner import loop
     from flaxcnn.training.checkpointing import Checkpointer
 
     config = tiny_run_config(data_dir, task="gan", model="DCGAN", num_clusters=4)

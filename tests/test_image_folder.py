@@ -13,7 +13,7 @@ from PIL import Image
 from flaxcnn import inference
 from flaxcnn.cli import evaluate, predict
 from flaxcnn.data import image_folder, input_pipeline
-from flaxcnn.training import loop
+from flaxcnn.runner import loop
 
 CLASSES = ("horizontal", "vertical")
 
@@ -367,3 +367,19 @@ def test_predict_command_when_every_file_fails(tmp_path, monkeypatch, capsys):
     lines = captured.err.strip().splitlines()
     assert [line.split(":")[0] for line in lines] == ["error", "error"]
     assert "Traceback" not in captured.err
+
+
+def test_parallel_decoding_gives_the_serial_arrays_and_errors(tmp_path, monkeypatch):
+    name = make_folder(tmp_path / "f", per_class=9, sizes=((16, 16), (12, 20)))
+    monkeypatch.setenv(image_folder.WORKERS_ENV, "1")
+    serial = image_folder.load(name, "train", (16, 16), "rgb")
+    monkeypatch.setenv(image_folder.WORKERS_ENV, "2")
+    parallel = image_folder.load(name, "train", (16, 16), "rgb")
+    for a, b in zip(serial[:2], parallel[:2]):
+        np.testing.assert_array_equal(a, b)
+    # A worker's error reaches the caller as the one-line FolderError naming the file.
+    with pytest.raises(image_folder.FolderError, match=r"differ in size .*set config.image_size"):
+        image_folder.load(name, "train")
+    assert image_folder.decode_workers(10) == 2
+    monkeypatch.delenv(image_folder.WORKERS_ENV)
+    assert image_folder.decode_workers(image_folder.PARALLEL_FROM - 1) == 1

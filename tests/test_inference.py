@@ -15,7 +15,7 @@ from flaxcnn import inference
 from flaxcnn.cli import evaluate, predict
 from flaxcnn.data import input_pipeline
 from flaxcnn.reporting import reports
-from flaxcnn.training import loop
+from flaxcnn.runner import loop
 
 
 @pytest.fixture(scope="module")

@@ -258,7 +258,7 @@ def test_both_exports_of_a_normalised_model_match_predict(normalised_run, tmp_pa
 @pytest.fixture(scope="module")
 def normalised_training(data_dir, tmp_path_factory) -> tuple[str, dict]:
     """(workdir, results) of a short classification run with normalize="dataset"."""
-    from flaxcnn.training import loop
+    from flaxcnn.runner import loop
 
     workdir = str(tmp_path_factory.mktemp("normalised"))
     config = tiny_config(data_dir, num_train_steps=8, normalize="dataset")

@@ -13,7 +13,7 @@ from flaxcnn import config as config_lib
 from flaxcnn import run_files
 from flaxcnn.cli import scorer
 from flaxcnn.reporting import generative_metrics
-from flaxcnn.training import loop
+from flaxcnn.runner import loop
 
 TINY = {
     "vae_mnist_conditional": [("model_kwargs.latent_dim", "4"), ("model_kwargs.widths", "(4,8)")],

@@ -13,7 +13,7 @@ from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c a
 
 from flaxcnn.reporting.writers import MetricWriter, masked_crc32c, read_metrics
 from flaxcnn.run_files import METRICS
-from flaxcnn.training import loop
+from flaxcnn.runner import loop
 
 
 def read_events(logdir: str) -> ea.EventAccumulator:

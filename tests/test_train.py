@@ -12,7 +12,7 @@ from conftest import run_command, tiny_config
 from flaxcnn import inference
 from flaxcnn.data import device_data, input_pipeline
 from flaxcnn.reporting.writers import read_metrics
-from flaxcnn.training import loop, steps
+from flaxcnn.runner import loop, steps
 
 
 def test_run_writes_everything_and_resumes(data_dir, tmp_path):

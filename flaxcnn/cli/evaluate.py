@@ -27,8 +27,8 @@ from flaxcnn import config as config_lib
 from flaxcnn.data import device_data, input_pipeline, preprocess
 from flaxcnn.inference import Run, load_config, load_run
 from flaxcnn.reporting import reports
+from flaxcnn.runner import steps
 from flaxcnn.tasks import classification
-from flaxcnn.training import steps
 
 
 def evaluate_state(

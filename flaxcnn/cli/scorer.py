@@ -42,7 +42,7 @@ def train_scorer(
     workdir = gm.scorer_workdir(scorer_dir, dataset, image_size, color_mode)
     if gm.has_scorer(workdir):
         return workdir
-    from flaxcnn.training import loop
+    from flaxcnn.runner import loop
 
     config = gm.scorer_config(dataset, data_dir, image_size, color_mode)
     config.update(overrides or {})

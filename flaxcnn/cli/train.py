@@ -301,7 +301,7 @@ def main(args: argparse.Namespace, config) -> None:
         fail(_first_line(e))
     _configure_logging(args.verbose)
     _enable_compilation_cache()
-    from flaxcnn.training import loop
+    from flaxcnn.runner import loop
 
     try:
         # A generative run that scores its samples loads a scorer trained here, beforehand

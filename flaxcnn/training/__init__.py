@@ -1,2 +1,2 @@
-"""Training: the loop, compiled steps, state and optimizers, checkpoints, early stopping,
-signals."""
+"""Training primitives the tasks and the runner build on: the state and its optimizer, the
+task-independent gradient step, regularization, checkpoints, early stopping, signals."""

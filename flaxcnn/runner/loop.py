@@ -32,8 +32,8 @@ from flaxcnn import run_files, tasks
 from flaxcnn.data import batching, device_data, input_pipeline, preprocess
 from flaxcnn.reporting import reports, summary
 from flaxcnn.reporting.writers import MetricWriter, Progress, plot_curves
+from flaxcnn.runner import steps as compiled_steps
 from flaxcnn.runtime import sharding
-from flaxcnn.training import steps as compiled_steps
 from flaxcnn.training.checkpointing import Checkpointer
 from flaxcnn.training.early_stopping import EarlyStopping
 from flaxcnn.training.signals import StopOnSignal
