@@ -106,3 +106,28 @@ def test_a_cached_split_is_read_without_tensorflow(data_dir, cache_dir):
     )
     env = {**os.environ, cache.CACHE_ENV: cache_dir}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+def test_a_folder_split_is_decoded_once_until_a_file_changes(tmp_path, cache_dir, monkeypatch):
+    from PIL import Image
+
+    from flaxcnn.data import image_folder
+
+    root = tmp_path / "folder"  # Beside the cache, not above it.
+    for label in ("a", "b"):
+        (root / "train" / label).mkdir(parents=True)
+        for i in range(3):
+            pixels = np.full((8, 8, 3), 40 * i + (label == "b") * 120, np.uint8)
+            Image.fromarray(pixels).save(root / "train" / label / f"{i}.png")
+    decoded = []
+    load = image_folder.load
+    monkeypatch.setattr(image_folder, "load", lambda *a: decoded.append(a[1]) or load(*a))
+    name = f"folder:{root}"
+    first = input_pipeline.load_split(name, "train[:50%]")
+    second = input_pipeline.load_split(name, "train[:50%]")
+    assert decoded == ["train[:50%]"] and second.class_names == ["a", "b"]
+    np.testing.assert_array_equal(second.images, first.images)
+    np.testing.assert_array_equal(second.labels, first.labels)
+    Image.fromarray(np.full((8, 8, 3), 255, np.uint8)).save(root / "train" / "a" / "0.png")
+    third = input_pipeline.load_split(name, "train[:50%]")
+    assert len(decoded) == 2 and not np.array_equal(third.images, first.images)

@@ -81,11 +81,13 @@ def _version(distribution: str) -> str:
 
 
 def fingerprint(folder: str) -> list[list] | None:
-    """[name, size, mtime_ns] of every file under `folder`, sorted; None if it is missing."""
+    """[name, size, mtime_ns] of every file under `folder`, and [name/, 0, 0] of every
+    folder (an image folder's new empty class counts), sorted; None if it is missing."""
     if not os.path.isdir(folder):
         return None
     files = []
-    for root, _, names in os.walk(folder):
+    for root, folders, names in os.walk(folder):
+        files += [[os.path.relpath(os.path.join(root, f), folder) + "/", 0, 0] for f in folders]
         for file_name in names:
             stat = os.stat(os.path.join(root, file_name))
             relative = os.path.relpath(os.path.join(root, file_name), folder)

@@ -31,7 +31,9 @@ PIL's BILINEAR filter (antialiased when shrinking) if the size differs. Without
 `image_size`, every image must already have the same size.
 """
 
+import concurrent.futures
 import dataclasses
+import multiprocessing
 import os
 import re
 import warnings
@@ -45,6 +47,10 @@ COLOR_MODES = {"grayscale": 1, "rgb": 3}
 RESAMPLE = Image.Resampling.BILINEAR
 ORIENTATION_TAG = 0x0112
 ORDER_SEED = 20240531  # The fixed order of a folder's files; never the run's seed.
+# Splits of at least this many images are decoded by several processes (`decode_workers`):
+# a process starts in about a second, in which one decodes about 5,000 CIFAR-size JPEGs.
+PARALLEL_FROM = 5000
+WORKERS_ENV = "FLAXCNN_DECODE_WORKERS"
 _SPLIT = re.compile(r"^(?P<name>[\w.-]+)(?:\[(?P<lo>-?\d+%?)?:(?P<hi>-?\d+%?)?\])?$")
 
 
@@ -280,17 +286,53 @@ def load(
         raise FolderError(f"split {split!r} of image folder {root!r} has no images")
     fixed_size = size is not None
     size = size or _reference_size(root, classes)
-    images = np.empty((len(paths), *size, num_channels), np.uint8)
+    images = _decode_all(root, paths, (*size, num_channels), fixed_size)
+    return images, np.concatenate(labels), classes
+
+
+def _decode(
+    root: str, paths: list[str], image_shape: tuple[int, int, int], fixed_size: bool
+) -> np.ndarray:
+    """The images at `paths` as one (N, H, W, C) uint8 array (one worker's share)."""
+    images = np.empty((len(paths), *image_shape), np.uint8)
     for i, path in enumerate(paths):
         image = open_image(path)
-        if not fixed_size and oriented_size(image) != size:
-            found = oriented_size(image)
+        if not fixed_size and oriented_size(image) != image_shape[:2]:
+            found, (h, w) = oriented_size(image), image_shape[:2]
             raise FolderError(
                 f"images of {root!r} differ in size ({path} is {found[0]}x{found[1]}, "
-                f"others {size[0]}x{size[1]}): set config.image_size=(H, W) to resize them"
+                f"others {h}x{w}): set config.image_size=(H, W) to resize them"
             )
-        images[i] = to_array(image, (*size, num_channels))
-    return images, np.concatenate(labels), classes
+        images[i] = to_array(image, image_shape)
+    return images
+
+
+def decode_workers(num_images: int) -> int:
+    """Processes that decode a split: one per core, or none (this process) for splits small
+    enough that starting them costs more than it saves ($FLAXCNN_DECODE_WORKERS overrides)."""
+    configured = os.environ.get(WORKERS_ENV)
+    if configured:
+        return max(int(configured), 1)
+    if num_images < PARALLEL_FROM:
+        return 1
+    return max(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1, 1)
+
+
+def _decode_all(
+    root: str, paths: list[str], image_shape: tuple[int, int, int], fixed_size: bool
+) -> np.ndarray:
+    """`_decode` of every path, spread over `decode_workers` processes in order-keeping
+    chunks. PIL's per-image Python work holds the GIL, so threads would not run in parallel;
+    the processes are spawned, not forked, as the parent may already run JAX's threads."""
+    workers = decode_workers(len(paths))
+    if workers == 1:
+        return _decode(root, paths, image_shape, fixed_size)
+    chunk = -(-len(paths) // (workers * 4))  # Several chunks a worker: even finish times.
+    chunks = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        parts = pool.map(_decode, *zip(*[(root, c, image_shape, fixed_size) for c in chunks]))
+        return np.concatenate(list(parts))
 
 
 def convert_images(images: np.ndarray, image_size=None, color_mode: str | None = None):

@@ -2,7 +2,8 @@
 shuffle -> batch -> scale to [0, 1] float32 -> numpy batches.
 
 A decoded split is kept on disk (flaxcnn.data.cache), so that tfds, and TensorFlow with it,
-is imported only when a split is read through tfds for the first time on a machine.
+is imported only when a split is read through tfds for the first time on a machine, and an
+image folder's JPEGs or PNGs are decoded once until its files change.
 
 The training order is a pure function of (seed, epoch), so a resumed run sees the same
 batches as an uninterrupted one. Evaluation batches are padded to a fixed size with a
@@ -127,11 +128,7 @@ def load_split(
     `image_size` (H, W) or `color_mode` ('grayscale', 'rgb'), images are resized or converted
     as image folders are; folders default to 'rgb' at their images' own size."""
     if image_folder.is_folder_dataset(name):
-        try:
-            images, labels, names = image_folder.load(name, split, image_size, color_mode)
-        except image_folder.FolderError as e:
-            raise DataError(str(e)) from None
-        return Split(images, labels, len(names), names)
+        return _load_folder_split(name, split, image_size, color_mode)
     key = cache.split_key(name, split, data_dir, image_size, color_mode)
     cached = cache.load(key)
     if cached is not None:
@@ -147,6 +144,25 @@ def load_split(
         class_names=result.class_names,
     )
     return result
+
+
+def _load_folder_split(
+    name: str, split: str, image_size: tuple[int, int] | None, color_mode: str | None
+) -> Split:
+    """A split of an image folder, decoded once and then mapped from the cache: the entry's
+    fingerprint covers every file under the folder, so any change decodes it again."""
+    try:
+        root = os.path.abspath(image_folder.folder_root(name))
+        key = cache.split_key(image_folder.PREFIX + root, split, root, image_size, color_mode)
+        cached = cache.load(key)
+        if cached is not None:
+            images, labels, meta = cached
+            return Split(np.asarray(images), labels, meta["num_classes"], meta["class_names"])
+        images, labels, names = image_folder.load(name, split, image_size, color_mode)
+    except image_folder.FolderError as e:
+        raise DataError(str(e)) from None
+    cache.save(key, root, images, labels, num_classes=len(names), class_names=names)
+    return Split(images, labels, len(names), names)
 
 
 def _decode_tfds_split(
