@@ -9,10 +9,10 @@ Every epoch writes a grid of samples of fixed latents to `runs/gan/pictures/` an
 at the end, 10,000 samples are scored under a small CNN classifier of MNIST, trained once
 (about 2 min on CPUs) into `~/.cache/flaxcnn/scorers/mnist`.
 
-On a 2-core CPU (10 epochs, 8,430 steps, R1 every 16 steps) the run took 8 min 38 s, of which
-19 s loading and clustering and 8 min 5 s training: inception score 9.39 (MNIST's own train
-images: 9.70), Frechet distance 7.80 (train images to test: 4.23). Without the clusters (12
-epochs, R1 every 4 steps): 7.32 and 23.4. Samples: python -m flaxcnn.sample --workdir runs/gan.
+On a 2-core CPU (10 epochs, 8,430 steps, R1 every 16 steps) the run takes 8 min 38 s, of
+which 19 s loading and clustering and 8 min 5 s training: inception score 9.39 (MNIST's own
+train images: 9.70), Frechet distance 7.80 (train images to test: 4.23); the configs table
+of README.md names the machine. Samples: python -m flaxcnn.sample --workdir runs/gan.
 """
 
 import ml_collections
@@ -30,13 +30,13 @@ def get_config() -> ml_collections.ConfigDict:
     )
     config.optimizer = "adam"
     # Ten times DCGAN's 2e-4, without momentum (b1 0, as in StyleGAN2), with R1: in 6,000
-    # steps it went further than 2e-4 (b1 0.5) had in 10,000. 4e-3 diverged.
+    # steps it goes further than 2e-4 (b1 0.5) in 10,000; 4e-3 diverges.
     config.learning_rate = 2e-3
     config.adam_b1 = 0.0
     config.d_learning_rate = 2e-3
     config.lr_schedule = "constant"
     config.batch_size = 64
-    config.num_epochs = 10  # 8,430 steps; at 12 the scores were no better (see the README).
+    config.num_epochs = 10  # 8,430 steps; 12 score no better (docs/recipes.md).
     config.log_every_steps = 200
     # Samples are drawn with a moving average of the generator's parameters (0: the live ones).
     config.g_ema_decay = 0.99  # 0.999 lagged behind the live generator in 8,000 steps.

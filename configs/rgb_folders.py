@@ -1,7 +1,7 @@
-"""32x32 RGB image folders, the founding document's example input, with the preprocessing
-every such recipe uses: random crops (pad 4 pixels by reflection, crop back to 32x32),
-horizontal flips, and per-channel normalisation by the training split's mean and standard
-deviation (stored with the run, and applied by predict and inside both exports).
+"""32x32 RGB image folders, with the preprocessing every such recipe uses: random crops (pad
+4 pixels by reflection, crop back to 32x32), horizontal flips, and per-channel normalisation
+by the training split's mean and standard deviation (stored with the run, and applied by
+predict and inside both exports).
 
 The folder: `root/train/<class>/*.png`, `root/validation/<class>/...`, `root/test/<class>/...`
 (images of any size are resized to 32x32 RGB). `scripts/rgb_patches.py` builds one offline

@@ -265,7 +265,7 @@ def run_normalization(
     info: DatasetInfo, config: ml_collections.ConfigDict
 ) -> preprocess.Normalization | None:
     """The normalisation the run trained with: recorded in its dataset info, else in its
-    config (runs from before the dataset info kept it)."""
+    config (a run whose dataset info does not hold it)."""
     if info.mean is not None:
         return preprocess.Normalization(tuple(info.mean), tuple(info.std))
     return preprocess.from_config(config)

@@ -195,8 +195,8 @@ def test_keep_if_finite_keeps_the_new_state_or_the_old_with_the_new_step():
 @pytest.mark.slow
 def test_the_loss_sees_the_augmented_images_keyed_by_the_step():
     """A loss that reports the images it is given: those of `augment.augment` with the
-    second half of the run key folded with the step (the key classification used before the
-    step was shared, so that results stay bit-identical)."""
+    second half of the split of the run key folded with the step; the first half keys the
+    microbatches' dropout."""
     state = make_state("autoencoder").replace(step=jnp.int32(7))
     batch, rng, strengths = make_batch(8), key(3), dict(AUGMENTATION)
 

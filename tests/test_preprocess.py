@@ -192,7 +192,7 @@ def test_dataset_info_keeps_the_normalisation(tmp_path):
     info = run_files.DatasetInfo((6, 5, 3), 3, ["a", "b", "c"], MEAN, STD)
     run_files.write_dataset_info(str(tmp_path), info)
     assert run_files.read_dataset_info(str(tmp_path)) == info
-    # A run recorded before normalisation existed reads as not normalised.
+    # A dataset info without mean and std reads as not normalised.
     path = run_files.path(str(tmp_path), run_files.DATASET_INFO)
     with open(path, "w") as f:
         json.dump({"image_shape": [6, 5, 3], "num_classes": 3, "class_names": ["a", "b", "c"]}, f)

@@ -135,7 +135,7 @@ def test_clipping_limits_the_global_norm_of_the_update():
 def test_clipping_off_keeps_the_plain_optimizer_state():
     params = jnp.zeros(3)
     plain = create_optimizer(config_with(), 10).init(params)
-    # As before clipping existed, so that older checkpoints still restore.
+    # Plain Adam's state, so that a checkpoint of an optimizer without clipping restores.
     before = optax.adam(optax.constant_schedule(1e-3)).init(params)
     assert jax.tree.structure(plain) == jax.tree.structure(before)
 

@@ -95,8 +95,8 @@ def translate(images: jax.Array, shifts: jax.Array) -> jax.Array:
 
 def crop_flip_keys(rng: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The subkeys of the crop offsets and the horizontal and vertical flips: from the key
-    folded with 1, so that they leave the other augmentations' draws (`split(rng, 4)`)
-    as they were before crops and flips existed."""
+    folded with 1, so that turning crops or flips on or off leaves the other augmentations'
+    draws (`split(rng, 4)`) unchanged."""
     crop_rng, horizontal_rng, vertical_rng = jax.random.split(jax.random.fold_in(rng, 1), 3)
     return crop_rng, horizontal_rng, vertical_rng
 
@@ -266,8 +266,8 @@ def augment_batch(batch: dict, rng: jax.Array, **settings: Any) -> dict:
 
 def from_config(config: Any) -> dict[str, Any]:
     """The settings in `config.augment`, as `augment`'s keyword arguments, with the
-    resolved `config.normalize` as `mean` and `std` (None when off). Settings a config
-    saved before they existed read as off."""
+    resolved `config.normalize` as `mean` and `std` (None when off). Settings missing from a
+    saved config read as off."""
     augment_config = config.augment
     settings = {name: float(augment_config[name]) for name in AUGMENTATIONS}
     settings["crop"] = augment_config.get("crop", 0)

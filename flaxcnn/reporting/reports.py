@@ -67,7 +67,7 @@ def plot_confusion_matrix(
 ) -> None:
     """Writes the matrix as a PNG: cells shaded by the fraction of their row (true class),
     labelled with counts, rows also labelled with the class's accuracy. Drawn with PIL:
-    matplotlib's import and layout took seconds of every training run."""
+    matplotlib's import and layout would add seconds to every training run."""
     from PIL import Image, ImageDraw, ImageFont
 
     matrix = np.asarray(matrix)

@@ -1,10 +1,10 @@
 """Where a run's numbers go: `metrics.jsonl`, TensorBoard events, `curves.png`, and the
 console (a progress bar on a terminal, plain log lines elsewhere).
 
-TensorBoard events are written without TensorFlow (whose import alone took 3 s of a 6 s
-run): the same `Event` protos `tf.summary` writes (TF2 tensor summaries with the scalars,
-images and text plugins' metadata), framed as TFRecords by `_EventFile`. Curves are drawn
-with PIL, not matplotlib (about 1 s of import and layout per run)."""
+TensorBoard events are written without TensorFlow (whose import alone costs about 3 s, half
+of a short run): the same `Event` protos `tf.summary` writes (TF2 tensor summaries with the
+scalars, images and text plugins' metadata), framed as TFRecords by `_EventFile`. Curves are
+drawn with PIL, not matplotlib (about 1 s of import and layout per run)."""
 
 import io
 import json
