@@ -18,6 +18,7 @@ from flaxcnn import resolver
 from flaxcnn.models.autoencoder import ConvAutoencoder
 from flaxcnn.models.cnn import CNN, SeedCNN
 from flaxcnn.models.gan import DCGAN
+from flaxcnn.models.resnet import CifarResNet, FastResNet, PreActResNet18, ResNet20, ResNet56
 from flaxcnn.models.rnn import RNN
 from flaxcnn.models.vae import ConvVAE
 
@@ -28,6 +29,11 @@ MODELS: dict[str, type[nn.Module]] = {
     "RNN": RNN,
     "ConvAutoencoder": ConvAutoencoder,
     "ConvVAE": ConvVAE,
+    "ResNet20": ResNet20,
+    "ResNet56": ResNet56,
+    "CifarResNet": CifarResNet,
+    "PreActResNet18": PreActResNet18,
+    "FastResNet": FastResNet,
 }
 # Arguments the tasks take from the dataset: passed only to modules that declare them.
 DATA_ARGUMENTS = ("num_classes", "image_shape")

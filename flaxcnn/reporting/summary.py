@@ -1,5 +1,6 @@
 """A model summary at the start of every run, like Keras's `model.summary()`: each layer's
-module, input and output shapes and parameters (flax's `nn.tabulate`), and the totals."""
+module, input and output shapes and parameters (flax's `nn.tabulate`), the totals, and the
+forward pass's floating-point operations per image (XLA's cost analysis)."""
 
 import math
 from typing import Any
@@ -29,6 +30,19 @@ def module_table(model: nn.Module, input_shape: tuple[int, ...]) -> str:
     return tabulate(jnp.zeros((1, *input_shape), jnp.float32), train=False)
 
 
+def flops_per_image(model: nn.Module, input_shape: tuple[int, ...]) -> float | None:
+    """Floating-point operations (a multiply-add counts 2) of one image's forward pass in
+    evaluation mode, as XLA counts them for this backend; None where it cannot tell."""
+    image = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), image)
+    cost = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, image)
+    analysis = cost.cost_analysis()
+    if isinstance(analysis, list):  # Older jax: one dict per computation.
+        analysis = analysis[0] if analysis else {}
+    flops = (analysis or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
 def parameter_table(params: Any) -> str:
     """One line per parameter array (path, shape, count) and the total: for states whose
     module takes no image (a GAN's generator) or that hold no module at all."""
@@ -56,10 +70,19 @@ def model_summary(state: Any, input_shape: tuple[int, ...], name: str = "") -> s
             table = module_table(module, tuple(input_shape))
         except Exception:  # noqa: BLE001  (a module that takes no image: list its parameters)
             table = None
+    flops = None
+    if table is not None:
+        try:
+            flops = flops_per_image(module, tuple(input_shape))
+        except Exception:  # noqa: BLE001  (a summary line, never a reason to stop the run)
+            flops = None
     if table is None:
         table = parameter_table(params)
+    table = table.rstrip()
+    if flops:
+        table += f"\nForward FLOPs per image: {flops / 1e6:,.1f} M"
     name = name or (type(module).__name__ if module is not None else type(state).__name__)
     title = f"Model {name}, input {tuple(input_shape)}"
     if "Total Parameters" in table:  # nn.tabulate's own total.
-        return f"{title}\n{table.rstrip()}\n"
-    return f"{title}\n{table.rstrip()}\nTotal parameters: {parameter_count(params):,}\n"
+        return f"{title}\n{table}\n"
+    return f"{title}\n{table}\nTotal parameters: {parameter_count(params):,}\n"

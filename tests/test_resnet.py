@@ -1,0 +1,82 @@
+"""The residual networks for 32x32 images: output shapes, parameter counts as published,
+the FLOPs line of the model summary, and every built-in trains one step."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from flaxcnn.models import MODELS, create_model
+from flaxcnn.reporting.summary import flops_per_image, model_summary, parameter_count
+from flaxcnn.training.state import create_train_state
+
+IMAGE = (32, 32, 3)
+# Parameters (batch norm's scales and offsets included, its statistics not).
+COUNTS = {"ResNet20": 269_722, "ResNet56": 853_018, "PreActResNet18": 11_172_170}
+
+
+@pytest.mark.parametrize("name", sorted(COUNTS))
+def test_published_nets_have_their_parameter_counts(name):
+    model = create_model(name, num_classes=10)
+    variables = jax.eval_shape(
+        lambda x: model.init(jax.random.key(0), x, train=False), jnp.zeros((1, *IMAGE))
+    )
+    assert parameter_count(variables["params"]) == COUNTS[name]
+    assert set(variables) == {"params", "batch_stats"}
+
+
+def test_flops_per_image_grow_with_depth_as_the_convolutions_do():
+    flops = {n: flops_per_image(create_model(n, num_classes=10), IMAGE) for n in COUNTS}
+    # ResNet-20: 41 M multiply-adds (He et al.), so about 82 M operations.
+    assert 70e6 < flops["ResNet20"] < 90e6
+    # ResNet-56 has three times the blocks of ResNet-20.
+    assert 2.8 < flops["ResNet56"] / flops["ResNet20"] < 3.2
+    assert flops["PreActResNet18"] > 10 * flops["ResNet20"]
+
+
+@pytest.mark.parametrize("name", ["ResNet20", "PreActResNet18", "FastResNet", "CifarResNet"])
+def test_each_built_in_trains_a_step_on_32x32_rgb(name):
+    kwargs = (
+        {"widths": (8, 16)}
+        if name != "FastResNet"
+        else {"stem": 8, "widths": (8, 16), "residual": (1, 1)}
+    )
+    model = create_model(name, num_classes=10, **kwargs)
+    state = create_train_state(model, optax.sgd(0.1), jax.random.key(0), IMAGE)
+    x = jax.random.uniform(jax.random.key(1), (4, *IMAGE))
+
+    def loss(params):
+        logits, updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.arange(4)).mean(), (
+            logits,
+            updates,
+        )
+
+    (value, (logits, updates)), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
+    assert logits.shape == (4, 10) and np.isfinite(value)
+    assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+    assert any(np.abs(g).sum() > 0 for g in jax.tree.leaves(grads))
+    assert name in MODELS
+
+
+def test_summary_shows_parameters_and_flops():
+    model = create_model("ResNet20", num_classes=10)
+    state = create_train_state(model, optax.sgd(0.1), jax.random.key(0), IMAGE)
+    summary = model_summary(state, IMAGE)
+    flops = flops_per_image(model, IMAGE)
+    assert f"Forward FLOPs per image: {flops / 1e6:,.1f} M" in summary
+    assert "Total Parameters: " in summary
+
+
+def test_fast_resnet_bad_settings_are_one_line_errors():
+    x = jnp.zeros((1, *IMAGE))
+    with pytest.raises(ValueError, match="activation must be one of relu, gelu"):
+        create_model("FastResNet", activation="tanh").init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="one `residual` count per stage"):
+        create_model("FastResNet", residual=(1,)).init(jax.random.key(0), x)
