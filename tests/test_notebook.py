@@ -1,0 +1,34 @@
+"""The quickstart notebook (docs/quickstart.ipynb) runs top to bottom in a fresh kernel:
+its model trains on the embedded dataset, its curves and predictions are drawn."""
+
+import json
+import time
+
+import nbclient
+import nbformat
+from conftest import REPO
+
+NOTEBOOK = REPO / "docs" / "quickstart.ipynb"
+BUDGET_S = 120  # The notebook takes well under a minute; a loaded CI machine gets slack.
+
+
+def test_quickstart_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # The kernel inherits this environment.
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    client = nbclient.NotebookClient(
+        notebook,
+        timeout=BUDGET_S,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(tmp_path)}},
+    )
+    start = time.monotonic()
+    client.execute()
+    assert time.monotonic() - start < BUDGET_S
+    outputs = [o for cell in notebook.cells for o in cell.get("outputs", [])]
+    pictures = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(pictures) == 2  # The curves, then the predicted test images.
+    results = json.loads((tmp_path / "runs" / "quickstart" / "results.json").read_text())
+    assert results["test_accuracy"] > 0.9
+    text = "".join(o.get("text", "") for o in outputs)
+    assert f"test accuracy {results['test_accuracy']:.4f}" in text
+    assert "predicted:" in text
