@@ -14,8 +14,7 @@ from packaging.requirements import Requirement
 # Declared, never imported by flaxcnn, and why each is needed all the same.
 NOT_IMPORTED = {
     "importlib-resources": "tensorflow-datasets imports it without declaring it",
-    "onednn-devel-cpu-gomp": "oneDNN's headers, found by the package's file list",
-    "onednn-cpu-gomp": "oneDNN's library, found by the package's file list",
+    "onednn-cpu-gomp": "oneDNN's library, which the handlers built by setup.py call",
 }
 
 

@@ -3,7 +3,10 @@ second derivatives, under vmap), reach a plain `nn.Conv`, and step aside where t
 
 import functools
 import logging
+import os
 import platform
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -147,28 +150,36 @@ def test_transposed_convolutions_equal_the_standard_layer(kernel, strides, paddi
     assert "flaxcnn_conv_backward_data" in text and "convolution(" not in text
 
 
-def test_without_a_build_convolutions_stay_xlas_and_a_warning_says_why(
-    monkeypatch, tmp_path, caplog
+def test_an_install_without_handlers_keeps_xlas_convolutions_and_a_warning_says_why(
+    monkeypatch, caplog
 ):
-    monkeypatch.setenv("FLAXCNN_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    with pytest.raises(onednn_conv.Unavailable, match="cannot run .*no-such-compiler"):
-        onednn_conv.build()
+    monkeypatch.setattr(onednn_conv, "LIBRARY_MODULE", "flaxcnn.models._no_such_handlers")
+    with pytest.raises(onednn_conv.Unavailable, match="has no oneDNN handlers .*reinstall"):
+        onednn_conv.load()
     with caplog.at_level(logging.WARNING):
         assert not onednn_conv.available.__wrapped__()
-    assert "oneDNN convolutions unavailable" in caplog.text
-    # Nothing half-built is left to be loaded later; the failure is remembered, not retried.
-    [marker] = tmp_path.iterdir()
-    assert marker.suffix == ".failed" and "no-such-compiler" in marker.read_text()
-    monkeypatch.setattr(onednn_conv, "_compile", lambda *args: pytest.fail("compiled again"))
-    with pytest.raises(onednn_conv.Unavailable, match="no-such-compiler.*remembered in"):
-        onednn_conv.build()
+    assert "oneDNN convolutions unavailable, XLA's are used: this install" in caplog.text
+
+
+def test_the_handlers_run_where_no_compiler_is_on_the_path(tmp_path):
+    # Built with the package, not where it runs: a process whose PATH has no g++ uses them.
+    code = (
+        "import shutil, jax, numpy as np\n"
+        "from flaxcnn.models import onednn_conv\n"
+        "assert shutil.which('g++') is None and onednn_conv.available()\n"
+        "x, w = np.ones((2, 6, 6, 3), np.float32), np.ones((3, 3, 3, 4), np.float32)\n"
+        "g = ((1, 1), ((1, 1), (1, 1)), (1, 1))\n"
+        "np.testing.assert_array_equal(onednn_conv.conv(x, w, g), onednn_conv.reference(x, w, g))\n"
+    )
+    env = {**os.environ, "PATH": str(tmp_path), "CXX": str(tmp_path / "no-such-compiler")}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
 
 
 def test_where_no_onednn_exists_convolutions_are_xlas_without_a_warning(monkeypatch, caplog):
     monkeypatch.setattr(onednn_conv.platform, "system", lambda: "Darwin")
     monkeypatch.setattr(onednn_conv.platform, "machine", lambda: "arm64")
-    monkeypatch.setattr(onednn_conv, "build", lambda: pytest.fail("tried to build"))
+    monkeypatch.setattr(onednn_conv, "load", lambda: pytest.fail("tried to load"))
     with caplog.at_level(logging.DEBUG):
         assert not onednn_conv.available.__wrapped__()
     assert caplog.text == ""

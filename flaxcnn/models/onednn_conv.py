@@ -3,35 +3,30 @@
 XLA:CPU's own 2-D convolution kernels run a training step's convolutions (forward, input
 gradient, kernel gradient) 1.3-2.5x slower than oneDNN's on the same shapes, the kernels
 TensorFlow and PyTorch call on CPUs. `onednn_conv.cc` wraps oneDNN's primitives as XLA FFI
-handlers. On first use it is compiled with the machine's C++ compiler ($CXX, else g++)
-against jaxlib's FFI headers and the oneDNN of the `onednn-devel-cpu-gomp` package (a
-dependency on x86-64 Linux), kept under FLAXCNN_CACHE_DIR (default ~/.cache/flaxcnn) for
-later runs, and registered with XLA. Where any of that fails, `available()` is False, one
-warning says why, and convolutions stay XLA's; a failed build is remembered beside it and
-not tried again. Elsewhere (no oneDNN package exists there) convolutions are XLA's, silently.
+handlers; on x86-64 Linux they are compiled when the package is built (setup.py, against
+jaxlib's FFI headers and oneDNN's), so nothing is compiled where it runs. On first use the
+library of the `onednn-cpu-gomp` package and the handlers are loaded and registered with
+XLA. Where the handlers were not built (an install without a C++ compiler) or cannot load,
+`available()` is False, one warning says why, and convolutions stay XLA's. Elsewhere (no
+oneDNN package exists there) convolutions are XLA's, silently.
 """
 
 import ctypes
 import functools
-import hashlib
 import importlib.metadata
+import importlib.util
 import logging
-import os
 import platform
-import subprocess
-import tempfile
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 from jax import lax
 
-SOURCE = Path(__file__).with_suffix(".cc")
-HANDLERS = ("forward", "backward_data", "backward_weights")  # flaxcnn_conv_<name> in SOURCE.
+HANDLERS = ("forward", "backward_data", "backward_weights")  # flaxcnn_conv_<name> in the .cc.
 LAYOUT = ("NHWC", "HWIO", "NHWC")  # flax.linen's, and the only one the handlers take.
-BUILD_TIMEOUT_S = 300
+LIBRARY_MODULE = "flaxcnn.models._onednn_conv"  # setup.py's name for the built handlers.
 
 
 class Unavailable(RuntimeError):
@@ -50,60 +45,33 @@ def _package_file(distribution: str, suffix: str) -> Path:
     raise Unavailable(f"the package {distribution} has no {suffix}")
 
 
-def cache_dir() -> Path:
-    """Where built handlers are kept: FLAXCNN_CACHE_DIR, else the user's cache."""
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "flaxcnn"
-    return Path(os.environ.get("FLAXCNN_CACHE_DIR", default))
+def library_path() -> Path:
+    """The handlers' shared library built with the package."""
+    spec = importlib.util.find_spec(LIBRARY_MODULE)
+    if spec is None or spec.origin is None:
+        raise Unavailable(
+            "this install of flaxcnn has no oneDNN handlers (its build had no C++ compiler: "
+            "reinstall it where g++ exists, e.g. pip install --force-reinstall --no-deps flaxcnn)"
+        )
+    return Path(spec.origin)
 
 
-def build() -> Path:
-    """The compiled handlers for this source, jaxlib and oneDNN: built once, then reused."""
-    header = _package_file("onednn-devel-cpu-gomp", "oneapi/dnnl/dnnl.hpp")
-    library = _package_file("onednn-cpu-gomp", "libdnnl.so.3")
-    includes, lib_dir = [jax.ffi.include_dir(), str(header.parents[2])], str(library.parent)
-    compiler = os.environ.get("CXX", "g++")
-    flags = ["-O2", "-std=c++17", "-shared", "-fPIC", *(f"-I{d}" for d in includes)]
-    links = [f"-L{lib_dir}", "-l:libdnnl.so.3", f"-Wl,-rpath,{lib_dir}"]
-    key = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), jaxlib.__version__, compiler, *flags, *links]).encode()
-    ).hexdigest()[:16]
-    target = cache_dir() / f"onednn_conv-{key}.so"
-    failed = target.with_suffix(".failed")  # Why this build failed: not tried again.
-    if target.exists():
-        return target
-    if failed.exists():
-        raise Unavailable(f"{failed.read_text().strip()} (remembered in {failed})")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built = Path(tmp) / target.name
-        command = [compiler, *flags, str(SOURCE), "-o", str(built), *links]
-        try:
-            _compile(command, compiler)
-        except Unavailable as e:
-            failed.write_text(str(e))
-            raise
-        os.replace(built, target)  # Atomic: a concurrent run sees no half-written library.
-    return target
-
-
-def _compile(command: list[str], compiler: str) -> None:
-    try:
-        run = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise Unavailable(f"cannot run {compiler}: {e}") from None
-    if run.returncode != 0:
-        errors = [line for line in run.stderr.splitlines() if "error" in line]
-        raise Unavailable(f"{compiler} failed: {(errors or [run.stderr.strip()])[0]}")
+def load() -> ctypes.CDLL:
+    """The handlers' library, after oneDNN's, which it finds by its soname."""
+    path = library_path()  # First: without handlers, oneDNN's library is not needed.
+    onednn = _package_file("onednn-cpu-gomp", "libdnnl.so.3")
+    ctypes.CDLL(str(onednn), mode=ctypes.RTLD_GLOBAL)
+    return ctypes.CDLL(str(path))
 
 
 @functools.cache
 def available() -> bool:
-    """Whether the handlers are built and registered with XLA:CPU (once per process). False
+    """Whether the handlers are loaded and registered with XLA:CPU (once per process). False
     without a word where no oneDNN package exists (only x86-64 Linux has one)."""
     if (platform.system(), platform.machine()) != ("Linux", "x86_64"):
         return False
     try:
-        library = ctypes.CDLL(str(build()))
+        library = load()
     except (Unavailable, OSError) as e:
         logging.warning("oneDNN convolutions unavailable, XLA's are used: %s", e)
         return False
