@@ -14,6 +14,7 @@ BUDGET_S = 120  # The notebook takes well under a minute; a loaded CI machine ge
 
 def test_quickstart_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # The kernel inherits this environment.
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))  # The test home has none.
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     client = nbclient.NotebookClient(
         notebook,
