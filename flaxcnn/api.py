@@ -11,6 +11,7 @@ stopping, results.json): calling it again with the same workdir resumes or, when
 finished, returns its results.
 """
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import ml_collections
@@ -73,6 +74,7 @@ def fit(
     *,
     config: ml_collections.ConfigDict | str | None = None,
     force: bool = False,
+    hooks: Sequence[Callable[[Any, Any], None]] = (),
     **settings: Any,
 ) -> dict:
     """Trains `model` on `dataset` into `workdir` and returns the test results (what
@@ -83,16 +85,19 @@ def fit(
     (`"my_nets.py:LeNet5"`, `"mypkg.nets:ResNet"`), or None for the config's model. A module
     instance's fields are recorded in config.json. `settings` are config keys, e.g.
     `num_epochs=3, optimizer="lion", optimizer_kwargs={"b1": 0.95}, task="my_task.py"`.
-    `force` moves a run of another task, model or dataset in `workdir` aside. Bad settings
-    raise ValueError before anything is written."""
+    `force` moves a run of another task, model or dataset in `workdir` aside. `hooks`:
+    callables `hook(run, state)` run after every epoch, after the built-in ones (validation,
+    pictures, early stopping, checkpoint; see flaxcnn.runner.loop.Hook). Bad settings raise
+    ValueError before anything is written."""
     if not workdir:
         raise ValueError("fit needs a workdir: where checkpoints, logs and results go")
     cfg = make_config(model, dataset, config, **settings)
     config_lib.validate(cfg)
-    from flaxcnn.cli import scorer
-    from flaxcnn.cli.train import prepare_workdir
+    # Imported here: `import flaxcnn` stays cheap (the scorer's module imports scipy).
+    from flaxcnn import scoring
+    from flaxcnn import workdir as workdir_lib
     from flaxcnn.runner import loop
 
-    prepare_workdir(workdir, cfg, force)
-    scorer.ensure_scorer(cfg)
-    return loop.train_and_evaluate(cfg, workdir)
+    workdir_lib.prepare_workdir(workdir, cfg, force)
+    scorer = scoring.prepare_scorer(cfg)
+    return loop.train_and_evaluate(cfg, workdir, hooks, scorer)

@@ -111,11 +111,31 @@ def _steps(config: ml_collections.ConfigDict) -> None:
 
 
 def _generative(config: ml_collections.ConfigDict) -> None:
-    """Scoring the samples of generative tasks."""
+    """The generative tasks' settings: GAN, VAE, and scoring their samples."""
     # Generative tasks (vae, gan): how many samples to score at the end (0: none), and where
     # the scoring classifier of each dataset is kept (trained on first use).
     config.score_samples = 0
     config.scorer_dir = "~/.cache/flaxcnn/scorers"
+    # Both networks of a GAN or VAE take the class label (False: unconditional).
+    config.conditional = False
+    # The GAN (flaxcnn/tasks/gan.py): Adam's first-moment decay (0.5, DCGAN's value), the
+    # discriminator's learning rate (-1: config.learning_rate), the decay of the generator's
+    # moving average that samples are drawn with (0: the live parameters), the weight of
+    # the R1 penalty on the discriminator's gradient at real images (0: off) and its period
+    # in steps, the weight of AC-GAN's class loss (a conditional model with
+    # model_kwargs.class_head), and k-means clusters of the training images that an
+    # unconditional GAN is conditioned on (0: off).
+    config.adam_b1 = 0.5
+    config.d_learning_rate = -1.0
+    config.g_ema_decay = 0.0
+    config.r1_gamma = 0.0
+    config.r1_every = 1
+    config.class_head_weight = 1.0
+    config.num_clusters = 0
+    # The VAE's importance-weighted estimate of the test log-likelihood: samples per test
+    # image (0: off) over the first `iw_examples` test images (0: all).
+    config.iw_samples = 0
+    config.iw_examples = 0
 
 
 def _evaluation(config: ml_collections.ConfigDict) -> None:

@@ -60,8 +60,6 @@ def _tuples(value: Any) -> Any:
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
     """The resolved config of the run in `workdir`, with defaults for keys added since."""
-    from flaxcnn import default_config
-
     path = os.path.join(workdir, run_files.CONFIG)
     if not os.path.isfile(path):
         raise ValueError(f"{workdir} holds no training run: {run_files.CONFIG} is missing")
@@ -70,12 +68,10 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
             loaded = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"cannot read {path}: {e}") from None
-    config = ml_collections.ConfigDict(_tuples(loaded))
-    for key, value in default_config.get_config().items():
-        if key not in config:
-            config[key] = value
     from flaxcnn import config as config_lib
 
+    config = ml_collections.ConfigDict(_tuples(loaded))
+    config_lib.add_defaults(config)
     config_lib.import_user_modules(config)  # E.g. the run's own tfds builder.
     return config
 

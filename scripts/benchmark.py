@@ -37,12 +37,13 @@ import re
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
+
+from flaxcnn import bench
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(REPO, "..", "shared", "data")
@@ -59,20 +60,9 @@ def load_npz(path: str):
     return x, data["y_train"].astype(np.int64)
 
 
-def load_module(path: str):
-    """The Python file at `path`, imported as a module."""
-    import importlib.util
-
-    name = os.path.splitext(os.path.basename(path))[0]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def flaxcnn_config(name: str, args, **overrides):
     """`configs/<name>.py` on the shared tfds folder, with `overrides`."""
-    config = load_module(os.path.join(REPO, "configs", f"{name}.py")).get_config()
+    config = bench.load_module(os.path.join(REPO, "configs", f"{name}.py")).get_config()
     config.update(data_dir=args.tfds, **overrides)
     return config
 
@@ -118,7 +108,8 @@ def bench_flaxcnn(args) -> dict:
 
 def keras_model():
     """The classic example's model, as the Keras peer script builds and compiles it."""
-    return load_module(os.path.join(REPO, "scripts", "peers", "keras_mnist.py")).keras_model()
+    peer = bench.load_module(os.path.join(REPO, "scripts", "peers", "keras_mnist.py"))
+    return peer.keras_model()
 
 
 def bench_keras(args) -> dict:
@@ -253,27 +244,16 @@ def worker(args) -> None:
         os.environ["KERAS_BACKEND"] = args.worker.split("-")[1].replace("tf", "tensorflow")
     result = WORKERS[args.worker](args)
     result["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("RESULT " + json.dumps(result), flush=True)
+    bench.print_result(result)
 
 
 def run_worker(name: str, batch_size: int, args) -> dict | None:
     """Runs one worker in a fresh process; its result, or None (with the reason printed)."""
-    if name == "torch" and subprocess.run([sys.executable, "-c", "import torch"]).returncode:
-        print("torch is not installed: skipped (pip install torch==2.13.0)")
+    if name == "torch" and not bench.has_torch():
         return None
     cmd = [sys.executable, __file__, "--worker", name, "--batch-size", str(batch_size)]
     cmd += ["--npz", args.npz, "--tfds", args.tfds]
-    env = {
-        **os.environ,
-        "TF_CPP_MIN_LOG_LEVEL": "3",
-        "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"),
-    }
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        print(f"{name} at batch {batch_size} failed:\n{proc.stderr[-3000:]}")
-        return None
-    return json.loads(lines[-1][len("RESULT ") :])
+    return bench.run_worker(cmd, f"{name} at batch {batch_size}", bench.environment(), REPO)
 
 
 def throughput_table(rows: list[dict]) -> list[str]:
@@ -345,31 +325,18 @@ def time_command(name: str, batch_size: int, cache_home: str, tfds_dir: str, arg
     """Wall seconds of one contender's command as a fresh process, from its start to its
     exit, and its printed test accuracy; None (the reason printed) when it fails.
     `cache_home` is the XDG cache folder (flaxcnn's decoded splits and compiled steps)."""
-    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-    env.update(XDG_CACHE_HOME=cache_home, TFDS_DATA_DIR=tfds_dir, TF_CPP_MIN_LOG_LEVEL="2")
-    env.setdefault("JAX_PLATFORMS", "cpu")
+    env = bench.environment(XDG_CACHE_HOME=cache_home, TFDS_DATA_DIR=tfds_dir)
+    label = f"{name} at batch {batch_size}"
     with tempfile.TemporaryDirectory() as workdir:
         command = contender_command(name, batch_size, workdir, args)
-        start = time.perf_counter()
-        try:
-            proc = subprocess.run(
-                command,
-                capture_output=True,
-                text=True,
-                env=env,
-                cwd=REPO,
-                timeout=args.whole_command_timeout,
-            )
-        except subprocess.TimeoutExpired:
-            print(f"{name} at batch {batch_size}: over {args.whole_command_timeout} s, stopped")
-            return None
-        seconds = time.perf_counter() - start
-    answer = ANSWER.search(proc.stdout)
-    if proc.returncode or not answer:
-        print(f"{name} at batch {batch_size} failed:\n{proc.stderr[-3000:]}")
+        timed = bench.time_command(command, label, env, REPO, args.whole_command_timeout)
+    answer = timed and ANSWER.search(timed[1])
+    if not answer:
+        if timed:
+            print(f"{label} printed no test accuracy")
         return None
     # The machine's load average over the last minute: a shared machine's is part of the story.
-    return {"seconds": seconds, "accuracy": float(answer.group(1)), "load": os.getloadavg()[0]}
+    return {"seconds": timed[0], "accuracy": float(answer.group(1)), "load": os.getloadavg()[0]}
 
 
 def run_whole_commands(args) -> list[dict]:
@@ -377,7 +344,7 @@ def run_whole_commands(args) -> list[dict]:
     cache folder per batch size; the README's main job also with a fresh tfds folder), then
     `--whole-command-repeats` times with the caches that first run left, the contenders
     taking turns in an order rotated each repeat (the machine is shared: its speed drifts)."""
-    contenders = [c for c in WHOLE_COMMAND_CONTENDERS if c != "torch" or _has_torch()]
+    contenders = [c for c in WHOLE_COMMAND_CONTENDERS if c != "torch" or bench.has_torch()]
     jobs = [(c, b) for b in args.batch_sizes for c in contenders] + [("flaxcnn-default", 32)]
     scratch = tempfile.mkdtemp(prefix="flaxcnn-bench-")
     folders = {b: os.path.join(scratch, f"cache-{b}") for b in args.batch_sizes}
@@ -410,18 +377,6 @@ def run_whole_commands(args) -> list[dict]:
     ]
 
 
-def _has_torch() -> bool:
-    if subprocess.run([sys.executable, "-c", "import torch"]).returncode:
-        print("torch is not installed: skipped (pip install torch==2.13.0)")
-        return False
-    return True
-
-
-def _median_seconds(results: list[dict | None]) -> float | None:
-    done = [r["seconds"] for r in results if r is not None]
-    return statistics.median(done) if done else None
-
-
 def whole_command_table(rows: list[dict]) -> list[str]:
     """Per batch size: the first run (empty caches) and the median of the later runs of each
     contender, flaxcnn's speed-up over the best peer (ratio of the medians, and the median of
@@ -449,18 +404,18 @@ def whole_command_table(rows: list[dict]) -> list[str]:
             ("first (empty caches)", slice(0, 1)),
             ("later (median)", slice(1, None)),
         ):
-            seconds = _median_seconds(default[part])
-            accuracy = _median_accuracy(default[part])
+            seconds = bench.median_of(default[part], "seconds")
+            accuracy = bench.median_of(default[part], "accuracy")
             table.append(
-                f"| README main job | {label} | {_fmt(seconds)} |"
+                f"| README main job | {label} | {bench.fmt(seconds)} |"
                 + " - |" * len(peers)
-                + f" - | - | {_fmt(accuracy, '.4f')} |"
+                + f" - | - | {bench.fmt(accuracy, '.4f')} |"
             )
     return table
 
 
 def _whole_command_row(batch_size: int, label: str, series: list[list]) -> str:
-    medians = [_median_seconds(s) for s in series]
+    medians = [bench.median_of(s, "seconds") for s in series]
     ours, peer_medians = medians[0], [m for m in medians[1:] if m is not None]
     ratio = f"{min(peer_medians) / ours:.2f}x" if ours and peer_medians else "-"
     paired = []
@@ -469,18 +424,9 @@ def _whole_command_row(batch_size: int, label: str, series: list[list]) -> str:
         if ours_run is not None and done:  # Against the best peer that finished.
             paired.append(min(done) / ours_run["seconds"])
     per_repeat = f"{statistics.median(paired):.2f}x" if len(series) > 1 and paired else "-"
-    accuracies = " / ".join(_fmt(_median_accuracy(s), ".4f") for s in series)
-    cells = " | ".join(_fmt(m) for m in medians)
+    accuracies = " / ".join(bench.fmt(bench.median_of(s, "accuracy"), ".4f") for s in series)
+    cells = " | ".join(bench.fmt(m) for m in medians)
     return f"| {batch_size} | {label} | {cells} | {ratio} | {per_repeat} | {accuracies} |"
-
-
-def _median_accuracy(results: list[dict | None]) -> float | None:
-    done = [r["accuracy"] for r in results if r is not None]
-    return statistics.median(done) if done else None
-
-
-def _fmt(value: float | None, spec: str = ".1f") -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def add_family_options(parser: argparse.ArgumentParser) -> None:
@@ -499,7 +445,7 @@ def add_family_options(parser: argparse.ArgumentParser) -> None:
 
 def run_families(args) -> None:
     """scripts/benchmark_families.py with this command's options; its tables printed."""
-    families = load_module(os.path.join(REPO, "scripts", "benchmark_families.py"))
+    families = bench.load_module(os.path.join(REPO, "scripts", "benchmark_families.py"))
     families.main(
         ["--epochs", str(args.families_epochs), "--repeats", str(args.families_repeats)]
         + ["--command-repeats", str(args.families_command_repeats), "--npz", args.npz]

@@ -29,12 +29,14 @@ import os
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
+
+from flaxcnn import bench
+from flaxcnn.bench import median_of
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(REPO, "..", "shared", "data")
@@ -61,13 +63,7 @@ ANSWER = re.compile(r"test (accuracy|loss) (-?[0-9.]+)")
 
 def load_config(family: str, tfds: str):
     """The family's flaxcnn config on the tfds folder `tfds`."""
-    import importlib.util
-
-    path = os.path.join(REPO, "configs", f"{FAMILIES[family]}.py")
-    spec = importlib.util.spec_from_file_location(FAMILIES[family], path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = bench.load_module(os.path.join(REPO, "configs", f"{FAMILIES[family]}.py")).get_config()
     config.data_dir = tfds
     config.update(AS_THE_TWIN.get(family, {}))
     return config
@@ -171,9 +167,7 @@ def step_flops(family: str, tfds: str) -> float:
 def bench_keras(family: str, npz: str, epochs: float) -> dict:
     """Examples/s of the twin's second `fit` epoch over `epochs` epochs' worth of the
     training images (no validation pass: flaxcnn's timed steps have none either)."""
-    sys.path.insert(0, os.path.dirname(TWIN))
-    import keras_families
-
+    keras_families = bench.load_module(TWIN)
     examples = round(epochs * TRAIN_EXAMPLES)
     result = keras_families.train(family, 2, npz, examples=examples)
     return {"examples_per_s": result["examples_per_s"]}
@@ -187,26 +181,19 @@ def worker(args) -> None:
         result = bench_flaxcnn(args.family, args.tfds, args.epochs)
     else:
         result = bench_keras(args.family, args.npz, args.epochs)
-    print("RESULT " + json.dumps(result), flush=True)
-
-
-def environment(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-    env.update(TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow", **extra)
-    env.setdefault("JAX_PLATFORMS", "cpu")
-    return env
+    bench.print_result(result)
 
 
 def run_worker(name: str, family: str, args) -> dict | None:
     """`worker` in a fresh process: its result, or None (the reason printed)."""
     cmd = [sys.executable, __file__, "--worker", name] + (["--family", family] if family else [])
     cmd += ["--epochs", str(args.epochs), "--npz", args.npz, "--tfds", args.tfds]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=environment(), cwd=REPO)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        print(f"{name} {family} failed:\n{proc.stderr[-3000:]}", flush=True)
-        return None
-    return json.loads(lines[-1][len("RESULT ") :])
+    return bench.run_worker(cmd, f"{name} {family}", environment(), REPO)
+
+
+def environment(**extra: str) -> dict:
+    """bench's environment of a measured process, Keras on TensorFlow."""
+    return bench.environment(KERAS_BACKEND="tensorflow", **extra)
 
 
 def run_throughput(args) -> dict:
@@ -221,11 +208,6 @@ def run_throughput(args) -> dict:
             rate = result and result.get("examples_per_s", result.get("flops_per_s"))
             print(f"repeat {repeat + 1}: {name:8s} {family:12s} {rate or 0:14,.0f}", flush=True)
     return runs
-
-
-def median_of(results: list, key: str) -> float | None:
-    values = [r[key] for r in results if r is not None]
-    return statistics.median(values) if values else None
 
 
 def paired_ratio(ours: list, theirs: list) -> float | None:
@@ -255,12 +237,15 @@ def throughput_table(runs: dict, families: list[str]) -> list[str]:
         rates = [r["flops_per_step"] * r["steps_per_s"] for r in done]
         achieved = statistics.median(rates) if rates else None
         fraction = f"{achieved / peak:.1%}" if achieved and peak else "-"
-        ex, twin = median_of(ours, "examples_per_s"), median_of(theirs, "examples_per_s")
+        ex, twin = (
+            median_of(ours, "examples_per_s"),
+            median_of(theirs, "examples_per_s"),
+        )
         ratio = f"{ex / twin:.2f}x" if ex and twin else "-"
         paired = paired_ratio(ours, theirs)
         table.append(
             f"| {family} | {done[0]['batch_size'] if done else '-'} | {_giga(flops, '.3f')} "
-            f"| {_fmt(ex)} | {_giga(achieved)} | {fraction} | {_fmt(twin)} | {ratio} "
+            f"| {_number(ex)} | {_giga(achieved)} | {fraction} | {_number(twin)} | {ratio} "
             f"| {'-' if paired is None else f'{paired:.2f}x'} |"
         )
     return table
@@ -270,8 +255,8 @@ def _giga(value: float | None, spec: str = ".1f") -> str:
     return "-" if value is None else format(value / 1e9, spec)
 
 
-def _fmt(value: float | None, spec: str = ",.0f") -> str:
-    return "-" if value is None else format(value, spec)
+def _number(value: float | None, spec: str = ",.0f") -> str:
+    return bench.fmt(value, spec)
 
 
 def family_command(name: str, family: str, workdir: str, args) -> list[str]:
@@ -289,17 +274,21 @@ def time_command(name: str, family: str, cache_home: str, args) -> dict | None:
     """Wall seconds of the command from start to exit and its test metric; None (the reason
     printed) when it fails. `cache_home`: the XDG cache (flaxcnn's splits and compilations)."""
     env = environment(XDG_CACHE_HOME=cache_home, TFDS_DATA_DIR=args.tfds)
+    label = f"{name} {family} command"
     with tempfile.TemporaryDirectory() as workdir:
-        command = family_command(name, family, workdir, args)
-        start = time.perf_counter()
-        proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
-        seconds = time.perf_counter() - start
+        timed = bench.time_command(family_command(name, family, workdir, args), label, env, REPO)
         parts = run_parts(workdir)
-    answer = ANSWER.search(proc.stdout)
-    if proc.returncode or not answer:
-        print(f"{name} {family} command failed:\n{proc.stderr[-3000:]}", flush=True)
+    answer = timed and ANSWER.search(timed[1])
+    if not answer:
+        if timed:
+            print(f"{label} printed no test metric", flush=True)
         return None
-    return {"seconds": seconds, "metric": answer.group(1), "value": float(answer.group(2)), **parts}
+    return {
+        "seconds": timed[0],
+        "metric": answer.group(1),
+        "value": float(answer.group(2)),
+        **parts,
+    }
 
 
 def run_parts(workdir: str) -> dict:
@@ -345,25 +334,23 @@ def command_table(runs: dict, families: list[str]) -> list[str]:
     for family in families:
         ours, theirs = runs.get(f"flaxcnn:{family}", []), runs.get(f"keras:{family}", [])
         first = ours[0]["seconds"] if ours and ours[0] else None
-        later = median_of(ours[1:], "seconds") or first
+        later_median = median_of(ours[1:], "seconds")
+        later = later_median or first
         twin = median_of(theirs, "seconds")
         ratio = f"{twin / later:.2f}x" if twin and later else "-"
         name = next((r["metric"] for r in ours + theirs if r), "")
-        values = " / ".join(_fmt(median_of(s, "value"), ".4f") for s in (ours, theirs))
-        parts = " / ".join(_fmt(median_of(ours, k), ".1f") for k in ("compile_s", "train_s"))
+        values = " / ".join(_number(median_of(s, "value"), ".4f") for s in (ours, theirs))
+        parts = " / ".join(_number(median_of(ours, k), ".1f") for k in ("compile_s", "train_s"))
         table.append(
-            f"| {family} | {_fmt(first, '.1f')} | {_fmt(median_of(ours[1:], 'seconds'), '.1f')} "
-            f"| {parts} | {_fmt(twin, '.1f')} | {ratio} | {name} {values} |"
+            f"| {family} | {_number(first, '.1f')} | {_number(later_median, '.1f')} "
+            f"| {parts} | {_number(twin, '.1f')} | {ratio} | {name} {values} |"
         )
     return table
 
 
 def compare_user_models():
     """scripts/peers/compare_user_models.py, imported on demand (workers need none of it)."""
-    sys.path.insert(0, os.path.dirname(TWIN))
-    import compare_user_models
-
-    return compare_user_models
+    return bench.load_module(os.path.join(os.path.dirname(TWIN), "compare_user_models.py"))
 
 
 def run_user_models(args) -> dict:

@@ -479,11 +479,6 @@ def test_state_round_trips_through_a_checkpoint(tmp_path):
     assert max_abs_diff(restored, state) == 0
 
 
-def test_extra_results_is_empty_when_scoring_is_off(tmp_path):
-    assert gan.extra_results(make_state(), tiny_config(score_samples=0), str(tmp_path)) == {}
-    assert not os.listdir(tmp_path)
-
-
 def test_gan_config_loads():
     path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "gan_mnist.py"
     spec = importlib.util.spec_from_file_location("gan_mnist", path)

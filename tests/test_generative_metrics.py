@@ -94,6 +94,16 @@ class ConvHeadClassifier(nn.Module):
         return nn.Conv(3, (1, 1))(x).mean(axis=(1, 2))
 
 
+class BrightestChannel(nn.Module):
+    """Classifies an image by its brightest channel, with certainty on one-hot images."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        features = x.mean(axis=(1, 2))
+        self.sow("intermediates", gm.FEATURES, features)
+        return 100.0 * features
+
+
 def tiny_scorer(batch_size=4):
     model = TinyClassifier()
     variables = model.init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)))
@@ -188,27 +198,46 @@ def test_conditional_accuracy_is_per_class():
     assert result["conditional_accuracy"] == pytest.approx(2 / 3)
 
 
-def test_evaluate_generator_is_off_without_samples():
+def _run_of(score_samples: int, task):
+    import types
+
     from flaxcnn import default_config
 
     config = default_config.get_config()
-    assert gm.evaluate_generator(lambda rng, num: None, config) == {}
+    config.score_samples = score_samples
+    return types.SimpleNamespace(config=config, task=task)
 
 
-def test_evaluate_generator_without_a_scorer_warns_and_scores_nothing(tmp_path, caplog):
-    from flaxcnn import default_config
+def test_samples_are_scored_only_when_asked_and_with_a_scorer(caplog):
+    from flaxcnn.runner import loop
+    from flaxcnn.tasks import gan
 
-    config = default_config.get_config()
-    config.score_samples = 10
-    config.scorer_dir = str(tmp_path)
+    assert loop.sample_scores(_run_of(0, gan), None, None) == {}
     with caplog.at_level("WARNING"):
-        assert gm.evaluate_generator(lambda rng, num: None, config) == {}
-    assert "flaxcnn.cli.scorer" in caplog.text
+        assert loop.sample_scores(_run_of(10, gan), None, None) == {}
+    assert "No scorer given" in caplog.text
+
+
+def test_evaluate_generator_scores_draws_and_each_class():
+    scorer = gm.Scorer(BrightestChannel().apply, {}, batch_size=4, test_accuracy=0.5)
+
+    def draw(rng, num, labels=None):
+        labels = jnp.zeros((num,), jnp.int32) if labels is None else labels
+        return jax.nn.one_hot(labels, 3)[:, None, None, :] * jnp.ones((num, 2, 2, 3))
+
+    real = np.asarray(draw(None, 6, jnp.arange(6) % 3))
+    results = gm.evaluate_generator(draw, scorer, real, real, 6, num_classes=3)
+    assert results["scorer_test_accuracy"] == 0.5
+    assert results["inception_score"] == pytest.approx(1.0, abs=1e-6)  # One class only.
+    assert results["real_inception_score"] == pytest.approx(3.0, rel=1e-6)
+    assert results["per_class_conditional_accuracy"] == [1.0, 1.0, 1.0]
 
 
 def test_scorer_workdir_names_the_image_settings():
-    assert gm.scorer_workdir("/s", "mnist") == "/s/mnist"
-    assert gm.scorer_workdir("/s", "mnist", (32, 32), "rgb") == "/s/mnist_32x32_rgb"
+    from flaxcnn import scoring
+
+    assert scoring.scorer_workdir("/s", "mnist") == "/s/mnist"
+    assert scoring.scorer_workdir("/s", "mnist", (32, 32), "rgb") == "/s/mnist_32x32_rgb"
 
 
 def test_generative_metrics_imports_nothing_above_reporting():
@@ -218,36 +247,34 @@ def test_generative_metrics_imports_nothing_above_reporting():
     code = (
         "import sys, flaxcnn.reporting.generative_metrics; "
         "print(sorted(m for m in sys.modules if m.startswith(('flaxcnn.training', "
-        "'flaxcnn.tasks', 'flaxcnn.cli', 'flaxcnn.inference'))))"
+        "'flaxcnn.tasks', 'flaxcnn.cli', 'flaxcnn.inference', 'flaxcnn.scoring', "
+        "'flaxcnn.runner', 'flaxcnn.data'))))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 
 def test_only_generative_runs_with_scores_need_a_scorer():
-    from flaxcnn import default_config
-    from flaxcnn.cli import scorer
+    from flaxcnn import default_config, scoring
 
     config = default_config.get_config()
     config.score_samples = 100
-    assert not scorer.needs_scorer(config)  # A classifier.
+    assert not scoring.needs_scorer(config)  # A classifier.
     config.task = "gan"
-    assert scorer.needs_scorer(config)
+    assert scoring.needs_scorer(config)
     config.score_samples = 0
-    assert not scorer.needs_scorer(config)
+    assert not scoring.needs_scorer(config)
 
 
 @pytest.mark.slow
 def test_scorer_is_trained_once_then_loaded_like_any_run(data_dir, tmp_path):
-    from flaxcnn.cli import scorer as scorer_cli
+    from flaxcnn import scoring
 
     overrides = {"num_epochs": 1, "num_train_steps": 40, "eval_batch_size": 500}
-    workdir = scorer_cli.train_scorer(
-        "embedded_mnist", data_dir, str(tmp_path), overrides=overrides
-    )
+    workdir = scoring.train_scorer("embedded_mnist", data_dir, str(tmp_path), overrides=overrides)
     assert workdir == str(tmp_path / "embedded_mnist")
-    assert gm.has_scorer(workdir)
-    scorer = gm.load_scorer(workdir)
+    assert scoring.has_scorer(workdir)
+    scorer = scoring.load_scorer(workdir)
     assert 0 < scorer.test_accuracy <= 1
 
     from flaxcnn.data import input_pipeline
@@ -262,7 +289,7 @@ def test_scorer_is_trained_once_then_loaded_like_any_run(data_dir, tmp_path):
 
     results = tmp_path / "embedded_mnist" / "results.json"
     mtime = results.stat().st_mtime
-    assert scorer_cli.train_scorer("embedded_mnist", data_dir, str(tmp_path)) == workdir
+    assert scoring.train_scorer("embedded_mnist", data_dir, str(tmp_path)) == workdir
     assert results.stat().st_mtime == mtime  # Not trained again.
 
     def noise(rng, num):

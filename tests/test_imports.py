@@ -1,15 +1,18 @@
-"""The package's shape: every module imports on its own in a fresh interpreter, and the graph
-of imports between flaxcnn's modules (function-level imports included) has no cycle, so the
-layers stay layers (data, models and runtime at the bottom, the command line on top)."""
+"""The package's shape: every module imports on its own in a fresh interpreter; the graphs
+of imports between flaxcnn's modules and between its sub-packages (function-level imports
+included) have no cycle; the layers declared for import-linter hold (`lint-imports`) and are
+the ones README's "Code layout" states."""
 
 import ast
 import pathlib
+import shutil
 import subprocess
 import sys
 
 import pytest
 
-PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "flaxcnn"
+REPO = pathlib.Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "flaxcnn"
 
 
 def module_names() -> list[str]:
@@ -76,6 +79,58 @@ def test_import_graph_is_acyclic():
     assert graph["flaxcnn.runner.loop"]  # The graph sees the loop's imports.
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """`graph` between flaxcnn's direct children (sub-packages and top-level modules): an
+    edge wherever a module of one imports a module of another."""
+
+    def top(module: str) -> str | None:
+        parts = module.split(".")
+        return parts[1] if len(parts) > 1 else None  # None: the package's own __init__.
+
+    packages: dict[str, set[str]] = {}
+    for module, targets in graph.items():
+        if (source := top(module)) is not None:
+            edges = packages.setdefault(source, set())
+            edges.update(t for t in map(top, targets) if t not in (None, source))
+    return packages
+
+
+def test_package_graph_is_acyclic():
+    packages = package_graph(import_graph())
+    assert "tasks" in packages["runner"]  # The graph sees the runner's imports.
+    cycle = find_cycle(packages)
+    assert cycle is None, "package import cycle: " + " -> ".join(cycle)
+
+
+def test_package_graph_finds_a_cycle_between_packages():
+    graph = {"flaxcnn.a.x": {"flaxcnn.b.y"}, "flaxcnn.b.y": set(), "flaxcnn.b.z": {"flaxcnn.a"}}
+    assert find_cycle(package_graph(graph)) == ["a", "b", "a"]
+
+
+def contract_layers() -> list[str]:
+    tomllib = pytest.importorskip("tomllib", reason="not on this platform: Python 3.10")
+    with open(REPO / "pyproject.toml", "rb") as f:
+        contracts = tomllib.load(f)["tool"]["importlinter"]["contracts"]
+    (layers,) = [c["layers"] for c in contracts if c["type"] == "layers"]
+    return layers
+
+
+def test_readme_code_layout_states_the_contract_s_layers():
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Code layout", 1)[1].split("\n## ", 1)[0]
+    section = section.replace("\\|", "|")  # A table cell's escaped bar.
+    for layer in contract_layers():
+        assert f"`{layer}`" in section, f"README's Code layout lacks the layer {layer!r}"
+
+
+@pytest.mark.skipif(not shutil.which("lint-imports"), reason="import-linter is not installed")
+def test_lint_imports_keeps_the_layers():
+    result = subprocess.run(
+        ["lint-imports", "--no-cache"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
 
 
 @pytest.mark.slow

@@ -23,11 +23,13 @@ from conftest import REPO, run_command, tiny_config
 
 from flaxcnn import config as config_lib
 from flaxcnn import run_files
+from flaxcnn import workdir as workdir_lib
 from flaxcnn.cli import train as train_cli
 from flaxcnn.data import input_pipeline
 from flaxcnn.models import fast_cpu
 from flaxcnn.reporting.writers import read_metrics
-from flaxcnn.training import checkpointing, loop, signals
+from flaxcnn.runner import loop
+from flaxcnn.training import checkpointing, signals
 from flaxcnn.training.checkpointing import Checkpointer
 
 # A restore that fails inside orbax leaves tensorstore coroutines behind, reported when they
@@ -501,7 +503,7 @@ def test_force_moves_the_other_run_aside(prior_run, data_dir, tmp_path):
     shutil.copytree(prior_run, workdir)
     before = snapshot(str(workdir))
     # A bad setting after the move check: the move is what --force does, nothing more.
-    train_cli.prepare_workdir(str(workdir), _config(model="CNN"), force=True)
+    workdir_lib.prepare_workdir(str(workdir), _config(model="CNN"), force=True)
     # The lock stays: this process holds it.
     assert sorted(os.listdir(workdir)) == ["replaced-1", run_files.LOCK]
     assert snapshot(str(workdir / "replaced-1")) == before
@@ -511,9 +513,9 @@ def test_unwritable_workdir_is_refused_even_for_root(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(train_cli.tempfile, "TemporaryFile", refuse)
+    monkeypatch.setattr(workdir_lib.tempfile, "TemporaryFile", refuse)
     with pytest.raises(ValueError, match="is not writable: Permission denied"):
-        train_cli.prepare_workdir(str(tmp_path), _config(), force=False)
+        workdir_lib.prepare_workdir(str(tmp_path), _config(), force=False)
 
 
 def _config(**overrides):
@@ -525,9 +527,9 @@ def _config(**overrides):
 def test_same_run_in_workdir_passes_the_checks(prior_run, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(prior_run, workdir)
-    assert train_cli.check_run_identity(str(workdir), _config()) == {}
-    assert train_cli.check_run_identity(str(tmp_path / "new"), _config()) is None
-    train_cli.prepare_workdir(str(tmp_path / "new"), _config(), force=False)
+    assert workdir_lib.check_run_identity(str(workdir), _config()) == {}
+    assert workdir_lib.check_run_identity(str(tmp_path / "new"), _config()) is None
+    workdir_lib.prepare_workdir(str(tmp_path / "new"), _config(), force=False)
     assert os.path.isdir(tmp_path / "new")
 
 
@@ -537,7 +539,7 @@ def test_same_run_in_workdir_passes_the_checks(prior_run, tmp_path):
 def hold_lock_in_another_process(workdir) -> subprocess.Popen:
     """A process that takes `workdir`'s lock as a run does, then waits to be killed."""
     code = (
-        "import sys, time; from flaxcnn.cli import train; train.lock_workdir(sys.argv[1]); "
+        "import sys, time; from flaxcnn import workdir; workdir.lock_workdir(sys.argv[1]); "
         "print('locked', flush=True); time.sleep(600)"
     )
     process = subprocess.Popen(
@@ -551,11 +553,11 @@ def test_a_live_run_s_workdir_is_refused_and_a_killed_run_leaves_no_lock(tmp_pat
     holder = hold_lock_in_another_process(tmp_path)
     try:
         with pytest.raises(ValueError, match=rf"^{tmp_path} is in use by process {holder.pid}$"):
-            train_cli.lock_workdir(str(tmp_path))
+            workdir_lib.lock_workdir(str(tmp_path))
     finally:
         holder.kill()  # SIGKILL: the kernel releases the lock.
         holder.wait()
-    train_cli.lock_workdir(str(tmp_path))
+    workdir_lib.lock_workdir(str(tmp_path))
     assert (tmp_path / run_files.LOCK).read_text() == f"{os.getpid()}\n"
 
 
@@ -834,7 +836,7 @@ def test_damaged_config_is_not_compared_for_training_and_a_clear_error_for_loadi
     shutil.copytree(prior_run, workdir)
     (workdir / run_files.CONFIG).write_text(DAMAGED_CONTENT["truncated"])
     with caplog.at_level(logging.WARNING):
-        assert train_cli.check_run_identity(str(workdir), _config()) is None
+        assert workdir_lib.check_run_identity(str(workdir), _config()) is None
     assert any("not comparing it" in r.getMessage() for r in caplog.records)
     with pytest.raises(ValueError, match=f"cannot read {workdir / run_files.CONFIG}"):
         inference.load_config(str(workdir))

@@ -157,7 +157,7 @@ def test_autoencoder_reconstructs_image_files(runs, tmp_path):
         ("sgan", ["--label", "1"], "--label needs a class-conditional run"),
         ("cgan", ["--label", "10"], "--label must be in [0, 9]"),
         ("gan", ["--manifold"], "--manifold needs a VAE with 2 latents"),
-        ("gan", ["--images", "x.png"], "a GAN has no encoder"),
+        ("gan", ["--images", "x.png"], "a gan run has no encoder"),
         ("ae", [], "give --images"),
         ("ae", ["--images", "/no/such.png"], "/no/such.png"),
         ("vae", ["--num", "0"], "--num must be positive"),

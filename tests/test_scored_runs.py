@@ -9,11 +9,8 @@ import pathlib
 import pytest
 from conftest import REPO
 
+from flaxcnn import api, run_files, scoring
 from flaxcnn import config as config_lib
-from flaxcnn import run_files
-from flaxcnn.cli import scorer
-from flaxcnn.reporting import generative_metrics
-from flaxcnn.runner import loop
 
 TINY = {
     "vae_mnist_conditional": [("model_kwargs.latent_dim", "4"), ("model_kwargs.widths", "(4,8)")],
@@ -30,13 +27,13 @@ SCORES = ("inception_score", "frechet_distance", "real_inception_score", "real_f
 def scorer_dir(data_dir, tmp_path_factory) -> str:
     """A scorer of the embedded dataset, trained for a few steps."""
     path = str(tmp_path_factory.mktemp("scorers"))
-    scorer.train_scorer("embedded_mnist", data_dir, path, overrides={"num_train_steps": 30})
+    scoring.train_scorer("embedded_mnist", data_dir, path, overrides={"num_train_steps": 30})
     return path
 
 
 @pytest.fixture(scope="module")
 def scorer_accuracy(scorer_dir) -> float:
-    workdir = generative_metrics.scorer_workdir(scorer_dir, "embedded_mnist")
+    workdir = scoring.scorer_workdir(scorer_dir, "embedded_mnist")
     return json.loads((pathlib.Path(workdir) / run_files.RESULTS).read_text())["test_accuracy"]
 
 
@@ -55,7 +52,7 @@ def test_a_conditional_generative_run_scores_its_samples(
         *TINY[name],
     ]
     config = config_lib.load(str(REPO / "configs" / f"{name}.py"), overrides)
-    results = loop.train_and_evaluate(config, str(tmp_path))
+    results = api.fit(config=config, workdir=str(tmp_path))
     assert all(math.isfinite(results[key]) for key in SCORES), results
     # Real images score as a generator of perfect samples would; 4 steps of training do not.
     assert results["real_inception_score"] > results["inception_score"] >= 1.0

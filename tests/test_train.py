@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import run_command, tiny_config
 
-from flaxcnn import inference
+from flaxcnn import api, inference
 from flaxcnn.data import device_data, input_pipeline
 from flaxcnn.reporting.writers import read_metrics
 from flaxcnn.runner import loop, steps
@@ -96,7 +96,7 @@ def test_epochs_checkpoint_validate_and_count_every_test_example(data_dir, tmp_p
 )
 def test_bad_settings_are_value_errors(data_dir, tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
-        loop.train_and_evaluate(tiny_config(data_dir, **overrides), str(tmp_path))
+        api.fit(config=tiny_config(data_dir, **overrides), workdir=str(tmp_path))
 
 
 @pytest.mark.slow

@@ -39,10 +39,10 @@ import numpy as np
 from flaxcnn.data import input_pipeline, preprocess
 from flaxcnn.inference import Run, load_config, load_run
 from flaxcnn.models import fast_cpu
+from flaxcnn.tasks import get_task
 
 STABLEHLO_FILE = "model.stablehlo"
 GENERATOR_FILE = "generator.stablehlo"  # A GAN's or VAE's generator.
-GENERATIVE_TASKS = ("gan", "vae")
 SAVED_MODEL_DIR = "saved_model"
 METADATA_FILE = "export.json"
 SIGNATURE = "serving_default"
@@ -149,10 +149,9 @@ def export_run(run: Run, out_dir: str, platforms: Sequence[str] = DEFAULT_PLATFO
 def export_generator(run: Run, platforms: Sequence[str] = DEFAULT_PLATFORMS):
     """A GAN's or VAE's generator as a `jax.export.Exported`: latents float32 (b, latent_dim)
     [and, conditional, labels int32 (b,)] -> uint8 images (b, H, W, C), for any batch size b,
-    with the weights samples are drawn with (flaxcnn.cli.sample.decoder) compiled in."""
-    from flaxcnn.cli.sample import decoder
-
-    latent_dim, num_classes, decode = decoder(run.config.task, run.state)
+    with the weights samples are drawn with (the task's `generator`) compiled in."""
+    generator = get_task(run.config.task).generator(run.state)
+    latent_dim, num_classes, decode = generator.latent_dim, generator.num_classes, generator.decode
 
     def images(z, labels=None):
         with fast_cpu.standard_layers():
@@ -225,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         if not platforms:
             raise ValueError("--platforms names no platform")
         task = load_config(args.workdir).get("task", "classification")
-        if task in GENERATIVE_TASKS:  # A generator: latents in, images out.
+        if hasattr(get_task(task), "generator"):  # A generator: latents in, images out.
             run = load_run(args.workdir, args.which, data_dir=args.data_dir, task_names=(task,))
             export_generator_run(run, args.out, platforms)
             print(f"exported the generator of {args.workdir} to {args.out}/{GENERATOR_FILE}")

@@ -17,7 +17,6 @@ latent-manifold picture). Autoencoder (and VAE) runs reconstruct the image files
 import argparse
 import os
 import sys
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -27,9 +26,10 @@ from flaxcnn import inference
 from flaxcnn.cli.evaluate import quiet_tensorflow
 from flaxcnn.data import image_folder
 from flaxcnn.reporting import pictures
+from flaxcnn.tasks import get_task
+from flaxcnn.tasks.base import Generator
 
 USAGE_ERROR = 2
-GENERATIVE_TASKS = ("gan", "vae", "autoencoder")
 INTERPOLATION_STEPS = 10
 GRID_COLUMNS = 8
 MANIFOLD_SIZE = 20
@@ -37,21 +37,6 @@ MANIFOLD_SIZE = 20
 
 class SampleError(ValueError):
     """Input the command cannot use; its message is the one line printed."""
-
-
-def decoder(task: str, state) -> tuple[int, int, Callable]:
-    """(latent size, classes of a conditional model (0: none), `decode(z, labels)` -> images
-    in [0, 1]) of a GAN's or VAE's state."""
-    if task == "gan":
-        from flaxcnn.tasks import gan
-
-        variables = jax.jit(gan.sampling_variables)(state)
-        decode = jax.jit(lambda z, labels: gan.generate_with(state, variables, z, labels))
-        return state.model.latent_dim, state.model.num_classes, decode
-    from flaxcnn.tasks import vae
-
-    decode = jax.jit(lambda z, labels: vae.decode(state, z, labels))
-    return vae.latent_dim(state), vae.num_classes(state), decode
 
 
 def sample_labels(num_classes: int, label: int | None, num: int) -> jax.Array | None:
@@ -74,18 +59,19 @@ def interpolation_latents(rng: jax.Array, rows: int, latent_dim: int) -> jax.Arr
     return ((1 - t) * start + t * end).reshape(rows * INTERPOLATION_STEPS, latent_dim)
 
 
-def generated_images(task: str, state, args: argparse.Namespace) -> tuple[np.ndarray, int]:
-    """(images (N, H, W, C) in [0, 1], grid columns) that `args` ask of a GAN or VAE."""
-    latent_dim, num_classes, decode = decoder(task, state)
+def generated_images(
+    task_name: str, generator: Generator, args: argparse.Namespace
+) -> tuple[np.ndarray, int]:
+    """(images (N, H, W, C) in [0, 1], grid columns) that `args` ask of a task's generator."""
+    latent_dim, num_classes, decode = generator.latent_dim, generator.num_classes, generator.decode
     rng = jax.random.key(args.seed)
     if args.manifold:
-        if task != "vae" or latent_dim != 2:
+        if generator.manifold is None:
             raise SampleError(
-                f"--manifold needs a VAE with 2 latents; this run is a {task} with {latent_dim}"
+                f"--manifold needs a VAE with 2 latents; this run is a {task_name} with "
+                f"{latent_dim}"
             )
-        from flaxcnn.tasks import vae
-
-        z = vae.manifold_latents(MANIFOLD_SIZE)
+        z = generator.manifold(MANIFOLD_SIZE)
         labels = sample_labels(num_classes, args.label, len(z))
         return np.asarray(decode(jnp.asarray(z), labels)), MANIFOLD_SIZE
     if args.interpolate:
@@ -100,10 +86,14 @@ def generated_images(task: str, state, args: argparse.Namespace) -> tuple[np.nda
     return np.asarray(decode(z, labels)), GRID_COLUMNS
 
 
-def reconstructions(task: str, state, paths: list[str], image_shape) -> tuple[np.ndarray, int]:
+def reconstructions(
+    task_name: str, task, state, paths: list[str], image_shape
+) -> tuple[np.ndarray, int]:
     """(the image files at `paths` above their reconstructions, in [0, 1]; grid columns)."""
-    if task == "gan":
-        raise SampleError("--images needs an autoencoder or VAE run; a GAN has no encoder")
+    if not hasattr(task, "reconstruct"):
+        raise SampleError(
+            f"--images needs an autoencoder or VAE run; a {task_name} run has no encoder"
+        )
     originals = []
     for path in paths:
         try:
@@ -111,14 +101,7 @@ def reconstructions(task: str, state, paths: list[str], image_shape) -> tuple[np
         except image_folder.FolderError as e:
             raise SampleError(str(e)) from None
     images = np.stack(originals).astype(np.float32) / np.float32(255)
-    if task == "vae":
-        from flaxcnn.tasks import vae
-
-        rebuilt = vae.reconstruct(state, images)
-    else:
-        from flaxcnn.tasks import autoencoder
-
-        rebuilt = jax.jit(autoencoder.reconstruct)(state, images)
+    rebuilt = jax.jit(task.reconstruct)(state, images)
     columns = min(len(images), GRID_COLUMNS)
     rows = [
         part[i : i + columns]
@@ -143,29 +126,34 @@ def write(images: np.ndarray, columns: int, out: str, as_files: bool) -> list[st
     return paths
 
 
-def check_args(args: argparse.Namespace, task: str) -> None:
-    if task not in GENERATIVE_TASKS:
+def check_args(args: argparse.Namespace, task_name: str, task) -> None:
+    """Raises SampleError where `args` ask what the run's task cannot draw: samples need a
+    generator, --images a task that reconstructs (flaxcnn.tasks.base)."""
+    if not (hasattr(task, "generator") or hasattr(task, "reconstruct")):
         raise SampleError(
-            f"{args.workdir} holds a {task!r} run; sample needs a gan, vae or autoencoder run"
+            f"{args.workdir} holds a {task_name!r} run; sample needs a gan, vae or autoencoder run"
         )
     if args.num < 1:
         raise SampleError(f"--num must be positive, got {args.num}")
     if sum([args.interpolate, args.manifold, bool(args.images)]) > 1:
         raise SampleError("choose one of --interpolate, --manifold and --images")
-    if task == "autoencoder" and not args.images:
-        raise SampleError("an autoencoder run draws no samples: give --images FILE ...")
+    if not hasattr(task, "generator") and not args.images:
+        raise SampleError(f"an {task_name} run draws no samples: give --images FILE ...")
 
 
 def run(args: argparse.Namespace) -> list[str]:
     config = inference.load_config(args.workdir)
-    task = config.get("task", "classification")
-    check_args(args, task)
-    loaded = inference.load_run(args.workdir, args.which, task_names=(task,))
+    task_name = config.get("task", "classification")
+    task = get_task(task_name)
+    check_args(args, task_name, task)
+    loaded = inference.load_run(args.workdir, args.which, task_names=(task_name,))
     if args.images:
-        images, columns = reconstructions(task, loaded.state, args.images, loaded.image_shape)
+        images, columns = reconstructions(
+            task_name, task, loaded.state, args.images, loaded.image_shape
+        )
         default = "reconstructions.png"
     else:
-        images, columns = generated_images(task, loaded.state, args)
+        images, columns = generated_images(task_name, task.generator(loaded.state), args)
         default = "samples" if args.files else "samples.png"
     return write(images, columns, args.out or os.path.join(args.workdir, default), args.files)
 

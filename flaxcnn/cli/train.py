@@ -8,25 +8,18 @@ command to resume); 1 anything else (a multi-process run whose processes cannot 
 """
 
 import argparse
-import fcntl
-import json
 import logging as pylogging
 import os
-import shutil
 import sys
-import tempfile
 
 import jax
 from absl import flags, logging
 
 from flaxcnn import config as config_lib
-from flaxcnn import run_files
+from flaxcnn import workdir as workdir_lib
 from flaxcnn.runtime import distributed
 
 USAGE_ERROR = 2
-# What makes two runs incompatible in one workdir (and the value of a config without the key).
-RUN_IDENTITY = {"task": "classification", "model": None, "dataset": None}
-REPLACED_PREFIX = "replaced-"
 OVERRIDE_PREFIXES = ("--config.", "-config.")
 
 
@@ -69,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--force",
         action="store_true",
         help="Train into a workdir that holds a run of another task, model or dataset: that "
-        f"run's files are first moved into WORKDIR/{REPLACED_PREFIX}N/ (nothing is deleted).",
+        f"run's files are first moved into WORKDIR/{workdir_lib.REPLACED_PREFIX}N/ (nothing is "
+        "deleted).",
     )
     parser.add_argument("--coordinator_address", help="HOST:PORT of process 0 (multi-process).")
     parser.add_argument("--num_processes", type=int, help="Processes of a multi-process run.")
@@ -127,121 +121,6 @@ def parse_args(argv: list[str]):
     return args, config
 
 
-def check_run_identity(workdir: str, config) -> dict[str, tuple] | None:
-    """The settings (task, model, dataset) in which the run already in `workdir` differs from
-    `config`, as {key: (old, new)}; None when there is no earlier run to compare with."""
-    path = run_files.path(workdir, run_files.CONFIG)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as f:
-            old = json.load(f)
-    except (OSError, ValueError) as e:
-        logging.warning("Cannot read %s (%s): not comparing it with this run.", path, e)
-        return None
-    new = config.to_dict()
-    return {
-        key: (old.get(key, default), new.get(key, default))
-        for key, default in RUN_IDENTITY.items()
-        if old.get(key, default) != new.get(key, default)
-    }
-
-
-def _check_names_known(config, keys) -> None:
-    """Raises the resolvers' own errors for unknown task/model/dataset names, so that an
-    unknown name is reported as such rather than as a workdir holding another run."""
-    if "task" in keys:
-        from flaxcnn.tasks import get_task
-
-        get_task(config.task)
-    if "model" in keys:
-        from flaxcnn.models import resolve_model
-
-        resolve_model(config.model)
-    if "dataset" in keys:
-        config_lib.check_dataset_name(config)
-
-
-def move_run_aside(workdir: str) -> str:
-    """Moves every file of `workdir` (earlier replaced runs excepted) into a new
-    `workdir/replaced-<n>/` and returns its path."""
-    n = 1
-    while os.path.exists(os.path.join(workdir, f"{REPLACED_PREFIX}{n}")):
-        n += 1
-    target = os.path.join(workdir, f"{REPLACED_PREFIX}{n}")
-    os.makedirs(target)
-    for name in os.listdir(workdir):
-        if not name.startswith(REPLACED_PREFIX) and name != run_files.LOCK:  # Held by this run.
-            shutil.move(os.path.join(workdir, name), os.path.join(target, name))
-    return target
-
-
-_held_locks: dict[str, object] = {}  # Open lock files, held until this process ends.
-
-
-def lock_workdir(workdir: str) -> None:
-    """Takes `workdir/run.lock` for the life of this process, or raises ValueError naming the
-    live process that holds it. An flock is released by the kernel when its holder dies, so a
-    killed run never leaves the workdir locked; the file only records the holder's pid."""
-    path = os.path.realpath(run_files.path(workdir, run_files.LOCK))
-    if path in _held_locks:
-        return
-    f = open(path, "a+")  # noqa: SIM115  (held open until the process ends)
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        pid = f.read().strip() or "?"
-        f.close()
-        raise ValueError(f"{workdir} is in use by process {pid}") from None
-    f.truncate(0)
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    _held_locks[path] = f
-
-
-def prepare_workdir(workdir: str, config, force: bool) -> None:
-    """Creates `workdir` if missing, checks it can be written, and refuses (unless `force`) to
-    train into one that holds a run of another task, model or dataset. Raises ValueError."""
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise ValueError(f"--workdir {workdir} is a file, not a directory")
-    try:
-        os.makedirs(workdir, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"cannot create --workdir {workdir}: {e.strerror}") from None
-    try:
-        with tempfile.TemporaryFile(dir=workdir):
-            pass
-    except OSError as e:
-        raise ValueError(f"--workdir {workdir} is not writable: {e.strerror}") from None
-    if jax.process_index() == 0:  # The processes of one run share its workdir.
-        lock_workdir(workdir)
-    differences = check_run_identity(workdir, config)
-    if not differences:
-        return
-    _check_names_known(config, differences)
-    what = ", ".join(f"{key} {old!r} (not {new!r})" for key, (old, new) in differences.items())
-    if not force:
-        raise ValueError(
-            f"--workdir {workdir} holds a run of {what}: use another --workdir, or --force to "
-            f"move that run into {workdir}/{REPLACED_PREFIX}N/ and start a new one"
-        )
-    # Every process has read the workdir before process 0 moves the run, and waits for it.
-    _sync_processes("flaxcnn:workdir_checked")
-    if jax.process_index() == 0:
-        logging.warning(
-            "%s held a run of %s; moved it to %s", workdir, what, move_run_aside(workdir)
-        )
-    _sync_processes("flaxcnn:workdir_prepared")
-
-
-def _sync_processes(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
 def _quiet_libraries(record: pylogging.LogRecord) -> bool:
     """Keeps orbax's and tfds's per-save chatter out of the log (warnings still pass)."""
     noisy = ("/orbax/", "/tensorflow_datasets/")
@@ -294,23 +173,20 @@ def main(args: argparse.Namespace, config) -> None:
         for key in ("batch_size", "eval_batch_size"):
             if key in getattr(args, "overridden", ()):  # The user's own: split, or say how.
                 config_lib.check_divisible(key, config[key], jax.device_count())
-        prepare_workdir(args.workdir, config, args.force)
+        workdir_lib.prepare_workdir(args.workdir, config, args.force)
     except ValueError as e:  # DataError included.
         if args.verbose:
             raise
         fail(_first_line(e))
     _configure_logging(args.verbose)
     _enable_compilation_cache()
+    from flaxcnn import scoring
     from flaxcnn.runner import loop
 
     try:
-        # A generative run that scores its samples loads a scorer trained here, beforehand
-        # (imported only then: the scorer module imports scipy, half a second).
-        if config.get("score_samples", 0) > 0:
-            from flaxcnn.cli import scorer
-
-            scorer.ensure_scorer(config)
-        results = loop.train_and_evaluate(config, args.workdir)
+        # A generative run that scores its samples loads a scorer trained here, beforehand.
+        scorer = scoring.prepare_scorer(config)
+        results = loop.train_and_evaluate(config, args.workdir, scorer=scorer)
     except (ValueError, input_pipeline.DataError, FloatingPointError) as e:
         if args.verbose:
             raise

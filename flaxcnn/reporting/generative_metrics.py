@@ -10,38 +10,27 @@ score and the inputs of its last dense layer (the penultimate features) the dist
 - frechet_distance: between Gaussians fitted to two feature sets,
   ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)); 0 for identical statistics.
 
-Scores are comparable only under the same scorer. It is an ordinary classification run kept
-in `scorer_dir/<dataset>`, trained before a generative run starts by the command line
-(`python -m flaxcnn.cli.scorer --dataset mnist`, or the train command when the run asks for
-scores), never from inside a run; this module only loads it (`flaxcnn.inference.load_run`)
-and computes scores: it imports nothing above reporting, data and models.
+Scores are comparable only under the same scorer. Training and loading it is
+flaxcnn.scoring's work; this module computes scores over a loaded `Scorer`.
 """
 
 import dataclasses
-import logging
-import os
-import re
 import warnings
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import traverse_util
-
-from flaxcnn import run_files
 
 try:
     import scipy.linalg as _scipy_linalg
 except ImportError:  # scipy comes with jax; the eigen-decomposition route needs only numpy.
     _scipy_linalg = None
 
-DEFAULT_SCORER_DIR = "~/.cache/flaxcnn/scorers"
 # The scorer model sows its penultimate features under this name ("intermediates"), so they
 # do not depend on which layer class comes last.
 FEATURES = "features"
-GENERATIVE_TASKS = ("gan", "vae")
 
 
 def inception_score(probs: np.ndarray) -> float:
@@ -161,62 +150,6 @@ class Scorer:
         return np.concatenate(probs), np.concatenate(features)
 
 
-def scorer_workdir(
-    scorer_dir: str, dataset: str, image_size=None, color_mode: str | None = None
-) -> str:
-    """The workdir of `dataset`'s scorer under `scorer_dir`: one per dataset and image
-    settings (a scorer reads images as the generator's data were read)."""
-    name = dataset
-    if image_size is not None:
-        name += "_{}x{}".format(*image_size)
-    if color_mode is not None:
-        name += f"_{color_mode}"
-    return os.path.join(os.path.expanduser(scorer_dir), re.sub(r"[^\w.-]+", "_", name))
-
-
-def has_scorer(workdir: str) -> bool:
-    """Whether `workdir` holds a finished scorer run (its results are written last)."""
-    return os.path.isfile(run_files.path(workdir, run_files.RESULTS))
-
-
-def scorer_config(
-    dataset: str, data_dir: str | None, image_size=None, color_mode: str | None = None
-) -> ml_collections.ConfigDict:
-    """The scorer's recipe: a small `CNN` (widths 16, 32, 64: 576 penultimate features on
-    28x28 images, few enough for fast covariance square roots), 3 epochs of Adam 1e-3 on a cosine
-    schedule, batch 128, on the whole train split (99% on MNIST's test set)."""
-    from flaxcnn import default_config
-
-    config = default_config.get_config()
-    config.task = "classification"
-    config.dataset = dataset
-    config.data_dir = data_dir
-    config.image_size = image_size
-    config.color_mode = color_mode
-    config.model = "CNN"
-    config.model_kwargs = ml_collections.ConfigDict({"widths": (16, 32, 64), "dropout_rate": 0.3})
-    config.train_split = "train[:95%]"
-    config.validation_split = "train[95%:]"
-    config.batch_size = 128
-    config.num_epochs = 3
-    config.lr_schedule = "cosine"
-    config.keep_checkpoints = 1
-    config.checkpoint_every_epochs = config.num_epochs
-    return config
-
-
-def load_scorer(workdir: str, batch_size: int = 500) -> Scorer:
-    """The scorer trained in `workdir`, loaded like any run (`flaxcnn.inference.load_run`),
-    with the variables evaluation uses and its test accuracy."""
-    from flaxcnn import inference  # Here: inference imports training's checkpointing.
-
-    if not has_scorer(workdir):
-        raise ValueError(f"no finished scorer run in {workdir}")
-    run = inference.load_run(workdir)
-    accuracy = run_files.read_json(run_files.path(workdir, run_files.RESULTS)).get("test_accuracy")
-    return Scorer(run.apply_fn, jax.device_get(run.variables), batch_size, accuracy)
-
-
 def draw_samples(
     generate_fn: Callable[[jax.Array, int], np.ndarray],
     num_samples: int,
@@ -294,60 +227,25 @@ def conditional_accuracy(
     }
 
 
-def _config_scorer_workdir(config: ml_collections.ConfigDict) -> str:
-    return scorer_workdir(
-        config.get("scorer_dir") or DEFAULT_SCORER_DIR,
-        config.dataset,
-        config.get("image_size"),
-        config.get("color_mode"),
-    )
-
-
 def evaluate_generator(
-    generate_fn: Callable[[jax.Array, int], np.ndarray],
-    config: ml_collections.ConfigDict,
-    test_images: np.ndarray | None = None,
-    rng: jax.Array | None = None,
-    *,
-    conditional_fn: Callable[[jax.Array, jax.Array], np.ndarray] | None = None,
+    draw: Callable[..., np.ndarray],
+    scorer: Scorer,
+    test_images: np.ndarray,
+    train_images: np.ndarray,
+    num_samples: int,
     num_classes: int = 0,
 ) -> dict:
-    """`score_generator` as a task's `extra_results` runs it: `config.score_samples` samples
-    (0 or absent: off, {}) against `test_images` (by default `config.test_split`), under the
-    scorer kept for the run's data (see `scorer_workdir`), with the scorer's test accuracy
-    and `real_scores` of as many train images; with `conditional_fn(rng, labels)`, also the
-    `conditional_accuracy` of its `num_classes` classes. Without a scorer: a warning, {}."""
-    num_samples = config.get("score_samples", 0)
-    if not num_samples:
-        return {}
-    workdir = _config_scorer_workdir(config)
-    if not has_scorer(workdir):
-        logging.warning(
-            "No scorer in %s: samples not scored (train it with python -m flaxcnn.cli.scorer "
-            "--dataset %s).",
-            workdir,
-            config.dataset,
-        )
-        return {}
-    from flaxcnn.data import input_pipeline
-
-    scorer = load_scorer(workdir)
-
-    def split_images(split: str) -> np.ndarray:
-        return input_pipeline.load_split(
-            config.dataset,
-            split,
-            config.data_dir,
-            config.get("image_size"),
-            config.get("color_mode"),
-        ).images
-
-    test_images = split_images(config.test_split) if test_images is None else test_images
-    results = score_generator(generate_fn, scorer, test_images, num_samples, rng)
+    """`score_generator` of `num_samples` samples of `draw(rng, num, labels=None)` against
+    `test_images`, with the scorer's test accuracy and `real_scores` of as many
+    `train_images`; for a model of `num_classes` classes also their `conditional_accuracy`."""
+    results = score_generator(lambda rng, num: draw(rng, num), scorer, test_images, num_samples)
     results["scorer_test_accuracy"] = scorer.test_accuracy
-    train_images = split_images(config.train_split)[:num_samples]
-    results.update(real_scores(scorer, train_images, test_images))
-    if conditional_fn is not None:
-        per_class = max(num_samples // max(num_classes, 1), 1)
-        results.update(conditional_accuracy(conditional_fn, scorer, num_classes, per_class))
+    results.update(real_scores(scorer, train_images[:num_samples], test_images))
+    if num_classes:
+        per_class = max(num_samples // num_classes, 1)
+        results.update(
+            conditional_accuracy(
+                lambda rng, labels: draw(rng, len(labels), labels), scorer, num_classes, per_class
+            )
+        )
     return results

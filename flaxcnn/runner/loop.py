@@ -5,10 +5,14 @@
    device and compiles the steps.
 2. `train_to_boundary`: the compiled steps up to the end of an epoch (or of the run), with
    the training metrics logged every `log_every_steps`.
-3. `at_boundary`, where the loop aligns after every epoch: validation, pictures, early
-   stopping, checkpoint, each a small function of the run and the state.
-4. `finish`: the test evaluation (of the best checkpoint with early stopping), results.json
-   and the curves.
+3. The hooks, called in order where the loop aligns after every epoch: `DEFAULT_HOOKS`
+   (validation, pictures, early stopping, checkpoint), then the caller's own: each is a
+   callable `hook(run, state)` of the `TrainingRun` and the state (a `Hook`).
+4. `finish`: the test evaluation (of the best checkpoint with early stopping), the scores of
+   a generator's samples (given a scorer), results.json and the curves.
+
+The caller checks the config (`flaxcnn.config.validate`) and prepares the workdir
+(flaxcnn.workdir) first: the train command and `flaxcnn.fit` do both, once.
 
 Checkpointers, writers and signal handlers are closed in one place, the `ExitStack` of
 `train_and_evaluate`, however the run ends.
@@ -20,7 +24,8 @@ import functools
 import os
 import resource
 import time
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import jax
 import ml_collections
@@ -30,7 +35,8 @@ from absl import logging
 from flaxcnn import config as config_lib
 from flaxcnn import run_files, tasks
 from flaxcnn.data import batching, device_data, input_pipeline, preprocess
-from flaxcnn.reporting import reports, summary
+from flaxcnn.reporting import generative_metrics, reports, summary
+from flaxcnn.reporting.generative_metrics import Scorer
 from flaxcnn.reporting.writers import MetricWriter, Progress, plot_curves
 from flaxcnn.runner import steps as compiled_steps
 from flaxcnn.runtime import sharding
@@ -42,14 +48,8 @@ NUM_PICTURE_IMAGES = 32
 SPLITS = ("train", "validation", "test")
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError naming the first setting that cannot work (before anything is
-    traced, so that the message stays one line): flaxcnn.config.validate, the one place."""
-    config_lib.validate(config)
-
-
 @dataclasses.dataclass
-class Run:
+class TrainingRun:
     """What the loop knows of a run: its settings, data, where it stands, and where it
     writes. `step` is the host's count of the steps done (read from the state once, at
     restore, so the loop never waits on the device for it)."""
@@ -77,6 +77,8 @@ class Run:
     steps: compiled_steps.CompiledSteps | None = None
     progress: Progress | None = None
     skipped: int = 0  # Steps with non-finite values skipped (config.skip_nonfinite).
+    # The metrics of the latest validation, set by the `evaluate_validation` hook.
+    validation_metrics: dict = dataclasses.field(default_factory=dict)
 
     @property
     def epoch(self) -> int:
@@ -141,7 +143,7 @@ def load_early_stopping(config: ml_collections.ConfigDict, workdir: str, epoch: 
 
 def open_run(
     config: ml_collections.ConfigDict, workdir: str, resources: contextlib.ExitStack
-) -> tuple[Run, Any]:
+) -> tuple[TrainingRun, Any]:
     """Preparing a run, part one: the data in memory, the state restored from the newest
     checkpoint (or initialised), and the early-stopping record."""
     os.makedirs(workdir, exist_ok=True)
@@ -174,14 +176,14 @@ def open_run(
     if stopper.enabled:
         best = Checkpointer(workdir, 1, run_files.BEST_CHECKPOINTS)
         resources.callback(best.close)
-    run = Run(
+    run = TrainingRun(
         config, workdir, task, mesh, splits, steps_per_epoch, total_steps, step,
         checkpointer, stopper, best, rngs, normalization,
     )  # fmt: skip
     return run, state
 
 
-def finished_results(run: Run) -> dict | None:
+def finished_results(run: TrainingRun) -> dict | None:
     """The results of a run that had already finished, or None."""
     path = run_files.path(run.workdir, run_files.RESULTS)
     if not (run.done and os.path.exists(path)):
@@ -195,7 +197,7 @@ def finished_results(run: Run) -> dict | None:
     return results
 
 
-def record_run(run: Run, state) -> None:
+def record_run(run: TrainingRun, state) -> None:
     """The resolved config and what a trained model needs to know of its data, so that it
     loads without the data; a line saying what is trained."""
     config, train = run.config, run.splits["train"]
@@ -223,7 +225,7 @@ def record_run(run: Run, state) -> None:
     )
 
 
-def start_run(run: Run, state, resources: contextlib.ExitStack) -> None:
+def start_run(run: TrainingRun, state, resources: contextlib.ExitStack) -> None:
     """Preparing a run, part two: its records, its writer, the data on the device and the
     compiled steps."""
     if run.is_main:
@@ -253,7 +255,7 @@ def start_run(run: Run, state, resources: contextlib.ExitStack) -> None:
     resources.callback(run.progress.close)
 
 
-def log_train_metrics(run: Run, pending: list[dict]) -> None:
+def log_train_metrics(run: TrainingRun, pending: list[dict]) -> None:
     """Writes the mean of the steps' metrics since the last log; stops the run at a
     non-finite loss unless `config.skip_nonfinite`."""
     metrics = compiled_steps.mean_metrics(pending)
@@ -268,7 +270,7 @@ def log_train_metrics(run: Run, pending: list[dict]) -> None:
     run.progress.update(run.step, metrics)
 
 
-def save_pending_metrics(run: Run, pending: list[dict]) -> None:
+def save_pending_metrics(run: TrainingRun, pending: list[dict]) -> None:
     """Keeps the metrics of the steps since the last log (exact values and dtypes) for the
     run that resumes from this step."""
     if run.is_main:
@@ -280,7 +282,7 @@ def save_pending_metrics(run: Run, pending: list[dict]) -> None:
         run_files.write_json_atomically(path, {"step": run.step, "metrics": fetched})
 
 
-def resumed_pending_metrics(run: Run) -> list[dict]:
+def resumed_pending_metrics(run: TrainingRun) -> list[dict]:
     """The metrics `save_pending_metrics` kept at this step, else none."""
     path = run_files.path(run.workdir, run_files.PENDING_METRICS)
     if not os.path.exists(path):
@@ -294,7 +296,7 @@ def resumed_pending_metrics(run: Run) -> list[dict]:
     ]
 
 
-def train_to_boundary(run: Run, state, stop: StopOnSignal):
+def train_to_boundary(run: TrainingRun, state, stop: StopOnSignal):
     """The steps up to the end of the epoch or of the run. Each dispatch runs as many steps
     as fit before the next log step; the choice is a function of the step alone, so a
     resumed run computes what an uninterrupted one does. A stop signal saves a checkpoint
@@ -326,29 +328,37 @@ def train_to_boundary(run: Run, state, stop: StopOnSignal):
     return state
 
 
-def validate(run: Run, state) -> dict:
-    """Boundary hook: the validation metrics, written and logged."""
+class Hook(Protocol):
+    """Work at the end of every epoch (and of the run): `hook(run, state)`, where `run` is
+    the `TrainingRun` (its `step`, `epoch`, `workdir`, `config`, `writer`, `is_main` and the
+    latest `validation_metrics`) and `state` the task's state. Hooks run on every process."""
+
+    def __call__(self, run: "TrainingRun", state: Any) -> None: ...
+
+
+def evaluate_validation(run: TrainingRun, state) -> None:
+    """Hook: the validation metrics, written, logged and kept in `run.validation_metrics`."""
     metrics, _ = run.evaluate(state, "validation")
     metrics = compiled_steps.scalar_metrics(metrics)
     run.writer.write(run.step, "validation", metrics)
     text = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
     logging.info("epoch %d step %d: validation %s", run.epoch, run.step, text)
-    return metrics
+    run.validation_metrics = metrics
 
 
-def write_pictures(run: Run, state) -> None:
-    """Boundary hook: the task's pictures of a fixed batch of validation images."""
+def write_pictures(run: TrainingRun, state) -> None:
+    """Hook: the task's pictures of a fixed batch of validation images."""
     if run.is_main and hasattr(run.task, "write_pictures"):
         images = run.splits["validation"].images[:NUM_PICTURE_IMAGES].astype(np.float32) / 255
         run.task.write_pictures(state, images, run.rngs["eval"], run.workdir, run.step, run.writer)
 
 
-def update_early_stopping(run: Run, state, metrics: dict) -> None:
-    """Boundary hook: records the epoch's validation metric, keeps the best checkpoint."""
+def update_early_stopping(run: TrainingRun, state) -> None:
+    """Hook: records the epoch's validation metric, keeps the best checkpoint."""
     stopper = run.stopper
     if not stopper.enabled:
         return
-    if stopper.update(run.epoch, metrics[stopper.metric]):
+    if stopper.update(run.epoch, run.validation_metrics[stopper.metric]):
         run.best_checkpointer.save(state)
     if run.is_main:
         path = run_files.path(run.workdir, run_files.EARLY_STOPPING)
@@ -362,21 +372,19 @@ def update_early_stopping(run: Run, state, metrics: dict) -> None:
         )
 
 
-def save_checkpoint(run: Run, state) -> None:
-    """Boundary hook: a checkpoint every `checkpoint_every_epochs` and at the end."""
+def save_checkpoint(run: TrainingRun, state) -> None:
+    """Hook: a checkpoint every `checkpoint_every_epochs` and at the end."""
     if run.epoch % run.config.checkpoint_every_epochs == 0 or run.done:
         run.checkpointer.save(state)
 
 
-def at_boundary(run: Run, state) -> None:
-    """What happens after every epoch (and at the end of the run), in order."""
-    metrics = validate(run, state)
-    write_pictures(run, state)
-    update_early_stopping(run, state, metrics)
-    save_checkpoint(run, state)
+# What happens after every epoch (and at the end of the run), in order, before the caller's.
+DEFAULT_HOOKS: tuple[Hook, ...] = (
+    evaluate_validation, write_pictures, update_early_stopping, save_checkpoint,
+)  # fmt: skip
 
 
-def classification_report(run: Run, test_metrics: dict) -> dict:
+def classification_report(run: TrainingRun, test_metrics: dict) -> dict:
     """Per-class accuracy and the confusion matrix of a task whose evaluation counts one
     (also drawn in `workdir/confusion_test.png`); {} for other tasks."""
     if "confusion" not in test_metrics:
@@ -392,9 +400,31 @@ def classification_report(run: Run, test_metrics: dict) -> dict:
     return {key: report[key] for key in ("per_class_accuracy", "confusion_matrix")}
 
 
-def finish(run: Run, state, first_step: int, train_time: float) -> dict:
-    """The test evaluation (of the best validation state with early stopping), results.json
-    and the curves."""
+def sample_scores(run: TrainingRun, state, scorer: Scorer | None) -> dict:
+    """The scores of `config.score_samples` samples of the task's generator under `scorer`
+    (flaxcnn.scoring prepares it), against the test split; {} when nothing is scored."""
+    num_samples = run.config.get("score_samples", 0)
+    if not (num_samples and hasattr(run.task, "generator")):
+        return {}
+    if scorer is None:
+        logging.warning("No scorer given: samples not scored (see flaxcnn.scoring).")
+        return {}
+    generator = run.task.generator(state)
+    return generative_metrics.evaluate_generator(
+        generator.draw,
+        scorer,
+        run.splits["test"].images,
+        run.splits["train"].images,
+        num_samples,
+        generator.num_classes,
+    )
+
+
+def finish(
+    run: TrainingRun, state, first_step: int, train_time: float, scorer: Scorer | None = None
+) -> dict:
+    """The test evaluation (of the best validation state with early stopping), the task's
+    extra results and its samples' scores."""
     if run.best_checkpointer is not None:
         state = run.best_checkpointer.restore_or(state)
         logging.info("Testing the best checkpoint, of step %d.", int(state.step))
@@ -418,6 +448,7 @@ def finish(run: Run, state, first_step: int, train_time: float) -> dict:
     }
     if hasattr(run.task, "extra_results"):
         results.update(run.task.extra_results(state, run.config, run.workdir, run.splits["test"]))
+    results.update(sample_scores(run, state, scorer))
     logging.info(
         "test %s on %d examples",
         " ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()),
@@ -426,7 +457,7 @@ def finish(run: Run, state, first_step: int, train_time: float) -> dict:
     return results
 
 
-def write_results(run: Run, results: dict) -> None:
+def write_results(run: TrainingRun, results: dict) -> None:
     """results.json (atomically: a run killed here leaves no partial file) and the curves."""
     if run.is_main:
         plot_curves(
@@ -436,15 +467,22 @@ def write_results(run: Run, results: dict) -> None:
         run_files.write_json_atomically(run_files.path(run.workdir, run_files.RESULTS), results)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    hooks: Sequence[Hook] = (),
+    scorer: Scorer | None = None,
+) -> dict:
     """Trains `config.model` for `config.task` on `config.dataset`, resuming from `workdir`
     if it holds a run, and returns (and writes to `workdir/results.json`) the test metrics.
 
-    With early stopping on, the best validation checkpoint is kept beside the newest ones
-    and the test evaluation uses it. SIGTERM or SIGINT saves a checkpoint of the current
-    step and raises `signals.Interrupted`."""
+    After every epoch the `DEFAULT_HOOKS` run, then `hooks` in order. With early stopping on,
+    the best validation checkpoint is kept beside the newest ones and the test evaluation
+    uses it. A task with a generator and `config.score_samples` > 0 has its samples scored
+    under `scorer`. SIGTERM or SIGINT saves a checkpoint of the current step and raises
+    `signals.Interrupted`."""
     start_time = time.perf_counter()
-    validate_config(config)
+    all_hooks = (*DEFAULT_HOOKS, *hooks)
     with contextlib.ExitStack() as resources:
         run, state = open_run(config, workdir, resources)
         results = finished_results(run)
@@ -455,12 +493,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         with StopOnSignal() as stop:
             while not run.done:
                 state = train_to_boundary(run, state, stop)
-                at_boundary(run, state)
+                for hook in all_hooks:
+                    hook(run, state)
         run.progress.close()
         jax.block_until_ready(state)
         train_time = time.perf_counter() - train_start
         run.checkpointer.wait_until_finished()
-        results = finish(run, state, first_step, train_time)
+        results = finish(run, state, first_step, train_time, scorer)
         results["wall_time_s"] = time.perf_counter() - start_time
         write_results(run, results)
         return results

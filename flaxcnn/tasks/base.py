@@ -20,6 +20,8 @@ Conventions the loop relies on:
   run's key: fold in `state.step` for per-step randomness.
 """
 
+import dataclasses
+from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import ml_collections
@@ -70,6 +72,35 @@ class ResultsHook(Protocol):
     ) -> dict: ...
 
 
+@dataclasses.dataclass(frozen=True)
+class Generator:
+    """What a generative task's trained state draws, for the sample and export commands and
+    the scores of its samples. Images are float32 (N, H, W, C) in [0, 1]."""
+
+    latent_dim: int
+    num_classes: int  # Of a class-conditional model; 0 for an unconditional one.
+    decode: Callable[[Any, Any], Any]  # (latents (N, latent_dim), labels (N,) or None).
+    draw: Callable[..., Any]  # (rng, num, labels=None): `num` samples of the prior.
+    # `size` -> (size * size, latent_dim) latents tiling the prior (a 2-latent model's
+    # manifold picture); None where the model has no such picture.
+    manifold: Callable[[int], Any] | None = None
+
+
+class GeneratorHook(Protocol):
+    """Optional: the generator of a trained state (GAN, VAE): what `python -m flaxcnn.sample`
+    draws, `python -m flaxcnn.export` exports and, with `config.score_samples`, the run's
+    sample scores measure."""
+
+    def generator(self, state: Any) -> Generator: ...
+
+
+class ReconstructHook(Protocol):
+    """Optional: reconstructions (N, H, W, C) in [0, 1] of images (N, H, W, C) in [0, 1]
+    (autoencoder, VAE), what `python -m flaxcnn.sample --images` draws."""
+
+    def reconstruct(self, state: Any, images: Any) -> Any: ...
+
+
 class DataHook(Protocol):
     """Optional: the initial state adjusted to the training split (`flaxcnn.data.
     input_pipeline.Split`: uint8 images and labels in memory), before the first step of a
@@ -90,7 +121,9 @@ class ValidateHook(Protocol):
 
 
 REQUIRED = ("create_state", "train_step", "eval_step", "step_kwargs")
-OPTIONAL = ("write_pictures", "extra_results", "fit_to_data", "validate")
+OPTIONAL = (
+    "write_pictures", "extra_results", "fit_to_data", "validate", "generator", "reconstruct",
+)  # fmt: skip
 
 
 def check_task(task: Any, name: str) -> None:

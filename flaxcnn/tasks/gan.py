@@ -7,7 +7,7 @@ discriminator wins). Each update is a pure function of its own, touching only it
 parameters, batch statistics and optimizer state, so each can be tested alone.
 
 Both networks train with Adam (`config.optimizer` must be "adam") following
-`config.lr_schedule`. Config keys of this task, each optional (default in brackets):
+`config.lr_schedule`. Config keys of this task (defaults in flaxcnn/default_config.py):
 `adam_b1` (0.5, DCGAN's value: Adam's first-moment decay), `d_learning_rate` (the
 discriminator's learning rate; `learning_rate`), `g_ema_decay` (0: the moving average of the
 generator's parameters that samples are drawn with; 0 keeps the live parameters),
@@ -18,9 +18,8 @@ weight of AC-GAN's classification loss, for a conditional model with `model_kwar
 D's head learns the real images' labels, and G is trained to have its fakes classified as the
 labels they were drawn for), `num_clusters` (0, off: an unconditional GAN conditioned on that
 many k-means clusters of its training images, found before the first step; see
-flaxcnn.data.clusters), `score_samples` (0, off: how many
-samples `extra_results` scores) and `scorer_dir` (where the scoring classifier is kept; see
-flaxcnn.reporting.generative_metrics).
+flaxcnn.data.clusters), `score_samples` (0, off: how many samples of `generator` the run
+scores) and `scorer_dir` (where the scoring classifier is kept; see flaxcnn.scoring).
 
 Samples (pictures, scores, `python -m flaxcnn.sample`, the generator export) are drawn with
 `sampling_variables`: the averaged parameters and batch statistics of a fixed batch of latents
@@ -43,14 +42,14 @@ from flaxcnn import run_files
 from flaxcnn.data import augment, clusters, input_pipeline
 from flaxcnn.models import MODELS, create_model, fast_cpu
 from flaxcnn.models.gan import DCGAN
-from flaxcnn.reporting import generative_metrics, pictures
+from flaxcnn.reporting import pictures
+from flaxcnn.tasks.base import Generator
 from flaxcnn.training.gradient_step import keep_if_finite
 from flaxcnn.training.state import SCHEDULES, model_kwargs
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
-DEFAULT_ADAM_B1 = 0.5
 SAMPLE_GRID_COLUMNS = 8
 NUM_PICTURE_SAMPLES = 64
 # The sample pictures' latents come from key(0) folded with this, whatever the run's seed, so
@@ -93,7 +92,7 @@ def _optimizer(
             f"task 'gan' trains with optimizer 'adam' (b1 from config.adam_b1), "
             f"got {config.optimizer!r}"
         )
-    if config.get("optimizer_kwargs"):
+    if config.optimizer_kwargs:
         raise ValueError(
             "task 'gan' takes no config.optimizer_kwargs (its Adam's b1 is config.adam_b1)"
         )
@@ -101,13 +100,16 @@ def _optimizer(
         raise ValueError(
             f"unknown schedule {config.lr_schedule!r}; valid: {', '.join(sorted(SCHEDULES))}"
         )
-    schedule = SCHEDULES[config.lr_schedule](
-        learning_rate, total_steps, config.get("warmup_steps", 0)
-    )
-    adam = optax.adam(schedule, b1=config.get("adam_b1", DEFAULT_ADAM_B1))
-    if config.get("grad_clip_norm", 0.0):
+    schedule = SCHEDULES[config.lr_schedule](learning_rate, total_steps, config.warmup_steps)
+    adam = optax.adam(schedule, b1=config.adam_b1)
+    if config.grad_clip_norm:
         return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adam)
     return adam
+
+
+def _d_learning_rate(config: ml_collections.ConfigDict) -> float:
+    """The discriminator's learning rate: `config.d_learning_rate`, -1 for the generator's."""
+    return config.learning_rate if config.d_learning_rate < 0 else config.d_learning_rate
 
 
 def create_state(
@@ -125,13 +127,13 @@ def create_state(
     if not (isinstance(model_class, type) and issubclass(model_class, DCGAN)):
         raise ValueError(f"task 'gan' needs a GAN model (DCGAN), got {config.model!r}")
     kwargs = model_kwargs(config)
-    if config.get("conditional", False):
+    if config.conditional:
         kwargs["num_classes"] = num_classes
-    num_clusters = int(config.get("num_clusters", 0))
+    num_clusters = int(config.num_clusters)
     if num_clusters:
         kwargs["num_clusters"] = num_clusters
     model = create_model(config.model, image_shape=tuple(input_shape), **kwargs)
-    decay = float(config.get("g_ema_decay", 0.0))
+    decay = float(config.g_ema_decay)
     if not 0 <= decay < 1:
         raise ValueError(f"config.g_ema_decay must be in [0, 1), got {decay}")
     z = jnp.zeros((1, model.latent_dim), jnp.float32)
@@ -139,7 +141,7 @@ def create_state(
     variables = model.init(rng, z, labels, train=False)
     params = variables["params"]
     g_tx = _optimizer(config, config.learning_rate, total_steps)
-    d_tx = _optimizer(config, config.get("d_learning_rate", config.learning_rate), total_steps)
+    d_tx = _optimizer(config, _d_learning_rate(config), total_steps)
     return GANState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -161,27 +163,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
     updates honour `skip_nonfinite`, `grad_clip_norm` (each network's gradients) and
     `augment` (`diff_augment`); microbatches, L2 and the moving average of all parameters
     are refused."""
-    if config.get("microbatch_size", 0) > 0:
+    if config.microbatch_size > 0:
         raise ValueError(
             "task 'gan' trains on whole batches (the generator's batch norm needs them): "
             f"set config.microbatch_size to 0 or -1, not {config.microbatch_size}"
         )
-    if config.get("l2", 0.0):
+    if config.l2:
         raise ValueError(f"task 'gan' has no L2 penalty: set config.l2 to 0, not {config.l2}")
-    if config.get("r1_gamma", 0.0) < 0 or int(config.get("r1_every", 1)) < 1:
+    if config.r1_gamma < 0 or int(config.r1_every) < 1:
         raise ValueError(
             "config.r1_gamma must be >= 0 and config.r1_every >= 1, got "
-            f"{config.get('r1_gamma', 0.0)} and {config.get('r1_every', 1)}"
+            f"{config.r1_gamma} and {config.r1_every}"
         )
-    if config.get("num_clusters", 0) < 0 or (
-        config.get("num_clusters", 0) and config.get("conditional", False)
-    ):
+    if config.num_clusters < 0 or (config.num_clusters and config.conditional):
         raise ValueError(
             "config.num_clusters conditions an unconditional GAN on clusters of its data: "
             f"set it to 0 or more, and config.conditional to False (got {config.num_clusters} "
-            f"and {config.get('conditional', False)})"
+            f"and {config.conditional})"
         )
-    if config.get("ema_decay", 0.0):
+    if config.ema_decay:
         raise ValueError(
             "task 'gan' averages only the generator's parameters: set config.g_ema_decay, "
             f"and config.ema_decay to 0 (not {config.ema_decay})"
@@ -215,11 +215,11 @@ def step_kwargs(config: ml_collections.ConfigDict) -> dict:
     augmentation of real and generated images."""
     validate(config)
     return {
-        "skip_nonfinite": bool(config.get("skip_nonfinite", False)),
+        "skip_nonfinite": bool(config.skip_nonfinite),
         "augmentation": augment.from_config(config) if "augment" in config else None,
-        "r1_gamma": float(config.get("r1_gamma", 0.0)),
-        "r1_every": int(config.get("r1_every", 1)),
-        "class_head_weight": float(config.get("class_head_weight", 1.0)),
+        "r1_gamma": float(config.r1_gamma),
+        "r1_every": int(config.r1_every),
+        "class_head_weight": float(config.class_head_weight),
     }
 
 
@@ -600,27 +600,14 @@ def write_pictures(
     writer.write_image(step, "samples", grid)
 
 
-def extra_results(
-    state: GANState,
-    config: ml_collections.ConfigDict,
-    workdir: str,
-    test_split: input_pipeline.Split | None = None,
-) -> dict:
-    """Inception score and Frechet distance (to `test_split`) of `config.score_samples`
-    samples under the dataset's scoring classifier (see
-    flaxcnn.reporting.generative_metrics), and for a conditional GAN the scorer's accuracy on
-    samples of each class; {} when `score_samples` is 0 or absent."""
-    del workdir
-    if not config.get("score_samples", 0):
-        return {}
-    draw = sampler(state)
-    num_classes = state.model.num_classes
-    return generative_metrics.evaluate_generator(
-        lambda rng, num: draw(rng, num),
-        config,
-        test_images=None if test_split is None else test_split.images,
-        conditional_fn=(lambda rng, labels: draw(rng, len(labels), labels))
-        if num_classes
-        else None,
-        num_classes=num_classes,
+def generator(state: GANState) -> Generator:
+    """The generator samples are drawn with (the averaged parameters and standing batch
+    statistics, computed once): `draw` is `sampler`'s, `decode` maps given latents."""
+    variables = _sampling_variables_jit(state, STANDING_STATS_SAMPLES)
+    decode = jax.jit(lambda z, labels: generate_with(state, variables, z, labels))
+    return Generator(
+        latent_dim=state.model.latent_dim,
+        num_classes=state.model.num_classes,
+        decode=decode,
+        draw=lambda rng, num, labels=None: _sample_jit(state, rng, num, labels, variables),
     )

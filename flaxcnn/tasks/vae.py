@@ -9,7 +9,7 @@ with one reparameterised sample drawn from the step's rng.
 Config keys of this task, each optional: `conditional` (False: q(z|x, y) and p(x|z, y), the
 batch labels passed to the model), `iw_samples` (0, off: importance samples per test image of
 the log-likelihood estimate in results.json), `iw_examples` (0: every test image),
-`score_samples` and `scorer_dir` (see flaxcnn.reporting.generative_metrics).
+`score_samples` and `scorer_dir` (see flaxcnn.scoring: the run scores `generator`'s samples).
 """
 
 import functools
@@ -21,7 +21,6 @@ import numpy as np
 import optax
 
 from flaxcnn.data import input_pipeline
-from flaxcnn.reporting import generative_metrics
 from flaxcnn.reporting.pictures import image_grid
 from flaxcnn.tasks import autoencoder
 from flaxcnn.tasks.autoencoder import (
@@ -31,6 +30,7 @@ from flaxcnn.tasks.autoencoder import (
 )
 from flaxcnn.tasks.autoencoder import step_kwargs as step_kwargs  # The autoencoder's settings,
 from flaxcnn.tasks.autoencoder import validate as validate  # all of them honoured.
+from flaxcnn.tasks.base import Generator
 from flaxcnn.training import gradient_step
 from flaxcnn.training.state import TrainState
 
@@ -125,7 +125,7 @@ def create_state(
 ) -> TrainState:
     """The autoencoder's state of `config.model`; with `config.conditional` the model is
     conditioned on the dataset's `num_classes` labels."""
-    if config.get("conditional", False):
+    if config.conditional:
         config = ml_collections.ConfigDict(config.to_dict())
         config.model_kwargs.num_classes = num_classes
     return autoencoder.create_state(config, rng, input_shape, num_classes, total_steps)
@@ -225,6 +225,19 @@ def to_float(images: np.ndarray) -> np.ndarray:
     return images.astype(np.float32)
 
 
+def generator(state: TrainState) -> Generator:
+    """The decoder with the evaluation parameters; prior draws as `generate` makes them, and
+    the manifold picture's latents for a model of 2 latents."""
+    size = latent_dim(state)
+    return Generator(
+        latent_dim=size,
+        num_classes=num_classes(state),
+        decode=jax.jit(lambda z, labels: decode(state, z, labels)),
+        draw=lambda rng, num, labels=None: generate(state, rng, num, labels),
+        manifold=manifold_latents if size == 2 else None,
+    )
+
+
 def manifold_latents(size: int = 20) -> np.ndarray:
     """`size` x `size` 2-latent vectors at evenly spaced quantiles (5% to 95%) of the prior,
     row-major with the second latent falling down the rows: decoded and tiled, the classic
@@ -270,28 +283,13 @@ def extra_results(
 ) -> dict:
     """The importance-weighted estimate of the test negative log-likelihood
     ("test_iw_nll", with `config.iw_samples` samples per image over the first
-    `config.iw_examples` test images; 0 samples: off), and the inception score and Frechet
-    distance (to the test split) of `config.score_samples` prior samples under the dataset's
-    scoring classifier (flaxcnn.reporting.generative_metrics), with the conditional accuracy
-    of a conditional model."""
+    `config.iw_examples` test images; 0 samples: off)."""
     del workdir
     results = {}
-    k = config.get("iw_samples", 0)
+    k = config.iw_samples
     if k:
-        num = config.get("iw_examples", 0)
+        num = config.iw_examples
         results["test_iw_nll"] = importance_weighted_estimate(state, test_split, k, num)
         results["iw_samples"] = k
         results["iw_examples"] = min(num, len(test_split.images)) or len(test_split.images)
-    classes = num_classes(state)
-    results.update(
-        generative_metrics.evaluate_generator(
-            lambda rng, num: generate(state, rng, num),
-            config,
-            test_split.images,
-            conditional_fn=(lambda rng, labels: generate(state, rng, len(labels), labels))
-            if classes
-            else None,
-            num_classes=classes,
-        )
-    )
     return results

@@ -16,23 +16,21 @@ import argparse
 import json
 import os
 import re
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
+
+from flaxcnn import bench
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 TFDS = os.path.join(REPO, "..", "shared", "data", "tfds")
-sys.path.insert(0, HERE)
-from keras_user_models import MODELS  # noqa: E402
+MODELS = bench.load_module(os.path.join(HERE, "keras_user_models.py")).MODELS
 
 
 def command(
     model: str, contender: str, batch_size: int, workdir: str, tfds: str
 ) -> tuple[list[str], dict]:
-    env = dict(os.environ, TFDS_DATA_DIR=tfds)
+    env = bench.environment(TFDS_DATA_DIR=tfds)
     if contender == "keras":
         twin = os.path.join(HERE, "keras_user_models.py")
         return [sys.executable, twin, "--model", model, "--batch-size", str(batch_size)], env
@@ -50,18 +48,18 @@ def command(
     ], env
 
 
-def run_once(model: str, contender: str, batch_size: int, tfds: str) -> dict:
+def run_once(model: str, contender: str, batch_size: int, tfds: str) -> dict | None:
+    """One whole command: its wall seconds, training examples/s and test accuracy; None (the
+    reason printed) when it fails."""
     with tempfile.TemporaryDirectory() as workdir:
         argv, env = command(model, contender, batch_size, os.path.join(workdir, "run"), tfds)
-        start = time.perf_counter()
-        done = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=REPO)
-        seconds = time.perf_counter() - start
-        if done.returncode:
-            print(done.stderr[-2000:], file=sys.stderr)
-            return {"seconds": None}
+        timed = bench.time_command(argv, f"{model} {contender} {batch_size}", env, REPO)
+        if timed is None:
+            return None
+        seconds, stdout = timed
         if contender == "keras":
-            rate = float(re.search(r"examples/s \(last epoch\): (\d+)", done.stdout)[1])
-            accuracy = float(re.search(r"test accuracy ([\d.]+)", done.stdout)[1])
+            rate = float(re.search(r"examples/s \(last epoch\): (\d+)", stdout)[1])
+            accuracy = float(re.search(r"test accuracy ([\d.]+)", stdout)[1])
         else:
             with open(os.path.join(workdir, "run", "results.json")) as f:
                 results = json.load(f)
@@ -87,11 +85,6 @@ def compare(
     return runs
 
 
-def _median(runs: list[dict], key: str) -> float | None:
-    values = [r[key] for r in runs if r["seconds"] is not None]
-    return statistics.median(values) if values else None
-
-
 def table(runs: dict[str, list[dict]], contenders: list[str]) -> list[str]:
     """Markdown: per model and batch size, each contender's median whole-command seconds and
     training examples/s, Keras's seconds over flaxcnn's, and the test accuracies."""
@@ -104,8 +97,11 @@ def table(runs: dict[str, list[dict]], contenders: list[str]) -> list[str]:
         cells, seconds, accuracies = [], {}, []
         for contender in contenders:
             results = runs.get(f"{row} {contender}", [])
-            seconds[contender] = _median(results, "seconds")
-            rate, accuracy = _median(results, "examples_per_s"), _median(results, "accuracy")
+            seconds[contender] = bench.median_of(results, "seconds")
+            rate, accuracy = (
+                bench.median_of(results, "examples_per_s"),
+                bench.median_of(results, "accuracy"),
+            )
             failed = rate is None
             cells.append("failed" if failed else f"{seconds[contender]:.1f} ({rate:,.0f})")
             accuracies.append(f"{accuracy:.4f}" if accuracy is not None else "-")
