@@ -120,7 +120,7 @@ def eval_variables(state: Any) -> dict:
     return state.variables()
 
 
-def to_model_input(images, mean=None, std=None) -> np.ndarray:
+def checked_model_input(images, mean=None, std=None) -> np.ndarray:
     """uint8 images (0..255) or float images in [0, 1] -> float32 in [0, 1], standardised by
     the per-channel `mean` and `std` when given: exactly what the model is trained on
     (`preprocess.to_model_input`), after checking the images' type and range."""
@@ -179,7 +179,7 @@ class Run:
         """Class probabilities (N, num_classes) of images (N, H, W, C), uint8 or float in
         [0, 1] ((N, H, W) for one channel), in padded batches of at most `batch_size`
         (`batching.map_padded`), so few shapes are ever compiled."""
-        images = to_model_input(images, self.mean, self.std)
+        images = checked_model_input(images, self.mean, self.std)
         if images.ndim == 3 and self.image_shape[2] == 1:
             images = images[..., None]
         if images.shape[1:] != tuple(self.image_shape):

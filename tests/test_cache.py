@@ -81,9 +81,9 @@ def test_entries_of_a_vanished_source_are_pruned(data_dir, cache_dir):
     source = os.path.join(cache_dir, "..", "source")
     os.makedirs(source)
     cache.save(key, source, images, labels, num_classes=1, class_names=["a"])
-    assert cache.load(key) is not None
+    assert cache.read_entry(key) is not None
     os.rmdir(source)
-    assert cache.load(key) is None
+    assert cache.read_entry(key) is None
     input_pipeline.load_split("embedded_mnist", "test", data_dir)  # Saves, and prunes.
     assert len(os.listdir(cache_dir)) == 1
 
@@ -120,8 +120,10 @@ def test_a_folder_split_is_decoded_once_until_a_file_changes(tmp_path, cache_dir
             pixels = np.full((8, 8, 3), 40 * i + (label == "b") * 120, np.uint8)
             Image.fromarray(pixels).save(root / "train" / label / f"{i}.png")
     decoded = []
-    load = image_folder.load
-    monkeypatch.setattr(image_folder, "load", lambda *a: decoded.append(a[1]) or load(*a))
+    load = image_folder.load_folder_split
+    monkeypatch.setattr(
+        image_folder, "load_folder_split", lambda *a: decoded.append(a[1]) or load(*a)
+    )
     name = f"folder:{root}"
     first = input_pipeline.load_split(name, "train[:50%]")
     second = input_pipeline.load_split(name, "train[:50%]")

@@ -19,7 +19,7 @@ def three_groups(sizes=(10, 20, 30), seed=0):
 
 def test_fit_finds_separated_groups_and_their_shares():
     images, groups = three_groups()
-    fitted, purity = clusters.fit(images, groups, 3, seed=0)
+    fitted, purity = clusters.fit_clusters(images, groups, 3, seed=0)
     assert fitted["centers"].shape == (3, 16) and purity == 1.0
     assigned = np.asarray(clusters.nearest(fitted, jnp.asarray(images / 255, jnp.float32)))
     # Each group is one cluster, and each cluster one group.
@@ -35,11 +35,11 @@ def test_fit_finds_separated_groups_and_their_shares():
 
 def test_fit_is_deterministic_and_fits_a_subset_of_a_large_split(monkeypatch):
     images, groups = three_groups()
-    first, _ = clusters.fit(images, groups, 3, seed=1)
-    again, _ = clusters.fit(images, groups, 3, seed=1)
+    first, _ = clusters.fit_clusters(images, groups, 3, seed=1)
+    again, _ = clusters.fit_clusters(images, groups, 3, seed=1)
     np.testing.assert_array_equal(first["centers"], again["centers"])
     monkeypatch.setattr(clusters, "MAX_FIT_IMAGES", 12)
-    subset, purity = clusters.fit(images, groups, 3, seed=1)
+    subset, purity = clusters.fit_clusters(images, groups, 3, seed=1)
     assert purity == 1.0 and float(subset["cum_share"][-1]) == 1.0
     np.testing.assert_allclose(
         np.sort(subset["centers"][:, 0]), [20 / 255, 120 / 255, 230 / 255], atol=0.03
@@ -50,7 +50,7 @@ def test_purity_counts_the_commonest_label_of_each_cluster():
     images, groups = three_groups()
     labels = groups.copy()
     labels[:5] = 2  # Half of the first group carries another label.
-    _, purity = clusters.fit(images, labels, 3, seed=0)
+    _, purity = clusters.fit_clusters(images, labels, 3, seed=0)
     assert purity == pytest.approx(55 / 60)
 
 
@@ -70,7 +70,7 @@ def test_latents_fall_in_clusters_with_their_shares():
 
 def test_empty_clusters_have_the_shapes_fit_returns():
     images, groups = three_groups()
-    fitted, _ = clusters.fit(images, groups, 3, seed=0)
+    fitted, _ = clusters.fit_clusters(images, groups, 3, seed=0)
     placeholder = clusters.empty(3, (4, 4, 1))
     assert jax.tree.map(jnp.shape, placeholder) == jax.tree.map(jnp.shape, fitted)
     assert jax.tree.map(jnp.dtype, placeholder) == jax.tree.map(jnp.dtype, fitted)

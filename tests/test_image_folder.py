@@ -207,7 +207,7 @@ def test_rgb_folder_trains_evaluates_and_predicts_end_to_end(tmp_path):
     # The same file computed independently: decoded and resized by PIL as the training images
     # were, through the model; the ranking, names, indices and probabilities must match.
     pixels = Image.open(image).convert("RGB").resize((16, 16), Image.Resampling.BILINEAR)
-    model_input = inference.to_model_input(
+    model_input = inference.checked_model_input(
         np.asarray(pixels)[None], getattr(run, "mean", None), getattr(run, "std", None)
     )
     logits = run.apply_fn(run.variables, model_input, train=False)
@@ -372,14 +372,14 @@ def test_predict_command_when_every_file_fails(tmp_path, monkeypatch, capsys):
 def test_parallel_decoding_gives_the_serial_arrays_and_errors(tmp_path, monkeypatch):
     name = make_folder(tmp_path / "f", per_class=9, sizes=((16, 16), (12, 20)))
     monkeypatch.setenv(image_folder.WORKERS_ENV, "1")
-    serial = image_folder.load(name, "train", (16, 16), "rgb")
+    serial = image_folder.load_folder_split(name, "train", (16, 16), "rgb")
     monkeypatch.setenv(image_folder.WORKERS_ENV, "2")
-    parallel = image_folder.load(name, "train", (16, 16), "rgb")
+    parallel = image_folder.load_folder_split(name, "train", (16, 16), "rgb")
     for a, b in zip(serial[:2], parallel[:2]):
         np.testing.assert_array_equal(a, b)
     # A worker's error reaches the caller as the one-line FolderError naming the file.
     with pytest.raises(image_folder.FolderError, match=r"differ in size .*set config.image_size"):
-        image_folder.load(name, "train")
+        image_folder.load_folder_split(name, "train")
     assert image_folder.decode_workers(10) == 2
     monkeypatch.delenv(image_folder.WORKERS_ENV)
     assert image_folder.decode_workers(image_folder.PARALLEL_FROM - 1) == 1

@@ -53,7 +53,7 @@ def test_channel_stats_of_a_constant_channel_and_bad_input():
     stats = preprocess.channel_stats(images)
     assert stats.mean[1] == 0.2 and stats.std[1] == 0.0
     with pytest.raises(ValueError, match="constant"):
-        preprocess.resolve("dataset", images)
+        preprocess.resolve_normalization("dataset", images)
     with pytest.raises(ValueError, match="uint8"):
         preprocess.channel_stats(images.astype(np.float32))
 
@@ -118,11 +118,11 @@ def test_parse_rejects(normalize, message):
 
 @pytest.mark.parametrize("task", ["autoencoder", "vae", "gan"])
 def test_tasks_whose_targets_are_images_reject_normalisation(task):
-    preprocess.check_task(task, "none")
-    preprocess.check_task("classification", "dataset")
+    preprocess.check_normalizable(task, "none")
+    preprocess.check_normalizable("classification", "dataset")
     for normalize in ("dataset", (MEAN, STD)):
         with pytest.raises(ValueError, match=f"the {task} task"):
-            preprocess.check_task(task, normalize)
+            preprocess.check_normalizable(task, normalize)
     config = tiny_config(None, task=task, normalize="dataset")
     with pytest.raises(ValueError, match="normalize='none'"):
         preprocess.resolve_config(config, uint8_images())

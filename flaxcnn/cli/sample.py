@@ -27,7 +27,7 @@ from flaxcnn.cli.evaluate import quiet_tensorflow
 from flaxcnn.data import image_folder
 from flaxcnn.reporting import pictures
 from flaxcnn.tasks import get_task
-from flaxcnn.tasks.base import Generator
+from flaxcnn.tasks.base import Sampling
 
 USAGE_ERROR = 2
 INTERPOLATION_STEPS = 10
@@ -60,7 +60,7 @@ def interpolation_latents(rng: jax.Array, rows: int, latent_dim: int) -> jax.Arr
 
 
 def generated_images(
-    task_name: str, generator: Generator, args: argparse.Namespace
+    task_name: str, generator: Sampling, args: argparse.Namespace
 ) -> tuple[np.ndarray, int]:
     """(images (N, H, W, C) in [0, 1], grid columns) that `args` ask of a task's generator."""
     latent_dim, num_classes, decode = generator.latent_dim, generator.num_classes, generator.decode
@@ -141,7 +141,7 @@ def check_args(args: argparse.Namespace, task_name: str, task) -> None:
         raise SampleError(f"an {task_name} run draws no samples: give --images FILE ...")
 
 
-def run(args: argparse.Namespace) -> list[str]:
+def sample_images(args: argparse.Namespace) -> list[str]:
     config = inference.load_config(args.workdir)
     task_name = config.get("task", "classification")
     task = get_task(task_name)
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_tensorflow()
     try:
-        paths = run(args)
+        paths = sample_images(args)
     except ValueError as e:  # SampleError, and a workdir without a run or checkpoint.
         print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return USAGE_ERROR

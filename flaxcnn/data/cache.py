@@ -100,7 +100,7 @@ def _entry_dir(root: str, key: dict) -> str:
     return os.path.join(root, digest)
 
 
-def load(key: dict) -> tuple[np.ndarray, np.ndarray, dict] | None:
+def read_entry(key: dict) -> tuple[np.ndarray, np.ndarray, dict] | None:
     """(images memory-mapped, labels, meta) of the entry of `key`, or None when there is no
     entry or its source folder has changed since it was written."""
     root = cache_root()

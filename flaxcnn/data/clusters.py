@@ -73,7 +73,7 @@ def _lloyd(points: jax.Array, k: int, rng: jax.Array) -> tuple[jax.Array, jax.Ar
     return centers, jnp.argmin(_squared_distances(points, centers), axis=1)
 
 
-def fit(
+def fit_clusters(
     images: np.ndarray, labels: np.ndarray, num_clusters: int, seed: int
 ) -> tuple[Clusters, float]:
     """k-means of `images` (N, H, W, C) uint8, in pixels scaled to [0, 1]: the centres and the

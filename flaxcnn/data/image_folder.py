@@ -267,7 +267,7 @@ def folder_info(
     return (*size, channels(color_mode)), classes
 
 
-def load(
+def load_folder_split(
     name: str, split: str, image_size=None, color_mode: str | None = None
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Images (N, H, W, C) uint8, labels (N,) int32 and class names of `split` of the folder

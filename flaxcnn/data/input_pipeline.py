@@ -130,7 +130,7 @@ def load_split(
     if image_folder.is_folder_dataset(name):
         return _load_folder_split(name, split, image_size, color_mode)
     key = cache.split_key(name, split, data_dir, image_size, color_mode)
-    cached = cache.load(key)
+    cached = cache.read_entry(key)
     if cached is not None:
         images, labels, meta = cached
         return Split(np.asarray(images), labels, meta["num_classes"], meta["class_names"])
@@ -154,11 +154,11 @@ def _load_folder_split(
     try:
         root = os.path.abspath(image_folder.folder_root(name))
         key = cache.split_key(image_folder.PREFIX + root, split, root, image_size, color_mode)
-        cached = cache.load(key)
+        cached = cache.read_entry(key)
         if cached is not None:
             images, labels, meta = cached
             return Split(np.asarray(images), labels, meta["num_classes"], meta["class_names"])
-        images, labels, names = image_folder.load(name, split, image_size, color_mode)
+        images, labels, names = image_folder.load_folder_split(name, split, image_size, color_mode)
     except image_folder.FolderError as e:
         raise DataError(str(e)) from None
     cache.save(key, root, images, labels, num_classes=len(names), class_names=names)

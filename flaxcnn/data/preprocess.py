@@ -105,7 +105,7 @@ def _per_channel(value: Any, name: str) -> tuple[float, ...]:
     return tuple(float(v) for v in values)
 
 
-def check_task(task: str, normalize: Any) -> None:
+def check_normalizable(task: str, normalize: Any) -> None:
     """Raises ValueError when `task` learns to produce its input images, which
     normalisation would change (`IMAGE_TARGET_TASKS`), and `normalize` is not "none"."""
     if task in IMAGE_TARGET_TASKS and parse(normalize) is not None:
@@ -117,13 +117,13 @@ def check_task(task: str, normalize: Any) -> None:
 
 def validate(config: Any) -> None:
     """Raises ValueError for a `config.normalize` that cannot work, before any data is read:
-    its form, and a task that takes no normalisation (`check_task`)."""
+    its form, and a task that takes no normalisation (`check_normalizable`)."""
     normalize = config.get("normalize", NONE)
     parse(normalize)
-    check_task(config.get("task", "classification"), normalize)
+    check_normalizable(config.get("task", "classification"), normalize)
 
 
-def resolve(normalize: Any, train_images: np.ndarray) -> Normalization | None:
+def resolve_normalization(normalize: Any, train_images: np.ndarray) -> Normalization | None:
     """Concrete per-channel numbers for `normalize`: "dataset" is computed from
     `train_images` (the training split only), a given pair is checked against their
     channels; None for "none"."""
@@ -140,11 +140,12 @@ def resolve(normalize: Any, train_images: np.ndarray) -> Normalization | None:
 
 
 def resolve_config(config: Any, train_images: np.ndarray) -> Normalization | None:
-    """`resolve(config.normalize, train_images)`, checked against `config.task`, written back
-    into `config.normalize` (so that config.json and the steps see the numbers)."""
+    """`resolve_normalization(config.normalize, train_images)`, checked against
+    `config.task`, written back into `config.normalize` (so that config.json and the steps
+    see the numbers)."""
     normalize = config.get("normalize", NONE)
-    check_task(config.get("task", "classification"), normalize)
-    stats = resolve(normalize, train_images)
+    check_normalizable(config.get("task", "classification"), normalize)
+    stats = resolve_normalization(normalize, train_images)
     if stats is not None:
         with config.ignore_type():  # A config without the default's any-type field.
             config.normalize = (stats.mean, stats.std)

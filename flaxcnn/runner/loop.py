@@ -384,7 +384,7 @@ DEFAULT_HOOKS: tuple[Hook, ...] = (
 )  # fmt: skip
 
 
-def classification_report(run: TrainingRun, test_metrics: dict) -> dict:
+def confusion_report(run: TrainingRun, test_metrics: dict) -> dict:
     """Per-class accuracy and the confusion matrix of a task whose evaluation counts one
     (also drawn in `workdir/confusion_test.png`); {} for other tasks."""
     if "confusion" not in test_metrics:
@@ -429,7 +429,7 @@ def finish(
         state = run.best_checkpointer.restore_or(state)
         logging.info("Testing the best checkpoint, of step %d.", int(state.step))
     test_metrics, test_count = run.evaluate(state, "test")
-    extra = classification_report(run, test_metrics)
+    extra = confusion_report(run, test_metrics)
     steps_this_run = run.step - first_step
     steps_per_s = steps_this_run / train_time if train_time else 0.0
     results = {

@@ -73,7 +73,7 @@ class ResultsHook(Protocol):
 
 
 @dataclasses.dataclass(frozen=True)
-class Generator:
+class Sampling:
     """What a generative task's trained state draws, for the sample and export commands and
     the scores of its samples. Images are float32 (N, H, W, C) in [0, 1]."""
 
@@ -91,7 +91,7 @@ class GeneratorHook(Protocol):
     draws, `python -m flaxcnn.export` exports and, with `config.score_samples`, the run's
     sample scores measure."""
 
-    def generator(self, state: Any) -> Generator: ...
+    def generator(self, state: Any) -> Sampling: ...
 
 
 class ReconstructHook(Protocol):

@@ -43,7 +43,7 @@ from flaxcnn.data import augment, clusters, input_pipeline
 from flaxcnn.models import MODELS, create_model, fast_cpu
 from flaxcnn.models.gan import DCGAN
 from flaxcnn.reporting import pictures
-from flaxcnn.tasks.base import Generator
+from flaxcnn.tasks.base import Sampling
 from flaxcnn.training.gradient_step import keep_if_finite
 from flaxcnn.training.state import SCHEDULES, model_kwargs
 
@@ -200,7 +200,7 @@ def fit_to_data(
         raise ValueError(
             f"config.num_clusters={num} is more than the {train_split.num_examples} training images"
         )
-    fitted, purity = clusters.fit(train_split.images, train_split.labels, num, config.seed)
+    fitted, purity = clusters.fit_clusters(train_split.images, train_split.labels, num, config.seed)
     logging.info(
         "k-means: %d clusters of the training images, %.1f%% pure in their labels "
         "(which the GAN does not see).",
@@ -600,12 +600,12 @@ def write_pictures(
     writer.write_image(step, "samples", grid)
 
 
-def generator(state: GANState) -> Generator:
+def generator(state: GANState) -> Sampling:
     """The generator samples are drawn with (the averaged parameters and standing batch
     statistics, computed once): `draw` is `sampler`'s, `decode` maps given latents."""
     variables = _sampling_variables_jit(state, STANDING_STATS_SAMPLES)
     decode = jax.jit(lambda z, labels: generate_with(state, variables, z, labels))
-    return Generator(
+    return Sampling(
         latent_dim=state.model.latent_dim,
         num_classes=state.model.num_classes,
         decode=decode,

@@ -30,7 +30,7 @@ from flaxcnn.tasks.autoencoder import (
 )
 from flaxcnn.tasks.autoencoder import step_kwargs as step_kwargs  # The autoencoder's settings,
 from flaxcnn.tasks.autoencoder import validate as validate  # all of them honoured.
-from flaxcnn.tasks.base import Generator
+from flaxcnn.tasks.base import Sampling
 from flaxcnn.training import gradient_step
 from flaxcnn.training.state import TrainState
 
@@ -225,11 +225,11 @@ def to_float(images: np.ndarray) -> np.ndarray:
     return images.astype(np.float32)
 
 
-def generator(state: TrainState) -> Generator:
+def generator(state: TrainState) -> Sampling:
     """The decoder with the evaluation parameters; prior draws as `generate` makes them, and
     the manifold picture's latents for a model of 2 latents."""
     size = latent_dim(state)
-    return Generator(
+    return Sampling(
         latent_dim=size,
         num_classes=num_classes(state),
         decode=jax.jit(lambda z, labels: decode(state, z, labels)),
