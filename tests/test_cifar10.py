@@ -45,12 +45,20 @@ def test_fast_recipe_uses_the_speed_records_settings():
     assert config.normalize == "dataset" and config.lr_schedule == "onecycle"
 
 
-def test_tfds_cifar10_trains_offline_under_tfds_mock_data(tmp_path, monkeypatch):
+def test_best_recipe_is_the_fast_one_wider_longer_and_averaged():
+    fast, best = recipe("cifar10_fast"), recipe("cifar10_best")
+    assert best.num_epochs > fast.num_epochs and best.ema_decay == 0.999
+    assert best.model_kwargs.widths > fast.model_kwargs.widths
+    assert best.label_smoothing == fast.label_smoothing and best.optimizer == fast.optimizer
+
+
+@pytest.mark.parametrize("name", ["cifar10_fast", "cifar10_best"])
+def test_tfds_cifar10_trains_offline_under_tfds_mock_data(name, tmp_path, monkeypatch):
     """`--config.dataset=cifar10` as a user without the prepared data sees it: tfds's mock
     examples of the real builder's features (32x32x3, 10 classes) through the whole run."""
     monkeypatch.setattr(input_pipeline, "_network_reachable", lambda: True)
     monkeypatch.setenv("FLAXCNN_SPLIT_CACHE", "off")  # Mock pixels must not be cached.
-    config = shrunk(recipe("cifar10_fast"))
+    config = shrunk(recipe(name))
     assert config.dataset == "cifar10"
     with tfds.testing.mock_data(num_examples=64):
         results = loop.train_and_evaluate(config, str(tmp_path / "run"))
