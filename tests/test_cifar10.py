@@ -98,3 +98,26 @@ def test_short_run_on_the_jpeg_copy_learns(cifar_folder, tmp_path):
     config.model_kwargs.widths = (16, 32, 64)
     results = loop.train_and_evaluate(config, str(tmp_path / "run"))
     assert results["test_accuracy"] > 0.45, results["test_accuracy"]
+
+
+def test_the_recipes_sgd_is_nesterov_momentum_on_the_one_cycle_schedule():
+    import jax.numpy as jnp
+    import optax
+
+    from flaxcnn.training.state import create_optimizer
+
+    config = recipe("cifar10_fast")
+    params = {"w": jnp.zeros(3)}
+
+    def updates(tx):
+        state, out = tx.init(params), []
+        for step in range(3):
+            update, state = tx.update({"w": jnp.full(3, step + 1.0)}, state, params)
+            out.append(update["w"])
+        return np.stack(out)
+
+    schedule = optax.cosine_onecycle_schedule(10, 0.4, pct_start=0.3)
+    want = updates(optax.sgd(schedule, momentum=0.9, nesterov=True))
+    np.testing.assert_allclose(updates(create_optimizer(config, 10)), want, rtol=1e-6)
+    heavy_ball = updates(optax.sgd(schedule, momentum=0.9))
+    assert not np.allclose(want, heavy_ball)  # Nesterov's look-ahead is what is compared.
