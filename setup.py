@@ -1,4 +1,4 @@
-"""Builds oneDNN's convolution handlers (flaxcnn/models/onednn_conv.cc) into the package on
+"""Builds oneDNN's convolution handlers (flaxcnn/cpu/onednn_conv.cc) into the package on
 x86-64 Linux, against jaxlib's XLA FFI headers and oneDNN's (the build requirements in
 pyproject.toml), so that nothing is compiled where the package runs. Elsewhere the package
 is pure Python. The extension is optional: where it cannot be built the package installs
@@ -28,8 +28,8 @@ def onednn_handlers() -> list[Extension]:
     library = _installed_file("onednn-cpu-gomp", "libdnnl.so.3")
     return [
         Extension(
-            "flaxcnn.models._onednn_conv",
-            sources=["flaxcnn/models/onednn_conv.cc"],
+            "flaxcnn.cpu._onednn_conv",
+            sources=["flaxcnn/cpu/onednn_conv.cc"],
             include_dirs=[str(Path(jaxlib.__file__).parent / "include"), str(header.parents[2])],
             library_dirs=[str(library.parent)],
             # oneDNN is found by its soname at run time: onednn_conv loads the user's first.

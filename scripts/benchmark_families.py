@@ -158,9 +158,9 @@ def bench_flaxcnn(family: str, tfds: str, epochs: float) -> dict:
 def step_flops(family: str, tfds: str) -> float:
     """XLA's count of one training step's FLOPs, the step traced with the standard layers:
     XLA counts none inside the custom calls that run oneDNN's convolutions."""
-    from flaxcnn.models import fast_cpu
+    from flaxcnn.cpu import rewrite as cpu_rewrite
 
-    with fast_cpu.standard_layers():
+    with cpu_rewrite.standard_layers():
         return flaxcnn_steps(family, tfds, 1)[0][1].cost_analysis()["flops"]
 
 

@@ -14,8 +14,8 @@ import pytest
 from conftest import REPO
 
 from flaxcnn import default_config
+from flaxcnn.cpu import rewrite as cpu_rewrite
 from flaxcnn.data import augment
-from flaxcnn.models import fast_cpu
 from flaxcnn.tasks import autoencoder, classification, gan, vae
 from flaxcnn.training import gradient_step
 from flaxcnn.training.state import TrainState
@@ -235,7 +235,7 @@ def test_step_kwargs_follow_the_config():
     assert kwargs["l2"] == 1e-4 and kwargs["skip_nonfinite"] is True
     assert kwargs["augmentation"]["noise"] == 0.1
     # Microbatches of 32 only on CPUs without oneDNN's convolutions, on any device count.
-    eigen = jax.default_backend() == "cpu" and not fast_cpu.onednn_here()
+    eigen = jax.default_backend() == "cpu" and not cpu_rewrite.onednn_here()
     assert kwargs["microbatch_size"] == (32 if eigen else 0)
     # The generative tasks' -1 is the whole batch; a size given is used.
     assert autoencoder.step_kwargs(config_for("autoencoder"))["microbatch_size"] == 0

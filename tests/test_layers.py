@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from flaxcnn.models import fast_cpu, layers
+from flaxcnn import cpu
+from flaxcnn.models import layers
 from flaxcnn.models.cnn import SeedCNN
 from flaxcnn.models.layers import (
     Conv,
@@ -220,7 +221,7 @@ def test_conv_transpose_2x_is_flax_conv_transpose_with_its_gradients(
     kernel_size, use_bias, channels, features, monkeypatch
 ):
     # Its own routes, which run wherever oneDNN does not convolve.
-    monkeypatch.setattr(fast_cpu, "convolutions_by_onednn", lambda: False)
+    monkeypatch.setattr(cpu, "convolutions_by_onednn", lambda: False)
     x = normal((2, 5, 6, channels), seed=1)
     reference = nn.ConvTranspose(features, (kernel_size,) * 2, (2, 2), use_bias=use_bias)
     ours = ConvTranspose2x(features, kernel_size, use_bias=use_bias)

@@ -1,4 +1,4 @@
-"""flaxcnn.models.onednn_conv: oneDNN's convolutions equal XLA's (values, both gradients,
+"""flaxcnn.cpu.onednn_conv: oneDNN's convolutions equal XLA's (values, both gradients,
 second derivatives, under vmap), reach a plain `nn.Conv`, and step aside where they cannot."""
 
 import functools
@@ -15,7 +15,8 @@ import pytest
 from conftest import PLATFORM_SKIP
 from flax import linen as nn
 
-from flaxcnn.models import fast_cpu, onednn_conv
+from flaxcnn.cpu import onednn_conv
+from flaxcnn.cpu import rewrite as cpu_rewrite
 
 pytestmark = pytest.mark.skipif(
     (platform.system(), platform.machine()) != ("Linux", "x86_64") or jax.device_count() > 1,
@@ -105,14 +106,14 @@ def test_threads_running_convolutions_at_once_get_their_own_results():
 
 def compiled_text(module: nn.Module, x) -> str:
     variables = module.init(jax.random.key(0), x)
-    return jax.jit(fast_cpu.rewrite(module.apply)).lower(variables, x).compile().as_text()
+    return jax.jit(cpu_rewrite.rewrite(module.apply)).lower(variables, x).compile().as_text()
 
 
 def test_a_plain_conv_layer_runs_on_onednn_and_others_stay_xlas(monkeypatch):
     x = random((2, 10, 10, 3), 6)
     assert "flaxcnn_conv_forward" in compiled_text(nn.Conv(8, (3, 3)), x)
     with monkeypatch.context() as switched_off:
-        switched_off.setenv(fast_cpu.ONEDNN_SWITCH, "0")
+        switched_off.setenv(cpu_rewrite.ONEDNN_SWITCH, "0")
         assert "flaxcnn_conv" not in compiled_text(nn.Conv(8, (3, 3)), x)
     unsupported = {
         "feature groups": (nn.Conv(6, (3, 3), feature_group_count=3), x),
@@ -145,8 +146,8 @@ def test_transposed_convolutions_equal_the_standard_layer(kernel, strides, paddi
 
         return jax.jit(jax.value_and_grad(loss, (0, 1)))
 
-    close(grads(fast_cpu.rewrite(module.apply))(variables, x), grads(module.apply)(variables, x))
-    text = grads(fast_cpu.rewrite(module.apply)).lower(variables, x).compile().as_text()
+    close(grads(cpu_rewrite.rewrite(module.apply))(variables, x), grads(module.apply)(variables, x))
+    text = grads(cpu_rewrite.rewrite(module.apply)).lower(variables, x).compile().as_text()
     assert "flaxcnn_conv_backward_data" in text and "convolution(" not in text
 
 
@@ -165,7 +166,7 @@ def test_the_handlers_run_where_no_compiler_is_on_the_path(tmp_path):
     # Built with the package, not where it runs: a process whose PATH has no g++ uses them.
     code = (
         "import shutil, jax, numpy as np\n"
-        "from flaxcnn.models import onednn_conv\n"
+        "from flaxcnn.cpu import onednn_conv\n"
         "assert shutil.which('g++') is None and onednn_conv.available()\n"
         "x, w = np.ones((2, 6, 6, 3), np.float32), np.ones((3, 3, 3, 4), np.float32)\n"
         "g = ((1, 1), ((1, 1), (1, 1)), (1, 1))\n"

@@ -25,8 +25,8 @@ from flaxcnn import config as config_lib
 from flaxcnn import run_files
 from flaxcnn import workdir as workdir_lib
 from flaxcnn.cli import train as train_cli
+from flaxcnn.cpu import rewrite as cpu_rewrite
 from flaxcnn.data import input_pipeline
-from flaxcnn.models import fast_cpu
 from flaxcnn.reporting.writers import read_metrics
 from flaxcnn.runner import loop
 from flaxcnn.training import checkpointing, signals
@@ -737,7 +737,7 @@ def run_on_devices(devices: int, *args) -> subprocess.CompletedProcess:
     xla_flags = (
         f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
     )
-    env = {"XLA_FLAGS": xla_flags, fast_cpu.ONEDNN_SWITCH: "0"}
+    env = {"XLA_FLAGS": xla_flags, cpu_rewrite.ONEDNN_SWITCH: "0"}
     return run_command(*args, env=env, timeout=600)
 
 

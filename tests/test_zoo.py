@@ -13,7 +13,9 @@ from conftest import REPO
 from flax import linen as nn
 from PIL import Image
 
-from flaxcnn.models import create_model, fast_cpu
+from flaxcnn import cpu
+from flaxcnn.cpu import rewrite as cpu_rewrite
+from flaxcnn.models import create_model
 from flaxcnn.models.autoencoder import ConvTranspose2x, StridedConv
 from flaxcnn.reporting import pictures
 from flaxcnn.tasks import autoencoder, classification, get_task, vae
@@ -180,7 +182,7 @@ def test_resampling_layers_are_their_flax_counterparts(
     ours, reference, shape, out_shape, as_matmuls, monkeypatch
 ):
     if as_matmuls:  # Also where oneDNN convolves: the routes of every other machine.
-        monkeypatch.setattr(fast_cpu, "convolutions_by_onednn", lambda: False)
+        monkeypatch.setattr(cpu, "convolutions_by_onednn", lambda: False)
     x = jax.random.normal(key(1), shape)
     variables = reference.init(key(0), x)
     variables = jax.tree.map(lambda p: p + 0.1, variables)  # Nonzero biases too.
@@ -194,7 +196,7 @@ def test_resampling_layers_are_their_flax_counterparts(
 
     # Ours as training runs it (with the rewrite on CPUs), the reference as Flax has it.
     ours_out, ours_grads = jax.jit(outputs_and_grads, static_argnums=0)(
-        fast_cpu.for_this_backend(ours.apply)
+        cpu_rewrite.for_this_backend(ours.apply)
     )
     reference_out, reference_grads = jax.jit(outputs_and_grads, static_argnums=0)(reference.apply)
     assert ours_out.shape == out_shape

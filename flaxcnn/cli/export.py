@@ -36,9 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxcnn import cpu
 from flaxcnn.data import input_pipeline, preprocess
 from flaxcnn.inference import Run, load_config, load_run
-from flaxcnn.models import fast_cpu
 from flaxcnn.tasks import get_task
 
 STABLEHLO_FILE = "model.stablehlo"
@@ -56,7 +56,7 @@ def serving_fn(run: Run) -> Callable[[dict, jax.Array], jax.Array]:
 
     def probabilities(variables: dict, images: jax.Array) -> jax.Array:
         x = preprocess.to_model_input(images, run.mean, run.std)
-        with fast_cpu.standard_layers():  # Exported programs run anywhere: no custom calls.
+        with cpu.standard_layers():  # Exported programs run anywhere: no custom calls.
             return jax.nn.softmax(apply_fn(variables, x, train=False), axis=-1)
 
     return probabilities
@@ -154,7 +154,7 @@ def export_generator(run: Run, platforms: Sequence[str] = DEFAULT_PLATFORMS):
     latent_dim, num_classes, decode = generator.latent_dim, generator.num_classes, generator.decode
 
     def images(z, labels=None):
-        with fast_cpu.standard_layers():
+        with cpu.standard_layers():
             return jnp.round(jnp.clip(decode(z, labels), 0.0, 1.0) * 255).astype(jnp.uint8)
 
     (b,) = jax.export.symbolic_shape("b")

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from flaxcnn.models import fast_cpu
+from flaxcnn import cpu
 
 
 def fused_layers_win() -> bool:
@@ -35,9 +35,9 @@ def fused_layers_win() -> bool:
 def resampling_as_matmuls() -> bool:
     """Whether strided and transposed convolutions run as matmuls of windows by kernel taps
     (`StridedConv`, `conv_transpose_2x`): everywhere but where oneDNN convolves them
-    (`fast_cpu.convolutions_by_onednn`), 2.2x faster per training step of the autoencoder
+    (`cpu.convolutions_by_onednn`), 2.2x faster per training step of the autoencoder
     and 1.8x of the VAE (batch 128)."""
-    return not fast_cpu.convolutions_by_onednn()
+    return not cpu.convolutions_by_onednn()
 
 
 # Patches of at most this many values (3x3 over 3 channels) go through a matmul; wider

@@ -17,7 +17,7 @@
 
 Every layer is a standard `nn.Conv` / `nn.BatchNorm` / `nn.Dense`, so a user's own copy of
 one of these modules trains exactly as fast as the built-in (the CPU rewrite of
-flaxcnn.models.fast_cpu applies to both alike).
+flaxcnn.cpu applies to both alike).
 """
 
 from collections.abc import Callable, Sequence

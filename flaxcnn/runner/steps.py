@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxcnn import config as config_lib
+from flaxcnn import cpu
 from flaxcnn.data import batching, device_data
-from flaxcnn.models import fast_cpu
 from flaxcnn.runtime import sharding
 
 # Metrics that stay totals on the host rather than being divided by the example count.
@@ -126,7 +126,7 @@ def compile_evaluation(
     """{k: compiled `multi_eval`}, what `evaluate` takes, for evaluation outside a training
     run: k = 1, and 16 batches per dispatch when `num_examples` make that many."""
     return {
-        k: fast_cpu.compile_for_this_backend(
+        k: cpu.compile_for_this_backend(
             lower_evaluation(eval_step, state, data, batch_size, mesh, rng, k)
         )
         for k in sizes_up_to((16, 1), -(-num_examples // batch_size))
@@ -172,13 +172,13 @@ def compile_steps(
         out_shardings=sharding.replicated(mesh),
     )
     train_fns = {
-        k: fast_cpu.compile_for_this_backend(
+        k: cpu.compile_for_this_backend(
             train.lower(state, data, _index_spec(mesh, k, config.batch_size), rng)
         )
         for k in sizes_up_to((steps_per_dispatch, max(steps_per_dispatch // 4, 1), 1), most_steps)
     }
     eval_fns = {
-        k: fast_cpu.compile_for_this_backend(single_eval if k == 1 else lower_eval(k))
+        k: cpu.compile_for_this_backend(single_eval if k == 1 else lower_eval(k))
         for k in sizes_up_to((steps_per_dispatch, 1), most_eval_batches)
     }
     return CompiledSteps(train_fns, eval_fns, time.perf_counter() - start)

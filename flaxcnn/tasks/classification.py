@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from flaxcnn.models import create_model, fast_cpu
+from flaxcnn import cpu
+from flaxcnn.models import create_model
 from flaxcnn.models.test_time import ViewAveraged
 from flaxcnn.training import gradient_step
 from flaxcnn.training.gradient_step import num_microbatches as num_microbatches
@@ -50,12 +51,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def step_kwargs(config: ml_collections.ConfigDict) -> dict:
     """`train_step`'s static settings from the config (`gradient_step.step_kwargs`). A
-    microbatch size of -1 means the whole batch, except on CPUs without oneDNN's
-    convolutions (`fast_cpu.onednn_here` false): 32 there, which keeps XLA's own
-    convolutions' working set in cache. oneDNN's train faster on whole batches (batch 128:
-    1.05-1.22x the examples/s of microbatches of 32, on four models). The choice does not
-    depend on the device count, so a model with batch norm trains alike on 1 device or 8."""
-    microbatch = 0 if fast_cpu.onednn_here() else 32
+    microbatch size of -1 means the CPU backend's choice on CPUs
+    (`flaxcnn.cpu.classifier_microbatch_size`), the whole batch elsewhere."""
+    microbatch = cpu.classifier_microbatch_size()
     kwargs = gradient_step.step_kwargs(config, cpu_microbatch_size=microbatch)
     return {**kwargs, "label_smoothing": float(config.label_smoothing)}
 

@@ -38,9 +38,9 @@ import optax
 from absl import logging
 from flax import struct
 
-from flaxcnn import run_files
+from flaxcnn import cpu, run_files
 from flaxcnn.data import augment, clusters, input_pipeline
-from flaxcnn.models import MODELS, create_model, fast_cpu
+from flaxcnn.models import MODELS, create_model
 from flaxcnn.models.gan import DCGAN
 from flaxcnn.reporting import pictures
 from flaxcnn.tasks.base import Sampling
@@ -286,7 +286,7 @@ def _generate(state: GANState, params: Any, z: jax.Array, labels, train: bool):
 
 def _apply(state: GANState) -> Callable:
     """The model's `apply` for training: with the standard layers made fast on CPUs."""
-    return fast_cpu.for_this_backend(state.model.apply)
+    return cpu.for_this_backend(state.model.apply)
 
 
 def _discriminate(state: GANState, params: Any, images: jax.Array, labels=None) -> jax.Array:

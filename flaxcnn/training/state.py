@@ -14,8 +14,8 @@ from flax import linen as nn
 from flax import struct
 from flax.training import train_state
 
-from flaxcnn import resolver
-from flaxcnn.models import argument_names, fast_cpu, resolve_model
+from flaxcnn import cpu, resolver
+from flaxcnn.models import argument_names, resolve_model
 from flaxcnn.training.regularization import decay_mask
 
 # The built-in optimizers; `config.optimizer` may also name any optax optimizer ("lion",
@@ -249,7 +249,7 @@ def create_train_state(
     variables = model.init(rng, jnp.zeros((1, *input_shape), jnp.float32), train=False)
     params = variables["params"]
     return TrainState.create(
-        apply_fn=fast_cpu.for_this_backend(model.apply),  # Standard layers fast on CPUs.
+        apply_fn=cpu.for_this_backend(model.apply),  # Standard layers fast on CPUs.
         params=params,
         tx=tx,
         batch_stats=variables.get("batch_stats", {}),

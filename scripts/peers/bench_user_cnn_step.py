@@ -1,5 +1,5 @@
 """Training-step throughput of `configs/user_cnn.py`'s model as traced (plain XLA:CPU) and
-through `flaxcnn.models.fast_cpu.rewrite`, taking turns in one process (a shared machine
+through `flaxcnn.cpu.rewrite.rewrite`, taking turns in one process (a shared machine
 slows both alike): one jitted Adam step on a random batch, examples/s, median of rounds.
 
     python scripts/peers/bench_user_cnn_step.py [--batch-sizes 32 128] [--rounds 3]
@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from flaxcnn.models import fast_cpu
+from flaxcnn.cpu import rewrite as cpu_rewrite
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--batch-norm", action="store_true")
     args = parser.parse_args()
     model, tx = user_cnn(batch_norm=args.batch_norm), optax.adam(1e-3)
-    contenders = {"plain": model.apply, "rewritten": fast_cpu.rewrite(model.apply)}
+    contenders = {"plain": model.apply, "rewritten": cpu_rewrite.rewrite(model.apply)}
     for batch_size in args.batch_sizes:
         x = jax.random.uniform(jax.random.key(0), (batch_size, 28, 28, 1))
         y = jnp.arange(batch_size) % 10

@@ -34,18 +34,18 @@ def median_seconds(fn, repeats: int) -> float:
 
 
 def jax_step(x: np.ndarray, kernel: np.ndarray, rewritten: bool):
-    """Compiled as flaxcnn compiles its steps (`fast_cpu.compile_for_this_backend`), with the
-    convolution through `fast_cpu.rewrite` (`rewritten`) or as XLA has it."""
+    """Compiled as flaxcnn compiles its steps (`cpu_rewrite.compile_for_this_backend`), with the
+    convolution through `cpu_rewrite.rewrite` (`rewritten`) or as XLA has it."""
     import jax
 
-    from flaxcnn.models import fast_cpu
+    from flaxcnn.cpu import rewrite as cpu_rewrite
 
     def conv(x, kernel):
         layout = ("NHWC", "HWIO", "NHWC")
         return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=layout)
 
     if rewritten:
-        conv = fast_cpu.rewrite(conv)
+        conv = cpu_rewrite.rewrite(conv)
 
     def loss(x, kernel):
         y = conv(x, kernel)
@@ -53,7 +53,7 @@ def jax_step(x: np.ndarray, kernel: np.ndarray, rewritten: bool):
 
     x, kernel = jax.device_put(x), jax.device_put(kernel)
     lowered = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, kernel)
-    grad = fast_cpu.compile_for_this_backend(lowered)
+    grad = cpu_rewrite.compile_for_this_backend(lowered)
     return lambda: jax.block_until_ready(grad(x, kernel))
 
 

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jex_core
 
-from flaxcnn.models import onednn_conv
+from flaxcnn.cpu import onednn_conv
 
 ENV_SWITCH = "FLAXCNN_FAST_CPU_LAYERS"
 ONEDNN_SWITCH = "FLAXCNN_ONEDNN"  # =0: XLA's own convolutions, the rest of the rewrite kept.

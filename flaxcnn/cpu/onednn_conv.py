@@ -1,4 +1,4 @@
-"""oneDNN's convolutions inside XLA:CPU programs: `fast_cpu`'s rule for `nn.Conv`.
+"""oneDNN's convolutions inside XLA:CPU programs: `rewrite`'s rule for `nn.Conv`.
 
 XLA:CPU's own 2-D convolution kernels run a training step's convolutions (forward, input
 gradient, kernel gradient) 1.3-2.5x slower than oneDNN's on the same shapes, the kernels
@@ -26,7 +26,7 @@ from jax import lax
 
 HANDLERS = ("forward", "backward_data", "backward_weights")  # flaxcnn_conv_<name> in the .cc.
 LAYOUT = ("NHWC", "HWIO", "NHWC")  # flax.linen's, and the only one the handlers take.
-LIBRARY_MODULE = "flaxcnn.models._onednn_conv"  # setup.py's name for the built handlers.
+LIBRARY_MODULE = "flaxcnn.cpu._onednn_conv"  # setup.py's name for the built handlers.
 
 
 class Unavailable(RuntimeError):
@@ -208,7 +208,7 @@ def conv_rule(
     """oneDNN's computation of a `lax.conv_general_dilated` that its handlers take (2-D,
     flax.linen's layout, float32, no feature groups; an input dilation only as
     `nn.ConvTranspose` has it, with stride 1), else None. Where it applies is
-    `fast_cpu.convolutions_by_onednn`'s to say."""
+    `rewrite.convolutions_by_onednn`'s to say."""
     padding = tuple(map(tuple, padding))
     transposed = any(s != 1 for s in lhs_dilation)
     supported = (
