@@ -1,5 +1,8 @@
 """Where a run's numbers go: `metrics.jsonl`, TensorBoard events, `curves.png`, and the
-console (a progress bar on a terminal, plain log lines elsewhere).
+console (a progress bar on a terminal, plain log lines elsewhere). Each output is a `Writer`
+(clu's MetricWriter shape: write_scalars, write_images, write_hparams, flush, close):
+`JsonlWriter`, `TensorBoardWriter` and `Progress`, which the loop writes through one
+`MetricWriter`.
 
 TensorBoard events are written without TensorFlow (whose import alone costs about 3 s, half
 of a short run): the same `Event` protos `tf.summary` writes (TF2 tensor summaries with the
@@ -14,6 +17,8 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 from absl import logging
 
@@ -114,52 +119,140 @@ def encode_png(image) -> bytes:
     return buffer.getvalue()
 
 
-class MetricWriter:
-    """Appends `{"step", "split", "time" (Unix seconds), metrics...}` records to JSONL and
-    TensorBoard."""
+class Writer(Protocol):
+    """One output of a run's metrics, in the shape of clu.metric_writers.MetricWriter:
+    scalars are named "split/metric" (e.g. "train/loss"), images by their tag."""
 
-    def __init__(self, workdir: str, enabled: bool = True):
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None: ...
+
+    def write_images(self, step: int, images: Mapping[str, Any]) -> None: ...
+
+    def write_hparams(self, hparams: str) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _by_split(scalars: Mapping[str, float]) -> dict[str, dict[str, float]]:
+    """{"train/loss": v, ...} -> {"train": {"loss": v, ...}}, in the order given."""
+    splits: dict[str, dict[str, float]] = {}
+    for key, value in scalars.items():
+        split, name = key.split("/", 1)
+        splits.setdefault(split, {})[name] = value
+    return splits
+
+
+class JsonlWriter:
+    """Appends a `{"step", "split", "time" (Unix seconds), metrics...}` record per split to
+    `metrics.jsonl`."""
+
+    def __init__(self, workdir: str):
         self.path = run_files.path(workdir, run_files.METRICS)
-        self.enabled = enabled
-        self.tensorboard = _EventFile(workdir) if enabled else None
 
     def truncate_after(self, step: int) -> None:
         """Drops records past `step`: those of a run interrupted after its last checkpoint."""
-        if not (self.enabled and os.path.exists(self.path)):
+        if not os.path.exists(self.path):
             return
         records = read_metrics(self.path, torn_tail_ok=True)
         with open(self.path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records if r["step"] <= step)
 
-    def write(self, step: int, split: str, metrics: dict[str, float]) -> None:
-        if not self.enabled:
-            return
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         with open(self.path, "a") as f:
-            record = {"step": step, "split": split, "time": time.time(), **metrics}
-            f.write(json.dumps(record) + "\n")
-        for name, value in metrics.items():
-            self.tensorboard.add_summary(step, f"{split}/{name}", "scalars", _float_tensor(value))
-        self.tensorboard.flush()
+            for split, metrics in _by_split(scalars).items():
+                record = {"step": step, "split": split, "time": time.time(), **metrics}
+                f.write(json.dumps(record) + "\n")
 
-    def write_image(self, step: int, name: str, image) -> None:
-        """An (H, W, C) uint8 image, to TensorBoard (as tf.summary.image: [w, h, png])."""
-        if self.enabled:
+    def write_images(self, step: int, images: Mapping[str, Any]) -> None:
+        pass  # Pictures are PNG files of their own (workdir/pictures/).
+
+    def write_hparams(self, hparams: str) -> None:
+        pass  # config.json holds them.
+
+    def flush(self) -> None:
+        pass  # Each write closes the file.
+
+    def close(self) -> None:
+        pass
+
+
+class TensorBoardWriter:
+    """Scalars, images and the config as TensorBoard events under the workdir."""
+
+    def __init__(self, workdir: str):
+        self.events = _EventFile(workdir)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        for tag, value in scalars.items():
+            self.events.add_summary(step, tag, "scalars", _float_tensor(value))
+        self.events.flush()
+
+    def write_images(self, step: int, images: Mapping[str, Any]) -> None:
+        """(H, W, C) uint8 images, as tf.summary.image writes them: [w, h, png]."""
+        for tag, image in images.items():
             height, width = image.shape[:2]
             tensor = _string_tensor(
                 [str(width).encode(), str(height).encode(), encode_png(image)], (3,)
             )
-            self.tensorboard.add_summary(step, name, "images", tensor)
-            self.tensorboard.flush()
+            self.events.add_summary(step, tag, "images", tensor)
+        self.events.flush()
 
-    def write_hparams(self, config_json: str) -> None:
-        if self.enabled:
-            text = f"```\n{config_json}\n```".encode()
-            self.tensorboard.add_summary(0, "config", "text", _string_tensor([text]))
-            self.tensorboard.flush()
+    def write_hparams(self, hparams: str) -> None:
+        text = f"```\n{hparams}\n```".encode()
+        self.events.add_summary(0, "config", "text", _string_tensor([text]))
+        self.events.flush()
+
+    def flush(self) -> None:
+        self.events.flush()
 
     def close(self) -> None:
-        if self.enabled:
-            self.tensorboard.close()
+        self.events.close()
+
+
+class MetricWriter:
+    """A run's writers behind one `Writer`: JSONL and TensorBoard (where `enabled`: the main
+    process) and those `add`ed (the progress display), each written in turn. `write` and
+    `write_image` are the loop's and the tasks' short forms of `write_scalars` and
+    `write_images`."""
+
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.jsonl = JsonlWriter(workdir) if enabled else None
+        self.writers: list[Writer] = [self.jsonl, TensorBoardWriter(workdir)] if enabled else []
+
+    def add(self, writer: Writer) -> None:
+        """One more output, written after the others."""
+        self.writers.append(writer)
+
+    def truncate_after(self, step: int) -> None:
+        if self.jsonl is not None:
+            self.jsonl.truncate_after(step)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        for writer in self.writers:
+            writer.write_scalars(step, scalars)
+
+    def write_images(self, step: int, images: Mapping[str, Any]) -> None:
+        for writer in self.writers:
+            writer.write_images(step, images)
+
+    def write_hparams(self, hparams: str) -> None:
+        for writer in self.writers:
+            writer.write_hparams(hparams)
+
+    def flush(self) -> None:
+        for writer in self.writers:
+            writer.flush()
+
+    def close(self) -> None:
+        for writer in self.writers:
+            writer.close()
+
+    def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
+        self.write_scalars(step, {f"{split}/{name}": value for name, value in metrics.items()})
+
+    def write_image(self, step: int, name: str, image) -> None:
+        self.write_images(step, {name: image})
 
 
 def read_metrics(path: str, torn_tail_ok: bool = False) -> list[dict]:
@@ -275,6 +368,21 @@ class Progress:
         else:
             text = " ".join(f"{k}={v}" for k, v in fields.items())
             logging.info("step %d/%d %s eta=%.0fs", step, self.total_steps, text, eta)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        """The training metrics ("train/..."), shown; the other splits are logged apart."""
+        train = _by_split(scalars).get("train")
+        if train:
+            self.update(step, train)
+
+    def write_images(self, step: int, images: Mapping[str, Any]) -> None:
+        pass
+
+    def write_hparams(self, hparams: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
 
     def close(self) -> None:
         if self.bar is not None:

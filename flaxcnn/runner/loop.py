@@ -251,8 +251,9 @@ def start_run(run: TrainingRun, state, resources: contextlib.ExitStack) -> None:
         most_steps=min(run.steps_per_epoch, run.total_steps, config.log_every_steps),
         most_eval_batches=max(-(-len(r) // eval_batch_size) for r in run.eval_rows.values()),
     )  # fmt: skip
+    # The progress display, one more writer (on every process), timed from the first step.
     run.progress = Progress(run.total_steps, run.step, config.batch_size, config.log_every_steps)
-    resources.callback(run.progress.close)
+    run.writer.add(run.progress)
 
 
 def log_train_metrics(run: TrainingRun, pending: list[dict]) -> None:
@@ -267,7 +268,6 @@ def log_train_metrics(run: TrainingRun, pending: list[dict]) -> None:
         )
     run.skipped += int(metrics.get("skipped", 0))
     run.writer.write(run.step, "train", metrics)
-    run.progress.update(run.step, metrics)
 
 
 def save_pending_metrics(run: TrainingRun, pending: list[dict]) -> None:
