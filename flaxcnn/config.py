@@ -208,7 +208,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     range. Imports `config.imports` first. Needs no data; run it before anything is traced
     so that the message stays one line."""
     from flaxcnn import models, tasks
-    from flaxcnn.data import preprocess
+    from flaxcnn.data import preprocess, streaming
     from flaxcnn.training.state import validate_optimization
 
     import_user_modules(config)
@@ -220,6 +220,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         models.check_call(config.model)
     validate_optimization(config)
     preprocess.validate(config)  # config.normalize, and the tasks that take none.
+    streaming.validate(config)  # config.input and its settings.
     views = config.test_time_augment
     if views.shift < 0:  # The ConfigDict keeps it an int.
         raise ValueError(f"config.test_time_augment.shift must be >= 0, got {views.shift}")

@@ -31,6 +31,16 @@ def _data(config: ml_collections.ConfigDict) -> None:
     config.train_split = "train[:90%]"  # Keras's validation_split=0.1 ...
     config.validation_split = "train[90%:]"  # ... keeps the last 10% of train.
     config.test_split = "test"
+    # Where batches come from (flaxcnn/data/streaming.py, docs/streaming.md): "memory" decodes
+    # each split once and keeps it on the devices; "stream" reads, decodes and crops batches
+    # from disk in worker processes while the model trains (splits larger than memory);
+    # "auto" streams a split whose decoded size exceeds input_memory_budget_mb.
+    config.input = "memory"
+    config.input_memory_budget_mb = 4096.0
+    config.input_workers = 0  # Streaming: decoding processes (0: threads of this process).
+    # Streaming: "resize" (every image to image_size, as the in-memory path does) or
+    # "random_resized" (training: random 8%-100% crops resized; evaluation: centre crop).
+    config.input_crop = "resize"
 
 
 def _model(config: ml_collections.ConfigDict) -> None:

@@ -273,9 +273,20 @@ def load_folder_split(
     """Images (N, H, W, C) uint8, labels (N,) int32 and class names of `split` of the folder
     dataset `name` (`folder:/path/to/root`)."""
     root = folder_root(name)
-    classes = class_names(root)
     num_channels = channels(color_mode)
     size = check_image_size(image_size)
+    paths, labels, classes = split_paths(name, split)
+    fixed_size = size is not None
+    size = size or _reference_size(root, classes)
+    images = _decode_all(root, paths, (*size, num_channels), fixed_size)
+    return images, labels, classes
+
+
+def split_paths(name: str, split: str) -> tuple[list[str], np.ndarray, list[str]]:
+    """The image paths of `split` of the folder dataset `name` in the split's fixed order,
+    their labels (int32) and the class names, without decoding anything."""
+    root = folder_root(name)
+    classes = class_names(root)
     paths, labels = [], []
     for split_name, lo, hi in parse_split(split):
         files = _split_files(root, split_name, classes)
@@ -284,10 +295,7 @@ def load_folder_split(
         labels.append(files.labels[chosen])
     if not paths:
         raise FolderError(f"split {split!r} of image folder {root!r} has no images")
-    fixed_size = size is not None
-    size = size or _reference_size(root, classes)
-    images = _decode_all(root, paths, (*size, num_channels), fixed_size)
-    return images, np.concatenate(labels), classes
+    return paths, np.concatenate(labels), classes
 
 
 def _decode(
