@@ -39,6 +39,7 @@ from flaxcnn.reporting import generative_metrics, reports, summary
 from flaxcnn.reporting.generative_metrics import Scorer
 from flaxcnn.reporting.writers import MetricWriter, Progress, plot_curves
 from flaxcnn.runner import steps as compiled_steps
+from flaxcnn.runner import stream_input
 from flaxcnn.runtime import sharding
 from flaxcnn.training.checkpointing import Checkpointer
 from flaxcnn.training.early_stopping import EarlyStopping
@@ -75,6 +76,7 @@ class TrainingRun:
     eval_data: device_data.DeviceSplit | None = None
     eval_rows: dict[str, range] = dataclasses.field(default_factory=dict)
     steps: compiled_steps.CompiledSteps | None = None
+    feed: stream_input.TrainFeed | None = None  # Streamed training batches (config.input).
     progress: Progress | None = None
     skipped: int = 0  # Steps with non-finite values skipped (config.skip_nonfinite).
     # The metrics of the latest validation, set by the `evaluate_validation` hook.
@@ -101,8 +103,10 @@ class TrainingRun:
         )
 
 
-def load_splits(config: ml_collections.ConfigDict) -> dict[str, input_pipeline.Split]:
-    """The train, validation and test splits of `config.dataset`, in memory."""
+def load_splits(
+    config: ml_collections.ConfigDict, names: tuple[str, ...] = SPLITS
+) -> dict[str, input_pipeline.Split]:
+    """The `names` splits (train, validation, test) of `config.dataset`, in memory."""
     return {
         name: input_pipeline.load_split(
             config.dataset,
@@ -111,7 +115,7 @@ def load_splits(config: ml_collections.ConfigDict) -> dict[str, input_pipeline.S
             config.image_size,
             config.color_mode,
         )
-        for name in SPLITS
+        for name in names
     }
 
 
@@ -149,9 +153,13 @@ def open_run(
     os.makedirs(workdir, exist_ok=True)
     task = tasks.get_task(config.task)
     mesh = sharding.create_mesh()
-    splits = load_splits(config)
+    streamed = stream_input.open_stream_split(config)
+    splits = load_splits(config, SPLITS[1:] if streamed else SPLITS)
+    if streamed:
+        splits["train"] = streamed
     # "dataset" becomes the training split's numbers, in the config config.json records.
-    normalization = preprocess.resolve_config(config, splits["train"].images)
+    train_images = np.empty((0, *streamed.image_shape)) if streamed else splits["train"].images
+    normalization = preprocess.resolve_config(config, train_images)
     steps_per_epoch, total_steps = schedule_length(config, splits["train"].num_examples)
     rngs = dict(zip(("init", "step", "eval"), jax.random.split(jax.random.key(config.seed), 3)))
     create_state = functools.partial(
@@ -236,9 +244,15 @@ def start_run(run: TrainingRun, state, resources: contextlib.ExitStack) -> None:
     run.writer.truncate_after(run.step)
     if run.step == 0:
         run.writer.write_hparams(run.config.to_json_best_effort(indent=2))
-    run.data = device_data.with_normalization(
-        device_data.put_split(run.splits["train"], run.mesh), run.normalization, run.mesh
-    )
+    if isinstance(run.splits["train"], input_pipeline.Split):
+        run.data = device_data.with_normalization(
+            device_data.put_split(run.splits["train"], run.mesh), run.normalization, run.mesh
+        )
+    else:  # Streamed: the step reads one batch a dispatch (stream_input).
+        run.feed = stream_input.TrainFeed(
+            run.splits["train"], run.config, run.mesh, run.normalization, run.step, resources
+        )
+        run.data = run.feed.template
     run.eval_data, rows = device_data.put_splits(
         [run.splits["validation"], run.splits["test"]], run.mesh
     )
@@ -246,9 +260,10 @@ def start_run(run: TrainingRun, state, resources: contextlib.ExitStack) -> None:
     run.eval_rows = dict(zip(("validation", "test"), rows))
     config = run.config
     eval_batch_size = config_lib.eval_batch_size(config)
+    most_steps = min(run.steps_per_epoch, run.total_steps, config.log_every_steps)
     run.steps = compiled_steps.compile_steps(
         run.task, config, state, run.data, run.eval_data, run.mesh, run.rngs["step"],
-        most_steps=min(run.steps_per_epoch, run.total_steps, config.log_every_steps),
+        most_steps=1 if run.feed else most_steps,
         most_eval_batches=max(-(-len(r) // eval_batch_size) for r in run.eval_rows.values()),
     )  # fmt: skip
     # The progress display, one more writer (on every process), timed from the first step.
@@ -313,8 +328,12 @@ def train_to_boundary(run: TrainingRun, state, stop: StopOnSignal):
     while position < epoch_end:
         room = min(epoch_end - position, config.log_every_steps - run.step % config.log_every_steps)
         k = max(size for size in run.steps.train if size <= room)
-        chunk = device_data.shard_indices(indices[position : position + k], run.mesh)
-        state, metrics = run.steps.train[k](state, run.data, chunk, run.rngs["step"])
+        if run.feed:  # Only k = 1 is compiled: the batch streamed for this step.
+            data, chunk = run.feed.next_data(), run.feed.indices
+        else:
+            data = run.data
+            chunk = device_data.shard_indices(indices[position : position + k], run.mesh)
+        state, metrics = run.steps.train[k](state, data, chunk, run.rngs["step"])
         pending.append(metrics)
         run.step, position = run.step + k, position + k
         if run.step % config.log_every_steps == 0 or position == epoch_end:
