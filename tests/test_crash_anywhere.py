@@ -91,6 +91,7 @@ sys.argv = ["flaxcnn.main", *sys.argv[1:]]
 runpy.run_module("flaxcnn.main", run_name="__main__")
 """
 
+STREAM_FOLDER_ENV = "FLAXCNN_TEST_STREAM_FOLDER"
 TINY_DATA = [
     "--config.train_split=train[:640]",
     "--config.validation_split=train[90%:95%]",
@@ -141,12 +142,33 @@ CONFIGS = {
         "--config.num_epochs=2",
         "--config.score_samples=0",
     ],
+    # The streaming input (config.input=stream, flaxcnn/data/streaming.py): the training
+    # batches read from PNG files while the model trains; the folder is `stream_folder`'s.
+    "stream": [
+        f"--config.dataset=folder:${STREAM_FOLDER_ENV}",
+        *TINY_DATA,
+        "--config.color_mode=grayscale",
+        "--config.input=stream",
+        "--config.num_epochs=2",
+        "--config.augment.translation=2",
+    ],
 }
 TIMINGS = ("time", "_per_s", "peak_memory", "steps_this_run")
 
 
 def env(extra: dict | None = None) -> dict:
     return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "JAX_PLATFORMS": "cpu", **(extra or {})}
+
+
+@pytest.fixture(autouse=True)
+def stream_folder(request, tmp_path_factory, monkeypatch) -> None:
+    """The MNIST image folder the "stream" config reads, named by $FLAXCNN_TEST_STREAM_FOLDER."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec and callspec.params.get("config") == "stream":
+        from test_streaming_runs import write_mnist_folder
+
+        folder = write_mnist_folder(tmp_path_factory.mktemp("stream_folder"))
+        monkeypatch.setenv(STREAM_FOLDER_ENV, folder)
 
 
 def command(workdir, data_dir, args) -> list[str]:
