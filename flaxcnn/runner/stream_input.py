@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flaxcnn.data import device_data, input_pipeline, preprocess, sources, streaming
@@ -51,6 +52,10 @@ def open_stream_split(config: ml_collections.ConfigDict) -> sources.StreamSplit 
             "config.normalize='dataset' needs the training split in memory: give the "
             "numbers, config.normalize=((mean, ...), (std, ...)), to stream it"
         )
+    logging.info(
+        "Streaming the training split: %d examples, %.0f MB decoded (config.input=%s).",
+        split.num_examples, split.decoded_bytes / 2**20, choice,
+    )  # fmt: skip
     return split
 
 
