@@ -14,9 +14,10 @@ from flax import linen as nn
 from PIL import Image
 
 from flaxcnn import default_config
+from flaxcnn.cpu.kernels import MIN_FEATURES_PER_PHASE
 from flaxcnn.models import create_model
 from flaxcnn.models.gan import DCGAN
-from flaxcnn.models.layers import MIN_FEATURES_PER_PHASE, ConvTranspose2x
+from flaxcnn.models.layers import ConvTranspose2x
 from flaxcnn.tasks import gan
 
 TINY = dict(latent_dim=8, generator_widths=(8, 4), discriminator_widths=(4, 8))

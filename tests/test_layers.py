@@ -6,18 +6,11 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from flaxcnn import cpu
-from flaxcnn.models import layers
+from flaxcnn.cpu import kernels
+from flaxcnn.cpu import rewrite as cpu_rewrite
+from flaxcnn.cpu.kernels import conv_relu_max_pool, fused_layers_win, max_pool_2x2
 from flaxcnn.models.cnn import SeedCNN
-from flaxcnn.models.layers import (
-    Conv,
-    ConvReluMaxPool,
-    ConvTranspose2x,
-    FlattenDense,
-    conv_relu_max_pool,
-    fused_layers_win,
-    max_pool_2x2,
-)
+from flaxcnn.models.layers import Conv, ConvReluMaxPool, ConvTranspose2x, FlattenDense
 
 # Gradients are taken under jit throughout: eagerly, every operation of a backward pass
 # compiles on its own, several times slower than the whole jitted function.
@@ -189,7 +182,7 @@ def test_seed_cnn_computes_in_its_dtype_with_float32_parameters(fused):
     model = SeedCNN(dtype=jnp.bfloat16)
     params = jax.jit(model.init)(jax.random.key(1), x)
     assert {p.dtype for p in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
-    with unittest.mock.patch.object(layers, "fused_layers_win", lambda: fused):
+    with unittest.mock.patch.object(kernels, "fused_layers_win", lambda: fused):
         # A function of its own, traced under this patch (no trace cached from the other).
         apply = jax.jit(lambda params, x: model.apply(params, x))
         logits = apply(params, x)
@@ -221,7 +214,7 @@ def test_conv_transpose_2x_is_flax_conv_transpose_with_its_gradients(
     kernel_size, use_bias, channels, features, monkeypatch
 ):
     # Its own routes, which run wherever oneDNN does not convolve.
-    monkeypatch.setattr(cpu, "convolutions_by_onednn", lambda: False)
+    monkeypatch.setattr(cpu_rewrite, "convolutions_by_onednn", lambda: False)
     x = normal((2, 5, 6, channels), seed=1)
     reference = nn.ConvTranspose(features, (kernel_size,) * 2, (2, 2), use_bias=use_bias)
     ours = ConvTranspose2x(features, kernel_size, use_bias=use_bias)

@@ -13,7 +13,6 @@ from conftest import REPO
 from flax import linen as nn
 from PIL import Image
 
-from flaxcnn import cpu
 from flaxcnn.cpu import rewrite as cpu_rewrite
 from flaxcnn.models import create_model
 from flaxcnn.models.autoencoder import ConvTranspose2x, StridedConv
@@ -182,7 +181,7 @@ def test_resampling_layers_are_their_flax_counterparts(
     ours, reference, shape, out_shape, as_matmuls, monkeypatch
 ):
     if as_matmuls:  # Also where oneDNN convolves: the routes of every other machine.
-        monkeypatch.setattr(cpu, "convolutions_by_onednn", lambda: False)
+        monkeypatch.setattr(cpu_rewrite, "convolutions_by_onednn", lambda: False)
     x = jax.random.normal(key(1), shape)
     variables = reference.init(key(0), x)
     variables = jax.tree.map(lambda p: p + 0.1, variables)  # Nonzero biases too.

@@ -1,7 +1,8 @@
 """The CPU backend, in one package: oneDNN's convolutions as XLA FFI handlers
 (`onednn_conv`, + `.cc`), the rewrite that runs standard layers on them and the compiler
-options (`rewrite`), and the heuristics that choose by backend. The rest of flaxcnn calls
-only this interface:
+options (`rewrite`), the fused layers' custom-gradient kernels (`kernels`, which
+flaxcnn/models/layers.py wraps as Flax modules), and the heuristics that choose by backend.
+Besides `kernels`, the rest of flaxcnn calls only this interface:
 
     for_this_backend(apply_fn)          the model's apply, fast on CPUs (unchanged elsewhere)
     compile_for_this_backend(lowered)   a lowered step compiled with the CPU's options

@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from flaxcnn.models.layers import ConvTranspose2x, resampling_as_matmuls
+from flaxcnn.cpu.kernels import resampling_as_matmuls
+from flaxcnn.models.layers import ConvTranspose2x
 
 
 class StridedConv(nn.Module):

@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from flaxcnn.models.layers import Conv, ConvReluMaxPool, FlattenDense, max_pool_2x2
+from flaxcnn.cpu.kernels import max_pool_2x2
+from flaxcnn.models.layers import Conv, ConvReluMaxPool, FlattenDense
 
 
 class SeedCNN(nn.Module):
