@@ -6,6 +6,7 @@ files (configs, peers) imported by path, and the medians and cells of the tables
 It imports nothing of flaxcnn: a benchmark's processes start from a clean slate.
 """
 
+import argparse
 import importlib.util
 import json
 import os
@@ -17,6 +18,15 @@ from types import ModuleType
 
 RESULT = "RESULT "
 TORCH_MISSING = "torch is not installed: skipped (pip install torch==2.13.0)"
+
+
+def add_data_options(parser: argparse.ArgumentParser, repo: str) -> None:
+    """--npz (MNIST as an npz, the peers' input), --tfds (flaxcnn's tfds folder), both in
+    ../shared/data beside `repo` by default, and --out (where the reports go)."""
+    shared = os.path.join(repo, "..", "shared", "data")
+    parser.add_argument("--npz", default=os.path.join(shared, "mnist", "mnist.npz"))
+    parser.add_argument("--tfds", default=os.path.join(shared, "tfds"))
+    parser.add_argument("--out", default="benchmark")
 
 
 def load_module(path: str) -> ModuleType:

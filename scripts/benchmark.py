@@ -46,7 +46,6 @@ import numpy as np
 from flaxcnn import bench
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(REPO, "..", "shared", "data")
 TRAINERS = ("flaxcnn", "keras-tf", "keras-jax", "torch")
 STEP_ITERS = 320
 TARGET_ACCURACY = 0.985
@@ -484,9 +483,7 @@ def main() -> None:
         default=1800,
         help="seconds after which a whole command is stopped and counted as failed",
     )
-    parser.add_argument("--npz", default=os.path.join(SHARED, "mnist", "mnist.npz"))
-    parser.add_argument("--tfds", default=os.path.join(SHARED, "tfds"))
-    parser.add_argument("--out", default="benchmark")
+    bench.add_data_options(parser, REPO)
     add_family_options(parser)
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, help=argparse.SUPPRESS)

@@ -39,7 +39,6 @@ from flaxcnn import bench
 from flaxcnn.bench import median_of
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(REPO, "..", "shared", "data")
 TWIN = os.path.join(REPO, "scripts", "peers", "keras_families.py")
 FAMILIES = {
     "cnn": "cnn_mnist",
@@ -386,9 +385,7 @@ def parser() -> argparse.ArgumentParser:
         default=2,
         help="repeats of the user models' commands (0: none)",
     )
-    parser.add_argument("--npz", default=os.path.join(SHARED, "mnist", "mnist.npz"))
-    parser.add_argument("--tfds", default=os.path.join(SHARED, "tfds"))
-    parser.add_argument("--out", default="benchmark")
+    bench.add_data_options(parser, REPO)
     parser.add_argument("--worker", choices=("peak", "flaxcnn", "keras"), help=argparse.SUPPRESS)
     parser.add_argument("--family", choices=FAMILIES, help=argparse.SUPPRESS)
     return parser
