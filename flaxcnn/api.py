@@ -46,12 +46,16 @@ def make_config(
     model: Any = None,
     dataset: str | None = None,
     config: ml_collections.ConfigDict | str | None = None,
+    *,
+    workdir: str | None = None,
     **settings: Any,
 ) -> ml_collections.ConfigDict:
     """The config of a run: `config` (a ConfigDict, a config file path, or None for the
     default config) with `model` (a Flax module instance or class, or an import path),
     `dataset` and any config keys as `settings` (nested dicts for `augment`,
-    `early_stopping`, `model_kwargs`, `optimizer_kwargs`). Raises ValueError."""
+    `early_stopping`, `model_kwargs`, `optimizer_kwargs`). A model class defined in
+    `__main__` or a notebook is saved by value in `workdir` (the run's; `fit` passes it),
+    and refused without one. Raises ValueError."""
     if isinstance(config, ml_collections.ConfigDict):
         base = ml_collections.ConfigDict(config.to_dict())
         config_lib.add_defaults(base)
@@ -59,7 +63,7 @@ def make_config(
     else:
         base = config_lib.load(config)
     if model is not None:
-        config_lib.set_model(base, model)
+        config_lib.set_model(base, model, save_dir=workdir)
     if dataset is not None:
         base.dataset = dataset
     _apply(base, settings)
@@ -80,8 +84,8 @@ def fit(
     """Trains `model` on `dataset` into `workdir` and returns the test results (what
     `results.json` holds), resuming the run already in `workdir`.
 
-    `model`: a Flax module instance or class defined in an importable module (not `__main__`
-    or a notebook: later commands import it again), or an import path
+    `model`: a Flax module instance or class (one defined in `__main__` or a notebook is
+    saved by value with the run, its source beside it, for later commands), or an import path
     (`"my_nets.py:LeNet5"`, `"mypkg.nets:ResNet"`), or None for the config's model. A module
     instance's fields are recorded in config.json. `settings` are config keys, e.g.
     `num_epochs=3, optimizer="lion", optimizer_kwargs={"b1": 0.95}, task="my_task.py"`.
@@ -91,7 +95,7 @@ def fit(
     ValueError before anything is written."""
     if not workdir:
         raise ValueError("fit needs a workdir: where checkpoints, logs and results go")
-    cfg = make_config(model, dataset, config, **settings)
+    cfg = make_config(model, dataset, config, workdir=workdir, **settings)
     config_lib.validate(cfg)
     # Imported here: `import flaxcnn` stays cheap (the scorer's module imports scipy).
     from flaxcnn import scoring

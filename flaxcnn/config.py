@@ -187,13 +187,14 @@ def normalize(config: ml_collections.ConfigDict) -> None:
             config.imports = tuple(absolute_spec(x) for x in config.imports)
 
 
-def set_model(config: ml_collections.ConfigDict, model: Any) -> None:
+def set_model(config: ml_collections.ConfigDict, model: Any, save_dir: str | None = None) -> None:
     """Points `config.model` at `model`: an import path, or a Flax module instance or class
-    (recorded by import path and fields, see `describe_model`)."""
+    (recorded by import path and fields, see `describe_model`; a class defined in `__main__`
+    is saved by value in `save_dir`)."""
     if isinstance(model, str):
         config.model = absolute_spec(model)
         return
-    spec, kwargs = describe_model(model)
+    spec, kwargs = describe_model(model, save_dir)
     config.model = spec
     with config.unlocked():
         config.model_kwargs = ml_collections.ConfigDict({**config.model_kwargs, **kwargs})

@@ -17,7 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from flaxcnn import run_files
+from flaxcnn import resolver, run_files
 from flaxcnn.data import batching, image_folder, input_pipeline, preprocess
 from flaxcnn.run_files import DatasetInfo
 from flaxcnn.training.checkpointing import Checkpointer
@@ -202,15 +202,20 @@ def load_run(
     dataset: str | None = None,
     data_dir: str | None = None,
     task_names: tuple[str, ...] = ("classification",),
+    model: Any = None,
 ) -> Run:
     """The classifier trained in `workdir`, restored from its latest checkpoint or its best
     (`which="best"`, falling back to the latest when there is none). Without
     `workdir/dataset_info.json`, the input shape and classes come from the run's dataset, or
     from `dataset` / `data_dir` when given (a dataset moved since training). `task_names`:
-    the tasks whose runs may be loaded (a generative run's state has no `predict_proba`)."""
+    the tasks whose runs may be loaded (a generative run's state has no `predict_proba`).
+    `model`: the class (or an instance of it) of a run whose class was saved with it, for a
+    program where the saved class cannot be unpickled (another Python version)."""
     from flaxcnn import tasks
 
     config = load_config(workdir)
+    if model is not None:
+        resolver.provide_saved_class(config.model, model)
     task = config.get("task", "classification")
     if task not in task_names:
         raise ValueError(

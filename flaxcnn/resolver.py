@@ -17,8 +17,10 @@ import dataclasses
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import os
 import sys
+import tempfile
 from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
@@ -86,8 +88,14 @@ def import_module(where: str) -> ModuleType:
     return import_file(where) if _is_file(where) else importlib.import_module(where)
 
 
+def _is_saved_class(where: str) -> bool:
+    return where.endswith(SAVED_CLASS_SUFFIX)
+
+
 def _import_target(spec: str, kind: str) -> Any:
     where, name = _split(spec)
+    if _is_saved_class(where):
+        return load_saved_class(where)
     try:
         target = import_module(where)
     except ValueError as e:
@@ -145,8 +153,9 @@ def _where_defined(cls: type) -> str:
     fix = (
         f"model {cls.__qualname__} is defined in {cls.__module__!r} (a script run directly or "
         "a notebook cell), which later commands (evaluate, predict, export, resume) cannot "
-        "import again: move it into a file of its own, e.g. my_nets.py, and import it from "
-        f"there, or pass model='my_nets.py:{cls.__name__}'"
+        "import again: train it with flaxcnn.fit, which saves the class with the run, or "
+        "move it into a file of its own, e.g. my_nets.py, and import it from there, or pass "
+        f"model='my_nets.py:{cls.__name__}'"
     )
     if cls.__module__ == "__main__" or module is None or "<locals>" in cls.__qualname__:
         raise ValueError(
@@ -173,12 +182,21 @@ def _json_value(value: Any) -> bool:
     return value is None or isinstance(value, (bool, int, float, str))
 
 
-def describe_model(model: Any) -> tuple[str, dict]:
+def describe_model(model: Any, save_dir: str | None = None) -> tuple[str, dict]:
     """(import path, keyword arguments) that rebuild `model`, a Flax module instance or class:
-    the fields that differ from their defaults. Raises ValueError for a module that cannot be
-    imported again (defined in `__main__` or a notebook) or a field that JSON cannot hold."""
+    the fields that differ from their defaults. A class that cannot be imported again
+    (defined in `__main__`, a notebook or a function) is saved by value in `save_dir` (the
+    run's workdir; see `save_model_class`), or raises ValueError without one; so does a field
+    that JSON cannot hold."""
     cls = model if isinstance(model, type) else type(model)
-    spec = f"{_where_defined(cls)}:{cls.__qualname__}"
+    try:
+        where = _where_defined(cls)
+    except ValueError:
+        if save_dir is None:
+            raise
+        where = os.path.join(os.path.abspath(os.path.expanduser(save_dir)), SAVED_CLASS_FILE)
+        _saved_classes[where] = cls
+    spec = f"{where}:{cls.__qualname__}"
     if isinstance(model, type) or not dataclasses.is_dataclass(model):
         return spec, {}
     kwargs = {}
@@ -200,3 +218,87 @@ def describe_model(model: Any) -> tuple[str, dict]:
             )
         kwargs[field.name] = value
     return spec, kwargs
+
+
+# --- A model class saved with its run --------------------------------------------------------
+
+# A class defined in `__main__` or a notebook, pickled by value (cloudpickle) into its run's
+# workdir beside its source, so that every later command in a new process rebuilds it.
+SAVED_CLASS_SUFFIX = ".pkl"
+SAVED_CLASS_FILE = "model_class" + SAVED_CLASS_SUFFIX
+_saved_classes: dict[str, type] = {}  # This process's classes, by where they are saved.
+
+
+def _source(cls: type) -> str | None:
+    """The source text of `cls` (a script's or a notebook cell's), or None where it is lost."""
+    try:
+        return inspect.getsource(cls)
+    except (OSError, TypeError):
+        return None
+
+
+def _source_path(where: str) -> str:
+    return where[: -len(SAVED_CLASS_SUFFIX)] + ".py"
+
+
+def load_saved_class(where: str) -> type:
+    """The model class saved at `where` (this process's own, or unpickled). Raises ValueError
+    (one line) saying how to load the run where the class cannot be unpickled."""
+    if where in _saved_classes:
+        return _saved_classes[where]
+    import cloudpickle
+
+    try:
+        with open(where, "rb") as f:
+            cls = cloudpickle.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"the model class file {where} is missing") from None
+    except Exception as e:  # noqa: BLE001  (unpickling runs the class's own code)
+        raise ValueError(
+            f"cannot load the model class saved in {where} ({type(e).__name__}: {e}): load "
+            "the run with flaxcnn.load_run(workdir, model=YourClass) in a program that "
+            "defines the class"
+        ) from None
+    _saved_classes[where] = cls
+    return cls
+
+
+def provide_saved_class(spec: str, model: Any) -> None:
+    """Makes `model` (a class or instance) the class that `spec`, a class saved with its run,
+    names in this process: a run loaded where its pickled class cannot be."""
+    where, _ = _split(spec)
+    if not _is_saved_class(where):
+        raise ValueError(f"model= is for a run whose class was saved with it; this run's is {spec}")
+    _saved_classes[where] = model if isinstance(model, type) else type(model)
+
+
+def saved_class_changed(spec: str) -> bool:
+    """Whether `spec` names a class of this process to be saved where a class of another
+    source is saved already (a run trained with another definition)."""
+    where, _ = _split(spec) if isinstance(spec, str) else ("", None)
+    cls = _saved_classes.get(where)
+    if cls is None or not os.path.isfile(where):
+        return False
+    try:
+        with open(_source_path(where)) as f:
+            saved = f.read()
+    except OSError:
+        return False
+    source = _source(cls)
+    return source is not None and source != saved
+
+
+def save_model_class(spec: str) -> None:
+    """Writes the class `spec` names, if it is one of this process's to save (see
+    `describe_model`), by value to its file and its source beside it, atomically."""
+    where, _ = _split(spec) if isinstance(spec, str) else ("", None)
+    cls = _saved_classes.get(where)
+    if cls is None:
+        return
+    import cloudpickle
+
+    source = _source(cls) or "# The source of this class was not found.\n"
+    for path, data in ((where, cloudpickle.dumps(cls)), (_source_path(where), source.encode())):
+        with tempfile.NamedTemporaryFile(dir=os.path.dirname(path), delete=False) as f:
+            f.write(data)
+        os.replace(f.name, path)

@@ -14,11 +14,12 @@ import ml_collections
 from absl import logging
 
 from flaxcnn import config as config_lib
-from flaxcnn import run_files
+from flaxcnn import resolver, run_files
 
 # What makes two runs incompatible in one workdir (and the value of a config without the key).
 RUN_IDENTITY = {"task": "classification", "model": None, "dataset": None}
 REPLACED_PREFIX = "replaced-"
+SAVED_SOURCE = resolver.SAVED_CLASS_FILE.replace(resolver.SAVED_CLASS_SUFFIX, ".py")
 
 
 def check_run_identity(workdir: str, config: ml_collections.ConfigDict) -> dict[str, tuple] | None:
@@ -110,9 +111,20 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, force: bool
         raise ValueError(f"--workdir {workdir} is not writable: {e.strerror}") from None
     if jax.process_index() == 0:  # The processes of one run share its workdir.
         lock_workdir(workdir)
-    differences = check_run_identity(workdir, config)
-    if not differences:
-        return
+    differences = check_run_identity(workdir, config) or {}
+    if resolver.saved_class_changed(config.model):
+        name = config.model.rpartition(":")[2]
+        differences["model"] = (f"{name} as in {SAVED_SOURCE}", f"a {name} of another source")
+    if differences:
+        _replace_run(workdir, config, differences, force)
+    if jax.process_index() == 0:
+        resolver.save_model_class(config.model)  # A class from `__main__`, saved by value.
+
+
+def _replace_run(
+    workdir: str, config: ml_collections.ConfigDict, differences: dict, force: bool
+) -> None:
+    """Refuses to train over a run that `differences` sets apart, or (`force`) moves it."""
     _check_names_known(config, differences)
     what = ", ".join(f"{key} {old!r} (not {new!r})" for key, (old, new) in differences.items())
     if not force:

@@ -6,7 +6,7 @@ import time
 
 import nbclient
 import nbformat
-from conftest import REPO
+from conftest import REPO, run_command
 
 NOTEBOOK = REPO / "docs" / "quickstart.ipynb"
 BUDGET_S = 120  # The notebook takes well under a minute; a loaded CI machine gets slack.
@@ -33,3 +33,9 @@ def test_quickstart_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     text = "".join(o.get("text", "") for o in outputs)
     assert f"test accuracy {results['test_accuracy']:.4f}" in text
     assert "predicted:" in text
+    # The model class of a notebook cell, saved with the run, comes back in a new process.
+    evaluated = run_command(
+        "--workdir", str(tmp_path / "runs" / "quickstart"), module="flaxcnn.evaluate"
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert f"accuracy {results['test_accuracy']:.4f}" in evaluated.stdout
