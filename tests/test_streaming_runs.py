@@ -4,6 +4,7 @@ random-resized crops whose evaluation and predict agree."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import REPO, run_command
 from PIL import Image
-from test_crash_anywhere import outcome
+from test_crash_anywhere import KILL_HOOKS, outcome
 from test_distributed import TIMEOUT_S, cli_env, free_port, train_losses
 
 import flaxcnn
@@ -145,3 +146,31 @@ def test_variable_size_jpegs_train_with_random_resized_crops_and_predict_agrees(
     predicted = run.predict_proba(images).argmax(-1)
     assert results["num_test_examples"] == len(paths)
     assert np.mean(predicted == labels) == pytest.approx(results["test_accuracy"], abs=1e-6)
+
+
+@pytest.mark.slow  # Three runs of the command.
+def test_a_stream_stopped_mid_epoch_resumes_bit_identical(mnist_folder, tmp_path):
+    """SIGTERM after the second training log (step 12 of a 20-step epoch) saves a checkpoint
+    mid-epoch; the rerun opens the stream there and ends as the uninterrupted run does."""
+    args = [f"--config.dataset=folder:{mnist_folder}", *TINY, "--config.input=stream"]
+    args += ["--config.augment.translation=2", "--config.input_crop=random_resized"]
+    train(tmp_path / "whole", mnist_folder, *args[1:])
+    argv = [f"--workdir={tmp_path / 'stopped'}", *args]
+    hooks = KILL_HOOKS.replace("signal.SIGKILL", "signal.SIGTERM")
+    stopped = subprocess.run(
+        [sys.executable, "-c", hooks, *argv],
+        capture_output=True,
+        text=True,
+        env={**cli_env(1), "FLAXCNN_TEST_KILL": "train_log:2"},
+        cwd=REPO,
+        timeout=TIMEOUT_S,
+    )
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    assert os.listdir(tmp_path / "stopped" / "checkpoints") == ["12"]
+    train(tmp_path / "stopped", mnist_folder, *args[1:])
+    whole, resumed = outcome(tmp_path / "whole"), outcome(tmp_path / "stopped")
+    assert resumed["metrics"] == whole["metrics"] and resumed["results"] == whole["results"]
+    for a, b in zip(
+        resumed["checkpoints"]["checkpoints"][1], whole["checkpoints"]["checkpoints"][1]
+    ):
+        np.testing.assert_array_equal(a, b)
