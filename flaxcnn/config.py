@@ -229,6 +229,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"config.test_time_augment applies to classification, not the {config.task} task"
         )
+    for key in ("train_split", "test_split"):
+        if not config[key]:
+            raise ValueError(f"config.{key} must name a split, got {config[key]!r}")
+    if not config.validation_split and config.early_stopping.patience:
+        raise ValueError(
+            "config.early_stopping needs a validation split: set config.validation_split"
+        )
     if config.label_smoothing and config.task != "classification":
         raise ValueError(
             f"config.label_smoothing applies to classification, not the {config.task} task"

@@ -30,6 +30,8 @@ def _data(config: ml_collections.ConfigDict) -> None:
     config.data_dir = ml_collections.config_dict.placeholder(str)  # None: $TFDS_DATA_DIR.
     config.train_split = "train[:90%]"  # Keras's validation_split=0.1 ...
     config.validation_split = "train[90%:]"  # ... keeps the last 10% of train.
+    # An empty validation_split: no validation (e.g. train_split="train" trains on all of it;
+    # early stopping then has nothing to watch and is refused).
     config.test_split = "test"
     # Where batches come from (flaxcnn/data/streaming.py, docs/streaming.md): "memory" decodes
     # each split once and keeps it on the devices; "stream" reads, decodes and crops batches

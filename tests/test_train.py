@@ -80,12 +80,26 @@ def test_epochs_checkpoint_validate_and_count_every_test_example(data_dir, tmp_p
     assert sorted(os.listdir(tmp_path / "checkpoints"), key=int) == ["3", "6"]
 
 
+def test_a_run_without_a_validation_split_trains_on_all_of_train(data_dir, tmp_path):
+    config = tiny_config(data_dir, train_split="train", validation_split="")
+    results = loop.train_and_evaluate(config, str(tmp_path))
+    assert results["num_test_examples"] == 2000 and np.isfinite(results["test_loss"])
+    records = read_metrics(str(tmp_path / "metrics.jsonl"))
+    assert {r["split"] for r in records} == {"train"}
+    assert os.listdir(tmp_path / "checkpoints") == ["8"]
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
         ({"model": "Nope"}, "unknown model .Nope.; valid: CNN, "),
         ({"optimizer": "adagradd"}, "unknown optimizer 'adagradd'; valid: adam, adamw, sgd"),
         ({"learning_rate": 0.0}, "config.learning_rate must be positive"),
+        ({"test_split": ""}, "^config.test_split must name a split, got ''$"),
+        (
+            {"validation_split": "", "early_stopping": {"patience": 2}},
+            "^config.early_stopping needs a validation split",
+        ),
         ({"label_smoothing": 1.0}, r"^config.label_smoothing must be in \[0, 1\), got 1.0$"),
         (
             {"label_smoothing": 0.1, "task": "autoencoder", "model": "ConvAutoencoder"},

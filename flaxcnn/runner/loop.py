@@ -106,7 +106,8 @@ class TrainingRun:
 def load_splits(
     config: ml_collections.ConfigDict, names: tuple[str, ...] = SPLITS
 ) -> dict[str, input_pipeline.Split]:
-    """The `names` splits (train, validation, test) of `config.dataset`, in memory."""
+    """The `names` splits (train, validation, test) of `config.dataset`, in memory; none for
+    an empty `validation_split` (a run without validation)."""
     return {
         name: input_pipeline.load_split(
             config.dataset,
@@ -116,6 +117,7 @@ def load_splits(
             config.color_mode,
         )
         for name in names
+        if config[f"{name}_split"]
     }
 
 
@@ -253,11 +255,10 @@ def start_run(run: TrainingRun, state, resources: contextlib.ExitStack) -> None:
             run.splits["train"], run.config, run.mesh, run.normalization, run.step, resources
         )
         run.data = run.feed.template
-    run.eval_data, rows = device_data.put_splits(
-        [run.splits["validation"], run.splits["test"]], run.mesh
-    )
+    evaluated = [name for name in ("validation", "test") if name in run.splits]
+    run.eval_data, rows = device_data.put_splits([run.splits[n] for n in evaluated], run.mesh)
     run.eval_data = device_data.with_normalization(run.eval_data, run.normalization, run.mesh)
-    run.eval_rows = dict(zip(("validation", "test"), rows))
+    run.eval_rows = dict(zip(evaluated, rows))
     config = run.config
     eval_batch_size = config_lib.eval_batch_size(config)
     most_steps = min(run.steps_per_epoch, run.total_steps, config.log_every_steps)
@@ -356,7 +357,10 @@ class Hook(Protocol):
 
 
 def evaluate_validation(run: TrainingRun, state) -> None:
-    """Hook: the validation metrics, written, logged and kept in `run.validation_metrics`."""
+    """Hook: the validation metrics, written, logged and kept in `run.validation_metrics`
+    (none in a run without a validation split)."""
+    if "validation" not in run.splits:
+        return
     metrics, _ = run.evaluate(state, "validation")
     metrics = compiled_steps.scalar_metrics(metrics)
     run.writer.write(run.step, "validation", metrics)
@@ -366,9 +370,11 @@ def evaluate_validation(run: TrainingRun, state) -> None:
 
 
 def write_pictures(run: TrainingRun, state) -> None:
-    """Hook: the task's pictures of a fixed batch of validation images."""
+    """Hook: the task's pictures of a fixed batch of validation images (test images in a run
+    without a validation split)."""
     if run.is_main and hasattr(run.task, "write_pictures"):
-        images = run.splits["validation"].images[:NUM_PICTURE_IMAGES].astype(np.float32) / 255
+        split = run.splits.get("validation", run.splits["test"])
+        images = split.images[:NUM_PICTURE_IMAGES].astype(np.float32) / 255
         run.task.write_pictures(state, images, run.rngs["eval"], run.workdir, run.step, run.writer)
 
 
