@@ -1,6 +1,7 @@
 """A trained classifier outside the training loop: `load_run(workdir)` rebuilds the state the
 loop checkpointed (same config, same `create_state`) and restores the latest or best
-checkpoint into it; `Run.predict_proba` runs the model on images.
+checkpoint into it; `Run.predict` and `Run.predict_proba` run the model on images,
+`Run.evaluate` on a split.
 
 The model's input shape, class count and class names come from `workdir/dataset_info.json`
 when the loop wrote one (`flaxcnn.run_files.write_dataset_info`), else from the run's dataset
@@ -16,10 +17,14 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from PIL import Image
 
+from flaxcnn import config as config_lib
 from flaxcnn import resolver, run_files
 from flaxcnn.data import batching, image_folder, input_pipeline, preprocess
+from flaxcnn.reporting import reports
 from flaxcnn.run_files import DatasetInfo
+from flaxcnn.runner import evaluation
 from flaxcnn.training.checkpointing import Checkpointer
 
 PREDICT_BATCH_SIZE = 256
@@ -137,9 +142,21 @@ def checked_model_input(images, mean=None, std=None) -> np.ndarray:
     return preprocess.to_model_input(images, mean, std)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
+class Predictions:
+    """`Run.predict`'s answer for N images: the predicted class of each (`labels`, indices
+    into `class_names`), its name (`names`) and every class's probability
+    (`probabilities`, (N, num_classes))."""
+
+    labels: np.ndarray
+    names: list[str]
+    probabilities: np.ndarray
+
+
+@dataclasses.dataclass(repr=False)
 class Run:
-    """A trained classifier restored from a workdir."""
+    """A trained classifier restored from a workdir (`load_run`): `predict` images (files,
+    PIL images or arrays), `evaluate` a split, read its `summary()`."""
 
     workdir: str
     config: ml_collections.ConfigDict
@@ -174,6 +191,100 @@ class Run:
     @property
     def variables(self) -> dict:
         return eval_variables(self.state)
+
+    def __repr__(self) -> str:
+        model = self.config.model.rpartition(":")[2] or self.config.model
+        return (
+            f"Run({self.workdir!r}: {model} on {self.config.dataset}, {self.which} checkpoint "
+            f"at step {self.step}, input {tuple(self.image_shape)}, {self.num_classes} classes)"
+        )
+
+    def summary(self) -> str:
+        """What the run is and what it scored: model, dataset, checkpoint, the model summary's
+        layers and parameter counts, and the test results when the run finished."""
+        lines = [repr(self), f"classes: {', '.join(self.class_names)}"]
+        results = run_files.path(self.workdir, run_files.RESULTS)
+        if os.path.isfile(results):
+            scores = run_files.read_json(results)
+            keys = [k for k in scores if k.startswith("test_") and isinstance(scores[k], float)]
+            lines.append("results: " + ", ".join(f"{k} {scores[k]:.4f}" for k in keys))
+        summary = run_files.path(self.workdir, run_files.MODEL_SUMMARY)
+        if os.path.isfile(summary):
+            with open(summary) as f:
+                lines.append(f.read().rstrip())
+        return "\n".join(lines)
+
+    def predict(self, images: Any) -> Predictions:
+        """The classes of `images`: image file paths (one or a list), PIL images (one or a
+        list), or an array (N, H, W, C) / one image (H, W, C), uint8 or float in [0, 1]. Files
+        and PIL images are preprocessed as the training images were (`image_folder.to_array`:
+        colour mode, size); arrays must already have the model's shape."""
+        probabilities = self.predict_proba(self._as_array(images))
+        labels = probabilities.argmax(-1)
+        return Predictions(labels, [self.class_names[i] for i in labels], probabilities)
+
+    def _as_array(self, images: Any) -> np.ndarray:
+        one = isinstance(images, (str, os.PathLike, Image.Image)) or (
+            isinstance(images, np.ndarray) and images.ndim == 3 and images.shape == self.image_shape
+        )
+        items = [images] if one else images
+        if isinstance(items, np.ndarray) or not len(items):
+            return np.asarray(items)
+        if not isinstance(items[0], (str, os.PathLike, Image.Image)):
+            return np.asarray(items)
+        return np.stack(
+            [
+                image_folder.to_array(
+                    item if isinstance(item, Image.Image) else image_folder.open_image(item),
+                    self.image_shape,
+                )
+                for item in items
+            ]
+        )
+
+    def evaluate(
+        self,
+        split: str = "test",
+        dataset: str | None = None,
+        data_dir: str | None = None,
+        batch_size: int | None = None,
+    ) -> dict:
+        """Loss, accuracy, example count, per-class accuracy and confusion matrix over every
+        example of `split` (tfds slicing syntax) of the run's dataset (or `dataset` /
+        `data_dir`), evaluated as the training loop evaluates."""
+        config = self.config
+        dataset = dataset or config.dataset
+        data = input_pipeline.load_split(
+            dataset,
+            split,
+            data_dir or config.data_dir,
+            config.get("image_size"),
+            config.get("color_mode"),
+        )
+        if tuple(data.image_shape) != tuple(self.image_shape):
+            raise ValueError(
+                f"split {split!r} of {dataset!r} has images of shape {data.image_shape}; "
+                f"the model takes {self.image_shape}"
+            )
+        if data.num_classes != self.num_classes:
+            raise ValueError(
+                f"{dataset!r} has {data.num_classes} classes; the model has {self.num_classes}"
+            )
+        batch_size = batch_size or config_lib.eval_batch_size(config)
+        if batch_size <= 0:
+            raise ValueError(f"batch size must be positive, got {batch_size}")
+        metrics = evaluation.evaluate_state(self.state, data, batch_size, self.normalization)
+        report = reports.report_from_confusion(metrics["confusion"], self.class_names)
+        return {
+            "dataset": dataset,
+            "split": split,
+            "which": self.which,
+            "step": self.step,
+            "loss": metrics["loss"],
+            "accuracy": metrics["accuracy"],
+            "count": metrics["count"],
+            **{k: report[k] for k in ("class_names", "per_class_accuracy", "confusion_matrix")},
+        }
 
     def predict_proba(self, images, batch_size: int = PREDICT_BATCH_SIZE) -> np.ndarray:
         """Class probabilities (N, num_classes) of images (N, H, W, C), uint8 or float in

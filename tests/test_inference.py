@@ -181,6 +181,36 @@ def test_predict_preprocesses_files_like_the_training_data(run, image_files):
         assert top[0]["class"] == run.class_names[top[0]["index"]]
 
 
+def test_run_predicts_paths_pil_images_and_arrays_alike(run, image_files, test_split):
+    paths = [p for p in image_files if "_28.png" in p]  # Lossless at the training size.
+    digits = np.stack([image_files[p] for p in paths])[..., None]
+    expected = run.predict_proba(digits)
+    for given in (paths, [Image.open(p) for p in paths], digits):
+        predictions = run.predict(given)
+        np.testing.assert_allclose(predictions.probabilities, expected, atol=1e-6)
+        np.testing.assert_array_equal(predictions.labels, expected.argmax(-1))
+        assert predictions.names == [run.class_names[i] for i in expected.argmax(-1)]
+    one = run.predict(paths[0])
+    assert one.probabilities.shape == (1, 10) and one.labels[0] == expected[0].argmax()
+    assert run.predict(digits[0]).labels[0] == expected[0].argmax()  # One (H, W, C) image.
+
+
+def test_run_evaluates_a_split_as_the_loop_and_describes_itself(run, trained):
+    workdir, results = trained
+    evaluation = run.evaluate("test")
+    assert evaluation["count"] == 2000 and evaluation["step"] == 8
+    assert evaluation["accuracy"] == pytest.approx(results["test_accuracy"], abs=1e-9)
+    assert repr(run) == (
+        f"Run({workdir!r}: SeedCNN on embedded_mnist, latest checkpoint at step 8, "
+        "input (28, 28, 1), 10 classes)"
+    )
+    summary = run.summary()
+    assert (
+        summary.startswith(repr(run)) and f"test_accuracy {results['test_accuracy']:.4f}" in summary
+    )
+    assert "Model SeedCNN, input (28, 28, 1)" in summary  # The model summary's table.
+
+
 def test_predict_cli_reports_bad_files_and_predicts_the_rest(
     run, trained, image_files, tmp_path, capsys
 ):

@@ -20,37 +20,11 @@ import os
 import re
 import sys
 
-import jax
 import numpy as np
 
-from flaxcnn import config as config_lib
-from flaxcnn.data import device_data, input_pipeline, preprocess
+from flaxcnn.data import input_pipeline
 from flaxcnn.inference import Run, load_config, load_run
 from flaxcnn.reporting import reports
-from flaxcnn.runner import steps
-from flaxcnn.tasks import classification
-
-
-def evaluate_state(
-    state,
-    split: input_pipeline.Split,
-    batch_size: int,
-    normalization: preprocess.Normalization | None = None,
-) -> dict:
-    """Mean loss and accuracy over every example of `split`, their count and the
-    "confusion" counts (true, predicted), evaluated as the training loop evaluates: the
-    split on the device, padded and masked batches gathered there (standardised by
-    `normalization`, the run's). `state` is on the default device (as `load_run` restores
-    it)."""
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
-    data = device_data.with_normalization(device_data.put_split(split, mesh), normalization, mesh)
-    rng = jax.random.key(0)  # Unused by a classifier's evaluation.
-    rows = range(split.num_examples)
-    evaluate = steps.compile_evaluation(
-        classification.eval_step, state, data, batch_size, mesh, rng, len(rows)
-    )
-    metrics, count = steps.evaluate(evaluate, state, data, rows, batch_size, mesh, rng)
-    return {**metrics, "count": count}
 
 
 def file_stem(split: str, dataset: str | None = None) -> str:
@@ -78,49 +52,17 @@ def evaluate_run(
     data_dir: str | None = None,
     batch_size: int | None = None,
 ) -> dict:
-    """Evaluates `run` on a split; writes `output_paths` (the report as JSON and the confusion
-    matrix as PNG) and returns the report."""
-    config = run.config
+    """Evaluates `run` on a split (`Run.evaluate`); writes `output_paths` (the report as JSON
+    and the confusion matrix as PNG) and returns the report."""
     json_path, png_path = output_paths(run, split_name, dataset)
-    dataset = dataset or config.dataset
-    split = input_pipeline.load_split(
-        dataset,
-        split_name,
-        data_dir or config.data_dir,
-        config.get("image_size"),
-        config.get("color_mode"),
-    )
-    if tuple(split.image_shape) != tuple(run.image_shape):
-        raise ValueError(
-            f"split {split_name!r} of {dataset!r} has images of shape {split.image_shape}; "
-            f"the model takes {run.image_shape}"
-        )
-    if split.num_classes != run.num_classes:
-        raise ValueError(
-            f"{dataset!r} has {split.num_classes} classes; the model has {run.num_classes}"
-        )
-    batch_size = batch_size or config_lib.eval_batch_size(config)
-    if batch_size <= 0:
-        raise ValueError(f"batch size must be positive, got {batch_size}")
-    evaluation = evaluate_state(run.state, split, batch_size, run.normalization)
-    report = reports.report_from_confusion(evaluation["confusion"], run.class_names)
-    results = {
-        "dataset": dataset,
-        "split": split_name,
-        "which": run.which,
-        "step": run.step,
-        "loss": evaluation["loss"],
-        "accuracy": evaluation["accuracy"],
-        "count": evaluation["count"],
-        **{k: report[k] for k in ("class_names", "per_class_accuracy", "confusion_matrix")},
-    }
+    results = run.evaluate(split_name, dataset, data_dir, batch_size)
     with open(json_path, "w") as f:
         json.dump(results, f, indent=2)
     reports.plot_confusion_matrix(
-        np.asarray(report["confusion_matrix"]),
+        np.asarray(results["confusion_matrix"]),
         run.class_names,
         png_path,
-        title=f"{dataset} {split_name}, step {run.step}",
+        title=f"{results['dataset']} {split_name}, step {run.step}",
     )
     return results
 
