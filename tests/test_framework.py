@@ -210,33 +210,6 @@ def test_user_task_file_runs_through_the_loop(user_dir, data_dir, tmp_path):
     assert set(results) >= {"test_loss", "train_time_s"}
 
 
-def test_a_module_defined_in_main_is_refused_before_training(tmp_path):
-    script = tmp_path / "script.py"
-    workdir = tmp_path / "never"
-    script.write_text(
-        textwrap.dedent(f"""
-        import flaxcnn
-        from flax import linen as nn
-
-        class Net(nn.Module):
-            @nn.compact
-            def __call__(self, x, train=False):
-                return nn.Dense(10)(x.reshape(x.shape[0], -1))
-
-        flaxcnn.fit(Net(), "embedded_mnist", {str(workdir)!r}, num_train_steps=2)
-        """)
-    )
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
-    result = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120
-    )
-    assert result.returncode != 0
-    last = result.stderr.strip().splitlines()[-1]
-    assert "Net is defined in '__main__'" in last, last
-    assert "move it into a file of its own" in last
-    assert not workdir.exists()
-
-
 def test_describe_model_refuses_local_classes_and_unrecordable_fields():
     from flax import linen as nn
 

@@ -29,5 +29,7 @@ def test_classifiers_return_float32_logits(name, shape):
 
 
 def test_unknown_model_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="unknown model 'Resnet'; valid: CNN, ConvAutoencoder, "):
+    with pytest.raises(
+        ValueError, match="unknown model 'Resnet'; valid: CNN, CifarResNet, ConvAutoencoder, "
+    ):
         create_model("Resnet")
