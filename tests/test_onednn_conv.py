@@ -156,7 +156,7 @@ def test_an_install_without_handlers_keeps_xlas_convolutions_and_a_warning_says_
 ):
     monkeypatch.setattr(onednn_conv, "LIBRARY_MODULE", "flaxcnn.models._no_such_handlers")
     with pytest.raises(onednn_conv.Unavailable, match="has no oneDNN handlers .*reinstall"):
-        onednn_conv.load()
+        onednn_conv.load_handlers()
     with caplog.at_level(logging.WARNING):
         assert not onednn_conv.available.__wrapped__()
     assert "oneDNN convolutions unavailable, XLA's are used: this install" in caplog.text
@@ -180,7 +180,7 @@ def test_the_handlers_run_where_no_compiler_is_on_the_path(tmp_path):
 def test_where_no_onednn_exists_convolutions_are_xlas_without_a_warning(monkeypatch, caplog):
     monkeypatch.setattr(onednn_conv.platform, "system", lambda: "Darwin")
     monkeypatch.setattr(onednn_conv.platform, "machine", lambda: "arm64")
-    monkeypatch.setattr(onednn_conv, "load", lambda: pytest.fail("tried to load"))
+    monkeypatch.setattr(onednn_conv, "load_handlers", lambda: pytest.fail("tried to load"))
     with caplog.at_level(logging.DEBUG):
         assert not onednn_conv.available.__wrapped__()
     assert caplog.text == ""

@@ -56,7 +56,7 @@ def library_path() -> Path:
     return Path(spec.origin)
 
 
-def load() -> ctypes.CDLL:
+def load_handlers() -> ctypes.CDLL:
     """The handlers' library, after oneDNN's, which it finds by its soname."""
     path = library_path()  # First: without handlers, oneDNN's library is not needed.
     onednn = _package_file("onednn-cpu-gomp", "libdnnl.so.3")
@@ -71,7 +71,7 @@ def available() -> bool:
     if (platform.system(), platform.machine()) != ("Linux", "x86_64"):
         return False
     try:
-        library = load()
+        library = load_handlers()
     except (Unavailable, OSError) as e:
         logging.warning("oneDNN convolutions unavailable, XLA's are used: %s", e)
         return False
