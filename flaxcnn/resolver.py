@@ -195,7 +195,7 @@ def describe_model(model: Any, save_dir: str | None = None) -> tuple[str, dict]:
         if save_dir is None:
             raise
         where = os.path.join(os.path.abspath(os.path.expanduser(save_dir)), SAVED_CLASS_FILE)
-        _saved_classes[where] = cls
+        _defined_here[where] = cls
     spec = f"{where}:{cls.__qualname__}"
     if isinstance(model, type) or not dataclasses.is_dataclass(model):
         return spec, {}
@@ -226,7 +226,10 @@ def describe_model(model: Any, save_dir: str | None = None) -> tuple[str, dict]:
 # workdir beside its source, so that every later command in a new process rebuilds it.
 SAVED_CLASS_SUFFIX = ".pkl"
 SAVED_CLASS_FILE = "model_class" + SAVED_CLASS_SUFFIX
-_saved_classes: dict[str, type] = {}  # This process's classes, by where they are saved.
+# By the file they are saved in: classes this process defines and saves (`describe_model`),
+# and classes it loaded or was given (`load_saved_class`, `provide_saved_class`).
+_defined_here: dict[str, type] = {}
+_loaded: dict[str, type] = {}
 
 
 def _source(cls: type) -> str | None:
@@ -244,8 +247,8 @@ def _source_path(where: str) -> str:
 def load_saved_class(where: str) -> type:
     """The model class saved at `where` (this process's own, or unpickled). Raises ValueError
     (one line) saying how to load the run where the class cannot be unpickled."""
-    if where in _saved_classes:
-        return _saved_classes[where]
+    if where in _defined_here or where in _loaded:
+        return _defined_here.get(where) or _loaded[where]
     import cloudpickle
 
     try:
@@ -259,7 +262,7 @@ def load_saved_class(where: str) -> type:
             "the run with flaxcnn.load_run(workdir, model=YourClass) in a program that "
             "defines the class"
         ) from None
-    _saved_classes[where] = cls
+    _loaded[where] = cls
     return cls
 
 
@@ -269,14 +272,14 @@ def provide_saved_class(spec: str, model: Any) -> None:
     where, _ = _split(spec)
     if not _is_saved_class(where):
         raise ValueError(f"model= is for a run whose class was saved with it; this run's is {spec}")
-    _saved_classes[where] = model if isinstance(model, type) else type(model)
+    _loaded[where] = model if isinstance(model, type) else type(model)
 
 
 def saved_class_changed(spec: str) -> bool:
     """Whether `spec` names a class of this process to be saved where a class of another
     source is saved already (a run trained with another definition)."""
     where, _ = _split(spec) if isinstance(spec, str) else ("", None)
-    cls = _saved_classes.get(where)
+    cls = _defined_here.get(where)
     if cls is None or not os.path.isfile(where):
         return False
     try:
@@ -292,7 +295,7 @@ def save_model_class(spec: str) -> None:
     """Writes the class `spec` names, if it is one of this process's to save (see
     `describe_model`), by value to its file and its source beside it, atomically."""
     where, _ = _split(spec) if isinstance(spec, str) else ("", None)
-    cls = _saved_classes.get(where)
+    cls = _defined_here.get(where)
     if cls is None:
         return
     import cloudpickle

@@ -135,8 +135,12 @@ def test_load_run_takes_the_class_where_its_saved_one_cannot_load(tmp_path, monk
     workdir = tmp_path / "run"
     flaxcnn.fit(Local(), "embedded_mnist", str(workdir), num_train_steps=2, steps_per_dispatch=1)
     (workdir / "model_class.pkl").write_bytes(b"saved by another Python")
-    monkeypatch.setattr(resolver, "_saved_classes", {})  # As in a new process.
+    monkeypatch.setattr(resolver, "_defined_here", {})  # As in a new process.
+    monkeypatch.setattr(resolver, "_loaded", {})
     with pytest.raises(ValueError, match="cannot load the model class saved in"):
         flaxcnn.load_run(str(workdir))
     run = flaxcnn.load_run(str(workdir), model=Local)
     assert run.predict_proba(np.zeros((2, 28, 28, 1), np.uint8)).shape == (2, 10)
+    # A class loaded or given is not this process's to save: the run's files stay as they are.
+    resolver.save_model_class(run.config.model)
+    assert (workdir / "model_class.pkl").read_bytes() == b"saved by another Python"
