@@ -224,23 +224,20 @@ class Run:
         return Predictions(labels, [self.class_names[i] for i in labels], probabilities)
 
     def _as_array(self, images: Any) -> np.ndarray:
-        one = isinstance(images, (str, os.PathLike, Image.Image)) or (
-            isinstance(images, np.ndarray) and images.ndim == 3 and images.shape == self.image_shape
-        )
-        items = [images] if one else images
-        if isinstance(items, np.ndarray) or not len(items):
-            return np.asarray(items)
-        if not isinstance(items[0], (str, os.PathLike, Image.Image)):
-            return np.asarray(items)
-        return np.stack(
-            [
-                image_folder.to_array(
-                    item if isinstance(item, Image.Image) else image_folder.open_image(item),
-                    self.image_shape,
-                )
-                for item in items
-            ]
-        )
+        """`predict`'s images as one (N, H, W, C) array."""
+        files_or_pil = (str, os.PathLike, Image.Image)
+        if isinstance(images, files_or_pil):
+            images = [images]
+        if isinstance(images, (list, tuple)) and images and isinstance(images[0], files_or_pil):
+            return np.stack([self._read(image) for image in images])
+        array = np.asarray(images)
+        return array[None] if array.shape == tuple(self.image_shape) else array
+
+    def _read(self, image: Any) -> np.ndarray:
+        """A file or PIL image, preprocessed as the training images were."""
+        if not isinstance(image, Image.Image):
+            image = image_folder.open_image(image)
+        return image_folder.to_array(image, self.image_shape)
 
     def evaluate(
         self,
