@@ -126,3 +126,16 @@ def run_command(
         cwd=cwd,
         timeout=timeout,
     )
+
+
+@pytest.fixture(scope="session")
+def prior_run(data_dir, tmp_path_factory) -> str:
+    """The workdir of a finished tiny run, shared (copied) by the bad-input and the
+    damaged-workdir tests."""
+    workdir = str(tmp_path_factory.mktemp("prior") / "run")
+    tiny = ("--config.num_train_steps=8", "--config.eval_batch_size=500")
+    result = run_command(
+        f"--workdir={workdir}", f"--config.data_dir={data_dir}", *tiny, timeout=180
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir

@@ -16,7 +16,9 @@ from flax import linen as nn
 from flaxcnn.cpu import rewrite as cpu_rewrite
 from flaxcnn.training import state as state_lib
 
-CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "user_cnn.py")
+CONFIG = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "configs", "user_cnn.py"
+)
 
 
 def user_cnn(**kwargs) -> nn.Module:

@@ -481,7 +481,7 @@ def test_state_round_trips_through_a_checkpoint(tmp_path):
 
 
 def test_gan_config_loads():
-    path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "gan_mnist.py"
+    path = pathlib.Path(__file__).resolve().parents[2] / "configs" / "gan_mnist.py"
     spec = importlib.util.spec_from_file_location("gan_mnist", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

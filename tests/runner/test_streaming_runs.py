@@ -73,7 +73,7 @@ def test_a_streamed_run_ends_bit_identical_to_the_in_memory_run(mnist_folder, tm
 @pytest.mark.slow  # Two processes starting side by side, and the one-process reference.
 def test_two_processes_stream_like_one(mnist_folder, tmp_path):
     """Each process reads its half of every batch (disjoint shards covering each epoch
-    once, tests/test_streaming.py); together they train as one process does."""
+    once, tests/data/test_streaming.py); together they train as one process does."""
     common = [f"--config.dataset=folder:{mnist_folder}", *TINY, "--config.input=stream"]
     common += ["--config.microbatch_size=0", "--config.num_epochs=1"]
     train(tmp_path / "one", mnist_folder, *common[1:])

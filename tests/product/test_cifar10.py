@@ -13,7 +13,7 @@ import tensorflow_datasets as tfds
 from flaxcnn.data import input_pipeline
 from flaxcnn.runner import loop
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 JPEG_COPY = REPO.parent / "shared" / "data" / "cifar10-jpeg" / "cifar10-jpeg.tar.gz"
 
 
