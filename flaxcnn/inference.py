@@ -1,7 +1,8 @@
 """A trained classifier outside the training loop: `load_run(workdir)` rebuilds the state the
 loop checkpointed (same config, same `create_state`) and restores the latest or best
 checkpoint into it; `Run.predict` and `Run.predict_proba` run the model on images,
-`Run.evaluate` on a split.
+`Run.evaluate` on a split. `prepare_image` reads a file or PIL image as the model's input
+the way evaluation does (the run's `config.input_crop`), for this model or its export.
 
 The model's input shape, class count and class names come from `workdir/dataset_info.json`
 when the loop wrote one (`flaxcnn.run_files.write_dataset_info`), else from the run's dataset
@@ -21,7 +22,7 @@ from PIL import Image
 
 from flaxcnn import config as config_lib
 from flaxcnn import resolver, run_files
-from flaxcnn.data import batching, image_folder, input_pipeline, preprocess
+from flaxcnn.data import batching, crops, image_folder, input_pipeline, preprocess
 from flaxcnn.reporting import reports
 from flaxcnn.run_files import DatasetInfo
 from flaxcnn.runner import evaluation
@@ -52,6 +53,20 @@ def dataset_info(
         raise input_pipeline.DataError(f"{name!r} has images of varying size")
     labels = builder.info.features[label_key]
     return DatasetInfo((height, width, num_channels), labels.num_classes, list(labels.names))
+
+
+def prepare_image(
+    image: str | os.PathLike | Image.Image,
+    image_shape: tuple[int, int, int],
+    input_crop: str = "resize",
+) -> np.ndarray:
+    """A file path or PIL image as the model's uint8 input (H, W, C) of `image_shape`, read
+    as evaluation reads it under the run's `config.input_crop` (export.json's "input_crop"):
+    "resize" the whole image, "random_resized" its centre crop (`crops.evaluation_view`).
+    ValueError naming the file when it is not a readable image."""
+    if not isinstance(image, Image.Image):
+        image = image_folder.open_image(image)
+    return crops.evaluation_view(input_crop)(image, tuple(image_shape))
 
 
 def _tuples(value: Any) -> Any:
@@ -192,6 +207,12 @@ class Run:
     def variables(self) -> dict:
         return eval_variables(self.state)
 
+    @property
+    def input_crop(self) -> str:
+        """The run's `config.input_crop`: how its evaluation, `predict` and export read
+        files and PIL images (`prepare_image`)."""
+        return self.config.get("input_crop", "resize")
+
     def __repr__(self) -> str:
         model = self.config.model.rpartition(":")[2] or self.config.model
         return (
@@ -217,8 +238,9 @@ class Run:
     def predict(self, images: Any) -> Predictions:
         """The classes of `images`: image file paths (one or a list), PIL images (one or a
         list), or an array (N, H, W, C) / one image (H, W, C), uint8 or float in [0, 1]. Files
-        and PIL images are preprocessed as the training images were (`image_folder.to_array`:
-        colour mode, size); arrays must already have the model's shape."""
+        and PIL images are read as evaluation reads them (`prepare_image`: colour mode, size,
+        the centre crop of a run with `input_crop="random_resized"`); arrays must already
+        have the model's shape."""
         probabilities = self.predict_proba(self._as_array(images))
         labels = probabilities.argmax(-1)
         return Predictions(labels, [self.class_names[i] for i in labels], probabilities)
@@ -234,10 +256,8 @@ class Run:
         return array[None] if array.shape == tuple(self.image_shape) else array
 
     def _read(self, image: Any) -> np.ndarray:
-        """A file or PIL image, preprocessed as the training images were."""
-        if not isinstance(image, Image.Image):
-            image = image_folder.open_image(image)
-        return image_folder.to_array(image, self.image_shape)
+        """A file or PIL image, read as evaluation reads it."""
+        return prepare_image(image, self.image_shape, self.input_crop)
 
     def evaluate(
         self,
@@ -257,6 +277,7 @@ class Run:
             data_dir or config.data_dir,
             config.get("image_size"),
             config.get("color_mode"),
+            self.input_crop,
         )
         if tuple(data.image_shape) != tuple(self.image_shape):
             raise ValueError(

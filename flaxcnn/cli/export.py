@@ -14,7 +14,10 @@ float32 class probabilities (B, num_classes) (the softmax of the model's logits)
   Signature `serving_default`: `images` uint8 [None, H, W, C] -> `probabilities`; also the
   function `predict(images)`. Run it with `tf.saved_model.load(path)`.
 - `DIR/export.json`: input shape, class names, checkpoint step and the preprocessing
-  (with the normalisation's "mean" and "std", done inside the artifacts).
+  (with the normalisation's "mean" and "std", done inside the artifacts). An image reaches
+  the artifacts as evaluation read it: `flaxcnn.inference.prepare_image(path,
+  input_shape, export["input_crop"])` (the whole image resized, or, for a run with
+  `config.input_crop="random_resized"`, its centre crop).
 
 Both are lowered for `--platforms` (default cpu and cuda), so either runs on a CPU or an
 NVIDIA GPU. Errors: `error: ...` on stderr, exit code 2.
@@ -37,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxcnn import cpu
-from flaxcnn.data import input_pipeline, preprocess
+from flaxcnn.data import crops, input_pipeline, preprocess
 from flaxcnn.inference import Run, load_config, load_run
 from flaxcnn.tasks import get_task
 
@@ -109,6 +112,27 @@ def save_saved_model(run: Run, path: str, platforms: Sequence[str] = DEFAULT_PLA
     tf.saved_model.save(module, path, signatures={SIGNATURE: predict})
 
 
+def preprocessing_text(run: Run) -> str:
+    """What is done to an image before and inside the artifacts, in words: the view of
+    `crops.evaluation_view` (the run's `input_crop`), then the scaling and normalisation."""
+    height, width, num_channels = run.image_shape
+    convert = f"convert to {'L (grayscale)' if num_channels == 1 else 'RGB'} and resize to "
+    convert += f"{height}x{width} with PIL BILINEAR"
+    if run.input_crop == "random_resized":
+        convert = (
+            "apply the EXIF orientation; crop the centred box of "
+            f"{crops.CENTRE_FRACTION:g} times the height and width of the largest box of "
+            f"aspect ratio {height}:{width} that fits in the image (each side rounded, at "
+            f"least 1 pixel); {convert} (flaxcnn.inference.prepare_image(path, "
+            f"{tuple(run.image_shape)}, 'random_resized'))"
+        )
+    return (
+        convert
+        + "; the model scales uint8 to [0, 1] itself"
+        + ("" if run.mean is None else " and standardises it by normalization's mean, std")
+    )
+
+
 def export_run(run: Run, out_dir: str, platforms: Sequence[str] = DEFAULT_PLATFORMS) -> dict:
     """Writes both artifacts and their metadata into `out_dir`; returns the metadata."""
     os.makedirs(out_dir, exist_ok=True)
@@ -127,12 +151,8 @@ def export_run(run: Run, out_dir: str, platforms: Sequence[str] = DEFAULT_PLATFO
             "dtype": "float32",
             "shape": ["batch", run.num_classes],
         },
-        "preprocessing": (
-            f"convert to {'L (grayscale)' if run.image_shape[2] == 1 else 'RGB'} and resize to "
-            f"{run.image_shape[0]}x{run.image_shape[1]} with PIL BILINEAR; the model scales "
-            "uint8 to [0, 1] itself"
-            + ("" if run.mean is None else " and standardises it by normalization's mean, std")
-        ),
+        "input_crop": run.input_crop,
+        "preprocessing": preprocessing_text(run),
         "normalization": None if run.mean is None else {"mean": run.mean, "std": run.std},
         "class_names": run.class_names,
         "platforms": list(platforms),

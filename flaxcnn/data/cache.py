@@ -4,7 +4,8 @@ split once per machine rather than on every run.
 An entry is `images.npy` (N, H, W, C uint8), `labels.npy` (N,) int32 and `meta.json` in
 `$XDG_CACHE_HOME/flaxcnn/splits/<key hash>/` (`~/.cache/...` by default; the
 `FLAXCNN_SPLIT_CACHE` environment variable names another folder, or `off`). The key is what
-was asked for (dataset name, split, data_dir, image_size, color_mode) and what decodes it
+was asked for (dataset name, split, data_dir, image_size, color_mode, the crop of
+`flaxcnn.data.crops` its images were read with) and what decodes it
 (the tfds and Pillow versions, the decoding code's own text, this format's version). The
 entry records the prepared tfds folder it was decoded from and a fingerprint of that
 folder's files (names, sizes, modification times): an entry whose folder has changed or
@@ -43,8 +44,10 @@ def split_key(
     data_dir: str | None,
     image_size: Sequence[int] | None,
     color_mode: str | None,
+    crop: str = "resize",
 ) -> dict:
-    """What identifies a decoded split, before its source is known."""
+    """What identifies a decoded split, before its source is known (`crop`: the evaluation
+    view of `config.input_crop` its images are read with)."""
     data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
     return {
         "format": FORMAT_VERSION,
@@ -53,6 +56,7 @@ def split_key(
         "data_dir": os.path.abspath(os.path.expanduser(data_dir)),
         "image_size": list(image_size) if image_size else None,
         "color_mode": color_mode,
+        "crop": crop,
         "tfds": _version("tensorflow-datasets"),
         "pillow": _version("pillow"),
         "decoder": _decoder_hash(),
@@ -60,7 +64,7 @@ def split_key(
 
 
 # The modules whose code turns stored files into the cached arrays.
-DECODERS = ("input_pipeline.py", "image_folder.py")
+DECODERS = ("input_pipeline.py", "image_folder.py", "crops.py")
 
 
 def _decoder_hash() -> str:

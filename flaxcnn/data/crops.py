@@ -66,6 +66,23 @@ def centre_box(height: int, width: int, out_height: int, out_width: int) -> Box:
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+def centre_crop(image: Image.Image, image_shape: tuple[int, int, int]) -> np.ndarray:
+    """The evaluation view of "random_resized": `centre_box` of the image (in its displayed
+    orientation) resized to `image_shape` by `image_folder.to_array`."""
+    image = ImageOps.exif_transpose(image)  # Boxes are in the displayed orientation.
+    top, left, h, w = centre_box(image.height, image.width, *image_shape[:2])
+    return image_folder.to_array(image.crop((left, top, left + w, top + h)), image_shape)
+
+
+def evaluation_view(crop: str) -> image_folder.View:
+    """How evaluation, prediction and export read an image under `crop`: the whole image
+    resized (`image_folder.to_array`) for "resize", `centre_crop` for "random_resized".
+    Module-level functions, so decoding processes can take them."""
+    if crop not in CROPS:
+        raise ValueError(f"unknown crop {crop!r}; valid: {', '.join(CROPS)}")
+    return image_folder.to_array if crop == "resize" else centre_crop
+
+
 def preprocess(
     image: Image.Image,
     image_shape: tuple[int, int, int],
@@ -74,14 +91,9 @@ def preprocess(
 ) -> np.ndarray:
     """`image` as an (H, W, C) uint8 array of `image_shape`: with `rng`, a training view
     (a random box under "random_resized"), without, the evaluation view."""
-    if crop not in CROPS:
-        raise ValueError(f"unknown crop {crop!r}; valid: {', '.join(CROPS)}")
-    if crop == "resize":
-        return image_folder.to_array(image, image_shape)
+    view = evaluation_view(crop)  # Checks `crop`.
+    if rng is None or crop == "resize":
+        return view(image, image_shape)
     image = ImageOps.exif_transpose(image)  # Boxes are in the displayed orientation.
-    height, width = image.height, image.width
-    if rng is None:
-        top, left, h, w = centre_box(height, width, *image_shape[:2])
-    else:
-        top, left, h, w = random_resized_box(height, width, rng)
+    top, left, h, w = random_resized_box(image.height, image.width, rng)
     return image_folder.to_array(image.crop((left, top, left + w, top + h)), image_shape)

@@ -37,6 +37,7 @@ import multiprocessing
 import os
 import re
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -51,6 +52,9 @@ ORDER_SEED = 20240531  # The fixed order of a folder's files; never the run's se
 # a process starts in about a second, in which one decodes about 5,000 CIFAR-size JPEGs.
 PARALLEL_FROM = 5000
 WORKERS_ENV = "FLAXCNN_DECODE_WORKERS"
+# (image, (H, W, C)) -> (H, W, C) uint8: how a split's images are read (`to_array`, or a
+# crop of flaxcnn.data.crops).
+View = Callable[[Image.Image, tuple[int, int, int]], np.ndarray]
 _SPLIT = re.compile(r"^(?P<name>[\w.-]+)(?:\[(?P<lo>-?\d+%?)?:(?P<hi>-?\d+%?)?\])?$")
 
 
@@ -268,17 +272,22 @@ def folder_info(
 
 
 def load_folder_split(
-    name: str, split: str, image_size=None, color_mode: str | None = None
+    name: str,
+    split: str,
+    image_size=None,
+    color_mode: str | None = None,
+    view: View | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Images (N, H, W, C) uint8, labels (N,) int32 and class names of `split` of the folder
-    dataset `name` (`folder:/path/to/root`)."""
+    dataset `name` (`folder:/path/to/root`), each image read by `view` (default `to_array`;
+    a centre crop: flaxcnn.data.crops)."""
     root = folder_root(name)
     num_channels = channels(color_mode)
     size = check_image_size(image_size)
     paths, labels, classes = split_paths(name, split)
     fixed_size = size is not None
     size = size or _reference_size(root, classes)
-    images = _decode_all(root, paths, (*size, num_channels), fixed_size)
+    images = _decode_all(root, paths, (*size, num_channels), fixed_size, view or to_array)
     return images, labels, classes
 
 
@@ -299,7 +308,11 @@ def split_paths(name: str, split: str) -> tuple[list[str], np.ndarray, list[str]
 
 
 def _decode(
-    root: str, paths: list[str], image_shape: tuple[int, int, int], fixed_size: bool
+    root: str,
+    paths: list[str],
+    image_shape: tuple[int, int, int],
+    fixed_size: bool,
+    view: View,
 ) -> np.ndarray:
     """The images at `paths` as one (N, H, W, C) uint8 array (one worker's share)."""
     images = np.empty((len(paths), *image_shape), np.uint8)
@@ -311,7 +324,7 @@ def _decode(
                 f"images of {root!r} differ in size ({path} is {found[0]}x{found[1]}, "
                 f"others {h}x{w}): set config.image_size=(H, W) to resize them"
             )
-        images[i] = to_array(image, image_shape)
+        images[i] = view(image, image_shape)
     return images
 
 
@@ -327,26 +340,38 @@ def decode_workers(num_images: int) -> int:
 
 
 def _decode_all(
-    root: str, paths: list[str], image_shape: tuple[int, int, int], fixed_size: bool
+    root: str,
+    paths: list[str],
+    image_shape: tuple[int, int, int],
+    fixed_size: bool,
+    view: View,
 ) -> np.ndarray:
     """`_decode` of every path, spread over `decode_workers` processes in order-keeping
     chunks. PIL's per-image Python work holds the GIL, so threads would not run in parallel;
     the processes are spawned, not forked, as the parent may already run JAX's threads."""
     workers = decode_workers(len(paths))
     if workers == 1:
-        return _decode(root, paths, image_shape, fixed_size)
+        return _decode(root, paths, image_shape, fixed_size, view)
     chunk = -(-len(paths) // (workers * 4))  # Several chunks a worker: even finish times.
     chunks = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-        parts = pool.map(_decode, *zip(*[(root, c, image_shape, fixed_size) for c in chunks]))
+        jobs = [(root, c, image_shape, fixed_size, view) for c in chunks]
+        parts = pool.map(_decode, *zip(*jobs))
         return np.concatenate(list(parts))
 
 
-def convert_images(images: np.ndarray, image_size=None, color_mode: str | None = None):
-    """uint8 (N, H, W, C) arrays, C 1 or 3, through `to_array`: the folder preprocessing
-    applied to a decoded tfds split when `image_size` or `color_mode` is set."""
-    if image_size is None and color_mode is None:
+def convert_images(
+    images: np.ndarray,
+    image_size=None,
+    color_mode: str | None = None,
+    view: View | None = None,
+):
+    """uint8 (N, H, W, C) arrays, C 1 or 3, through `view` (default `to_array`): the folder
+    preprocessing applied to a decoded tfds split when `image_size`, `color_mode` or another
+    view is set."""
+    view = view or to_array
+    if image_size is None and color_mode is None and view is to_array:
         return images
     size = check_image_size(image_size) or images.shape[1:3]
     num_channels = channels(color_mode) if color_mode else images.shape[3]
@@ -354,6 +379,4 @@ def convert_images(images: np.ndarray, image_size=None, color_mode: str | None =
         raise FolderError(f"cannot convert images with {images.shape[3]} channels")
     shape = (*size, num_channels)
     squeeze = images.shape[3] == 1  # PIL takes grayscale as (H, W).
-    return np.stack(
-        [to_array(Image.fromarray(x[:, :, 0] if squeeze else x), shape) for x in images]
-    )
+    return np.stack([view(Image.fromarray(x[:, :, 0] if squeeze else x), shape) for x in images])

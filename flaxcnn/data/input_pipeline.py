@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from flaxcnn.data import cache, image_folder
+from flaxcnn.data import cache, crops, image_folder
 
 if TYPE_CHECKING:
     import tensorflow_datasets as tfds
@@ -120,21 +120,25 @@ def load_split(
     data_dir: str | None = None,
     image_size: tuple[int, int] | None = None,
     color_mode: str | None = None,
+    crop: str = "resize",
 ) -> Split:
     """Reads and decodes one split (tfds split syntax, e.g. 'train[:90%]') into memory, or
     maps it from the cache of decoded splits (flaxcnn.data.cache).
 
     `name` is a tfds dataset or `folder:/path` (flaxcnn.data.image_folder). With
     `image_size` (H, W) or `color_mode` ('grayscale', 'rgb'), images are resized or converted
-    as image folders are; folders default to 'rgb' at their images' own size."""
+    as image folders are; folders default to 'rgb' at their images' own size. `crop`
+    (`config.input_crop`) picks the evaluation view: "resize" the whole image,
+    "random_resized" its centre crop (`crops.evaluation_view`)."""
+    view = crops.evaluation_view(crop)
     if image_folder.is_folder_dataset(name):
-        return _load_folder_split(name, split, image_size, color_mode)
-    key = cache.split_key(name, split, data_dir, image_size, color_mode)
+        return _load_folder_split(name, split, image_size, color_mode, crop)
+    key = cache.split_key(name, split, data_dir, image_size, color_mode, crop)
     cached = cache.read_entry(key)
     if cached is not None:
         images, labels, meta = cached
         return Split(np.asarray(images), labels, meta["num_classes"], meta["class_names"])
-    result, source = _decode_tfds_split(name, split, data_dir, image_size, color_mode)
+    result, source = _decode_tfds_split(name, split, data_dir, image_size, color_mode, view)
     cache.save(
         key,
         source,
@@ -147,18 +151,24 @@ def load_split(
 
 
 def _load_folder_split(
-    name: str, split: str, image_size: tuple[int, int] | None, color_mode: str | None
+    name: str,
+    split: str,
+    image_size: tuple[int, int] | None,
+    color_mode: str | None,
+    crop: str,
 ) -> Split:
     """A split of an image folder, decoded once and then mapped from the cache: the entry's
     fingerprint covers every file under the folder, so any change decodes it again."""
     try:
         root = os.path.abspath(image_folder.folder_root(name))
-        key = cache.split_key(image_folder.PREFIX + root, split, root, image_size, color_mode)
+        key = cache.split_key(image_folder.PREFIX + root, split, root, image_size, color_mode, crop)
         cached = cache.read_entry(key)
         if cached is not None:
             images, labels, meta = cached
             return Split(np.asarray(images), labels, meta["num_classes"], meta["class_names"])
-        images, labels, names = image_folder.load_folder_split(name, split, image_size, color_mode)
+        images, labels, names = image_folder.load_folder_split(
+            name, split, image_size, color_mode, crops.evaluation_view(crop)
+        )
     except image_folder.FolderError as e:
         raise DataError(str(e)) from None
     cache.save(key, root, images, labels, num_classes=len(names), class_names=names)
@@ -171,6 +181,7 @@ def _decode_tfds_split(
     data_dir: str | None,
     image_size: tuple[int, int] | None,
     color_mode: str | None,
+    view: image_folder.View,
 ) -> tuple[Split, str]:
     """The split read through tfds, and the prepared folder it was read from."""
     builder = get_builder(name, data_dir)
@@ -190,7 +201,7 @@ def _decode_tfds_split(
         raise DataError(f"split {split!r} of {name!r} is empty")
     labels_feature = builder.info.features[label_key]
     try:
-        images = image_folder.convert_images(np.concatenate(images), image_size, color_mode)
+        images = image_folder.convert_images(np.concatenate(images), image_size, color_mode, view)
     except image_folder.FolderError as e:
         raise DataError(f"{name!r}: {e}") from None
     result = Split(

@@ -61,6 +61,11 @@ def validate(config) -> None:
         raise ValueError(
             f"config.input_crop must be one of {', '.join(crops.CROPS)}, got {config.input_crop!r}"
         )
+    if config.input == "memory" and config.input_crop != "resize":
+        raise ValueError(
+            f"config.input_crop={config.input_crop!r} crops the files as they stream; a split "
+            "in memory is resized whole: set config.input='stream' or 'auto'"
+        )
 
 
 def local_columns(batch_size: int, process_index: int, process_count: int) -> slice:

@@ -59,6 +59,7 @@ class TrainingRun:
     workdir: str
     task: Any
     mesh: jax.sharding.Mesh
+    # In memory, or, when config.input streams them, stream sources (sources.StreamSplit).
     splits: dict[str, input_pipeline.Split]
     steps_per_epoch: int
     total_steps: int
@@ -77,6 +78,7 @@ class TrainingRun:
     eval_rows: dict[str, range] = dataclasses.field(default_factory=dict)
     steps: compiled_steps.CompiledSteps | None = None
     feed: stream_input.TrainFeed | None = None  # Streamed training batches (config.input).
+    eval_feed: stream_input.EvalFeed | None = None  # Streamed validation and test batches.
     progress: Progress | None = None
     skipped: int = 0  # Steps with non-finite values skipped (config.skip_nonfinite).
     # The metrics of the latest validation, set by the `evaluate_validation` hook.
@@ -91,7 +93,11 @@ class TrainingRun:
         return self.step >= self.total_steps or self.stopper.should_stop
 
     def evaluate(self, state, split: str) -> tuple[dict, int]:
-        """The task's metrics over the `split` ("validation" or "test") rows on the device."""
+        """The task's metrics over the `split` ("validation" or "test") rows on the device,
+        or over its streamed batches."""
+        if self.eval_feed:
+            evaluate_one = self.steps.evaluate[1]
+            return self.eval_feed.evaluate(evaluate_one, state, split, self.rngs["eval"])
         return compiled_steps.evaluate(
             self.steps.evaluate,
             state,
@@ -107,7 +113,8 @@ def load_splits(
     config: ml_collections.ConfigDict, names: tuple[str, ...] = SPLITS
 ) -> dict[str, input_pipeline.Split]:
     """The `names` splits (train, validation, test) of `config.dataset`, in memory; none for
-    an empty `validation_split` (a run without validation)."""
+    an empty `validation_split` (a run without validation). Validation and test images are
+    read by the evaluation view of `config.input_crop`."""
     return {
         name: input_pipeline.load_split(
             config.dataset,
@@ -115,6 +122,7 @@ def load_splits(
             config.data_dir,
             config.image_size,
             config.color_mode,
+            "resize" if name == "train" else config.get("input_crop", "resize"),
         )
         for name in names
         if config[f"{name}_split"]
@@ -156,9 +164,11 @@ def open_run(
     task = tasks.get_task(config.task)
     mesh = sharding.create_mesh()
     streamed = stream_input.open_stream_split(config)
-    splits = load_splits(config, SPLITS[1:] if streamed else SPLITS)
-    if streamed:
-        splits["train"] = streamed
+    if streamed:  # Validation and test stream too.
+        names = [name for name in SPLITS[1:] if config[f"{name}_split"]]
+        splits = {"train": streamed, **{n: stream_input.open_split(config, n) for n in names}}
+    else:
+        splits = load_splits(config)
     # "dataset" becomes the training split's numbers, in the config config.json records.
     train_images = np.empty((0, *streamed.image_shape)) if streamed else splits["train"].images
     normalization = preprocess.resolve_config(config, train_images)
@@ -255,17 +265,22 @@ def start_run(run: TrainingRun, state, resources: contextlib.ExitStack) -> None:
             run.splits["train"], run.config, run.mesh, run.normalization, run.step, resources
         )
         run.data = run.feed.template
-    evaluated = [name for name in ("validation", "test") if name in run.splits]
-    run.eval_data, rows = device_data.put_splits([run.splits[n] for n in evaluated], run.mesh)
-    run.eval_data = device_data.with_normalization(run.eval_data, run.normalization, run.mesh)
-    run.eval_rows = dict(zip(evaluated, rows))
     config = run.config
     eval_batch_size = config_lib.eval_batch_size(config)
+    evaluated = [name for name in ("validation", "test") if name in run.splits]
+    if run.feed:  # The compiled evaluation reads one streamed batch a dispatch.
+        eval_splits = {name: run.splits[name] for name in evaluated}
+        run.eval_feed = stream_input.EvalFeed(eval_splits, config, run.mesh, run.normalization)
+        run.eval_data, most_eval_batches = run.eval_feed.template, 1
+    else:
+        run.eval_data, rows = device_data.put_splits([run.splits[n] for n in evaluated], run.mesh)
+        run.eval_data = device_data.with_normalization(run.eval_data, run.normalization, run.mesh)
+        run.eval_rows = dict(zip(evaluated, rows))
+        most_eval_batches = max(-(-len(r) // eval_batch_size) for r in rows)
     most_steps = min(run.steps_per_epoch, run.total_steps, config.log_every_steps)
     run.steps = compiled_steps.compile_steps(
         run.task, config, state, run.data, run.eval_data, run.mesh, run.rngs["step"],
-        most_steps=1 if run.feed else most_steps,
-        most_eval_batches=max(-(-len(r) // eval_batch_size) for r in run.eval_rows.values()),
+        most_steps=1 if run.feed else most_steps, most_eval_batches=most_eval_batches,
     )  # fmt: skip
     # The progress display, one more writer (on every process), timed from the first step.
     run.progress = Progress(run.total_steps, run.step, config.batch_size, config.log_every_steps)

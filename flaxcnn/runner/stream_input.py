@@ -11,6 +11,11 @@ The stream's position is a function of the step (epoch = step // steps_per_epoch
 step % steps_per_epoch), so the checkpoint's step is the iterator's state: a resumed run
 opens the stream where the checkpoint stands and reads the batches an uninterrupted run
 reads next.
+
+A run whose training split streams streams its validation and test splits too (`EvalFeed`):
+`streaming.eval_batches`' padded batches, each read by the compiled evaluation with the
+fixed indices 0..B-1 and its mask, so every example counts once and the metrics are the
+in-memory path's.
 """
 
 import contextlib
@@ -22,30 +27,30 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from flaxcnn.data import device_data, input_pipeline, preprocess, sources, streaming
+from flaxcnn import config as config_lib
+from flaxcnn.data import batching, device_data, input_pipeline, preprocess, sources, streaming
+from flaxcnn.runner import steps as compiled_steps
 
 
 def open_stream_split(config: ml_collections.ConfigDict) -> sources.StreamSplit | None:
     """The training split as a stream source when `config.input` streams it, else None
     ("auto": when its decoded size exceeds `config.input_memory_budget_mb` and it can be
-    streamed; a tfds dataset prepared as tfrecord cannot, and stays in memory)."""
+    streamed, a tfds dataset prepared as tfrecord cannot, and stays in memory; always under
+    `config.input_crop="random_resized"`, whose crops need the files)."""
     choice = config.get("input", "memory")
     if choice == "memory":
         return None
     if config.task != "classification":
         raise ValueError(f"config.input={choice!r} streams classification, not {config.task}")
+    must_stream = config.input_crop != "resize"
     try:
-        split = sources.open_split(
-            config.dataset, config.train_split, config.data_dir, config.image_size,
-            config.color_mode,
-        )  # fmt: skip
+        split = open_split(config, "train")
     except input_pipeline.DataError:
-        if choice == "auto":
+        if choice == "auto" and not must_stream:
             return None
         raise
-    if streaming.resolve_input(choice, split.decoded_bytes, config.input_memory_budget_mb) == (
-        "memory"
-    ):
+    budget = config.input_memory_budget_mb
+    if streaming.resolve_input(choice, split.decoded_bytes, budget) == "memory" and not must_stream:
         return None
     if preprocess.parse(config.get("normalize", "none")) == preprocess.DATASET:
         raise ValueError(
@@ -57,6 +62,15 @@ def open_stream_split(config: ml_collections.ConfigDict) -> sources.StreamSplit 
         split.num_examples, split.decoded_bytes / 2**20, choice,
     )  # fmt: skip
     return split
+
+
+def open_split(config: ml_collections.ConfigDict, name: str) -> sources.StreamSplit:
+    """The `name` split ("train", "validation", "test") of `config.dataset` as a stream
+    source."""
+    return sources.open_split(
+        config.dataset, config[f"{name}_split"], config.data_dir, config.image_size,
+        config.color_mode,
+    )  # fmt: skip
 
 
 def batch_sharding(mesh: Mesh, batch_size: int) -> NamedSharding:
@@ -105,3 +119,48 @@ class TrainFeed:
     def next_data(self) -> device_data.DeviceSplit:
         """The next batch, with the normalisation the step applies."""
         return {**next(self.batches), **self.extras}
+
+
+class EvalFeed:
+    """The validation and test splits streamed, for the compiled evaluation of one batch:
+    `template` is the data it is compiled for, `evaluate` its metrics over a split."""
+
+    def __init__(
+        self,
+        splits: dict[str, sources.StreamSplit],
+        config: ml_collections.ConfigDict,
+        mesh: Mesh,
+        normalization: preprocess.Normalization | None,
+    ):
+        self.splits, self.config, self.mesh = splits, config, mesh
+        self.batch_size = batch_size = config_lib.eval_batch_size(config)
+        self.sharding = batch_sharding(mesh, batch_size)
+        self.extras = device_data.with_normalization({}, normalization, mesh)
+        rows = np.arange(batch_size, dtype=np.int32)[None]
+        self.indices = device_data.shard_indices(rows, mesh)
+        shape = (batch_size, *next(iter(splits.values())).image_shape)
+        self.template = {
+            "image": jax.ShapeDtypeStruct(shape, np.uint8, sharding=self.sharding),
+            "label": jax.ShapeDtypeStruct((batch_size,), np.int32, sharding=self.sharding),
+            **self.extras,
+        }
+
+    def evaluate(self, evaluate_one, state, name: str, rng: jax.Array) -> tuple[dict, int]:
+        """The metrics of `evaluate_one` (the compiled evaluation of one batch of `template`)
+        over every example of split `name` once, and their number."""
+        split = self.splits[name]
+        whole = self.sharding.spec == PartitionSpec()  # Every process reads every row.
+        batches = streaming.eval_batches(
+            split, self.batch_size, self.config.input_crop, self.config.input_workers,
+            process_index=0 if whole else jax.process_index(),
+            process_count=1 if whole else jax.process_count(),
+        )  # fmt: skip
+        # The mask is the global one of `padded_indices`, laid out as the indices are.
+        _, masks = batching.padded_indices(split.num_examples, self.batch_size)
+        images = ({k: v for k, v in b.items() if k != "mask"} for b in batches)
+        metrics = []
+        for batch, mask in zip(streaming.to_device(images, self.sharding), masks, strict=True):
+            mask = device_data.shard_indices(mask[None], self.mesh)
+            metrics.append(evaluate_one(state, {**batch, **self.extras}, self.indices, mask, rng))
+        count = int(sum(float(m["count"]) for m in metrics))
+        return compiled_steps.mean_metrics(metrics), count
