@@ -268,17 +268,12 @@ class Run:
     ) -> dict:
         """Loss, accuracy, example count, per-class accuracy and confusion matrix over every
         example of `split` (tfds slicing syntax) of the run's dataset (or `dataset` /
-        `data_dir`), evaluated as the training loop evaluates."""
+        `data_dir`), evaluated as the training loop evaluates: streamed when the run's
+        `config.input` streams it (`evaluation.read_split`), each image read as `predict`
+        reads files."""
         config = self.config
         dataset = dataset or config.dataset
-        data = input_pipeline.load_split(
-            dataset,
-            split,
-            data_dir or config.data_dir,
-            config.get("image_size"),
-            config.get("color_mode"),
-            self.input_crop,
-        )
+        data = evaluation.read_split(config, dataset, split, data_dir or config.data_dir)
         if tuple(data.image_shape) != tuple(self.image_shape):
             raise ValueError(
                 f"split {split!r} of {dataset!r} has images of shape {data.image_shape}; "
@@ -291,7 +286,12 @@ class Run:
         batch_size = batch_size or config_lib.eval_batch_size(config)
         if batch_size <= 0:
             raise ValueError(f"batch size must be positive, got {batch_size}")
-        metrics = evaluation.evaluate_state(self.state, data, batch_size, self.normalization)
+        if isinstance(data, input_pipeline.Split):
+            metrics = evaluation.evaluate_state(self.state, data, batch_size, self.normalization)
+        else:
+            metrics = evaluation.evaluate_stream(
+                self.state, data, batch_size, config, self.normalization
+            )
         report = reports.report_from_confusion(metrics["confusion"], self.class_names)
         return {
             "dataset": dataset,

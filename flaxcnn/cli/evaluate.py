@@ -9,9 +9,11 @@ writes `W/eval_<split>.json` (loss, accuracy, count, per-class accuracy, confusi
 step, checkpoint) and `W/confusion_<split>.png`, then prints a one-line summary.
 
 The split is read from the run's dataset unless `--dataset`/`--data_dir` say otherwise, with
-the run's `image_size` and `color_mode`. In file names a split's '%' becomes 'pct' and other
-symbols '_' ('train[90%:]' -> 'eval_train_90pct.json'); a dataset other than the run's comes
-first ('eval_mnist_test.json'). Bad input: `error: ...` on stderr, exit code 2.
+the run's `image_size`, `color_mode` and `input_crop` (its evaluation view), and streamed
+when the run's `input` streams it (`evaluation.read_split`). In file names a split's '%'
+becomes 'pct' and other symbols '_' ('train[90%:]' -> 'eval_train_90pct.json'); a dataset
+other than the run's comes first ('eval_mnist_test.json'). Bad input: `error: ...` on
+stderr, exit code 2.
 """
 
 import argparse

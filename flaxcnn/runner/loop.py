@@ -270,7 +270,10 @@ def start_run(run: TrainingRun, state, resources: contextlib.ExitStack) -> None:
     evaluated = [name for name in ("validation", "test") if name in run.splits]
     if run.feed:  # The compiled evaluation reads one streamed batch a dispatch.
         eval_splits = {name: run.splits[name] for name in evaluated}
-        run.eval_feed = stream_input.EvalFeed(eval_splits, config, run.mesh, run.normalization)
+        run.eval_feed = stream_input.EvalFeed(
+            eval_splits, eval_batch_size, config.input_crop, config.input_workers, run.mesh,
+            run.normalization,
+        )  # fmt: skip
         run.eval_data, most_eval_batches = run.eval_feed.template, 1
     else:
         run.eval_data, rows = device_data.put_splits([run.splits[n] for n in evaluated], run.mesh)

@@ -27,7 +27,6 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from flaxcnn import config as config_lib
 from flaxcnn.data import batching, device_data, input_pipeline, preprocess, sources, streaming
 from flaxcnn.runner import steps as compiled_steps
 
@@ -122,18 +121,21 @@ class TrainFeed:
 
 
 class EvalFeed:
-    """The validation and test splits streamed, for the compiled evaluation of one batch:
-    `template` is the data it is compiled for, `evaluate` its metrics over a split."""
+    """Splits evaluated from the stream in batches of `batch_size` (global), read by the
+    evaluation view of `crop` with `workers` processes, for the compiled evaluation of one
+    batch: `template` is the data it is compiled for, `evaluate` its metrics over a split."""
 
     def __init__(
         self,
         splits: dict[str, sources.StreamSplit],
-        config: ml_collections.ConfigDict,
+        batch_size: int,
+        crop: str,
+        workers: int,
         mesh: Mesh,
         normalization: preprocess.Normalization | None,
     ):
-        self.splits, self.config, self.mesh = splits, config, mesh
-        self.batch_size = batch_size = config_lib.eval_batch_size(config)
+        self.splits, self.batch_size, self.mesh = splits, batch_size, mesh
+        self.crop, self.workers = crop, workers
         self.sharding = batch_sharding(mesh, batch_size)
         self.extras = device_data.with_normalization({}, normalization, mesh)
         rows = np.arange(batch_size, dtype=np.int32)[None]
@@ -151,7 +153,7 @@ class EvalFeed:
         split = self.splits[name]
         whole = self.sharding.spec == PartitionSpec()  # Every process reads every row.
         batches = streaming.eval_batches(
-            split, self.batch_size, self.config.input_crop, self.config.input_workers,
+            split, self.batch_size, self.crop, self.workers,
             process_index=0 if whole else jax.process_index(),
             process_count=1 if whole else jax.process_count(),
         )  # fmt: skip

@@ -13,8 +13,8 @@ from PIL import Image
 from flaxcnn import default_config, inference
 from flaxcnn.cli import export
 from flaxcnn.config import validate
-from flaxcnn.data import cache, image_folder, input_pipeline
-from flaxcnn.runner import loop, stream_input
+from flaxcnn.data import cache, image_folder, input_pipeline, sources
+from flaxcnn.runner import evaluation, loop, stream_input
 
 SHAPE = (32, 32, 3)
 FRACTION = 0.875  # The centre box's share of the largest box of the model's aspect ratio.
@@ -90,9 +90,14 @@ def test_the_streamed_evaluation_counts_every_test_image_once(trained):
     assert np.sum(results["confusion_matrix"], axis=1).tolist() == np.bincount(labels).tolist()
 
 
-def test_run_evaluate_equals_the_runs_own_test_metrics(trained):
+@pytest.mark.parametrize("source", ["stream", "auto"])  # "auto" under budget: in memory.
+def test_run_evaluate_equals_the_runs_own_test_metrics(trained, source):
     workdir, results, _, _ = trained
-    evaluated = inference.load_run(workdir).evaluate("train[50%:]")
+    run = inference.load_run(workdir)
+    run.config.input = source
+    read = evaluation.read_split(run.config, run.config.dataset, "train[50%:]", None)
+    assert isinstance(read, sources.StreamSplit if source == "stream" else input_pipeline.Split)
+    evaluated = run.evaluate("train[50%:]")
     assert evaluated["count"] == results["num_test_examples"]
     assert evaluated["accuracy"] == pytest.approx(results["test_accuracy"], abs=1e-6)
     assert evaluated["loss"] == pytest.approx(results["test_loss"], rel=1e-5)
