@@ -11,8 +11,8 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_TFDS = REPO.parent / "shared" / "data" / "tfds"
-# Full trainings (tests/test_accuracy.py) take many minutes on a 2-core CPU: the slow suite's
-# per-test bound, unless a test carries its own @pytest.mark.timeout.
+# Full trainings (tests/product/test_accuracy.py) take many minutes on a 2-core CPU: the slow
+# suite's per-test bound, unless a test carries its own @pytest.mark.timeout.
 SLOW_TIMEOUT_S = 3600
 
 
@@ -79,13 +79,18 @@ def data_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def shared_tfds() -> str:
     """The prepared real-MNIST tfds folder beside the repo (see `find_shared_tfds`)."""
-    return find_shared_tfds(SHARED_TFDS)
+    return _find_shared_tfds(SHARED_TFDS)
 
 
-def find_shared_tfds(root: pathlib.Path) -> str:
-    """`root` if it holds the prepared real MNIST; tests needing it skip without it, except
-    under CI (the `CI` environment variable set), where its absence is a failure: a green CI
-    must have run them."""
+@pytest.fixture(scope="session")
+def find_shared_tfds():
+    """`find_shared_tfds(root)`: `root` if it holds the prepared real MNIST; tests needing it
+    skip without it, except under CI (the `CI` environment variable set), where its absence
+    is a failure: a green CI must have run them."""
+    return _find_shared_tfds
+
+
+def _find_shared_tfds(root: pathlib.Path) -> str:
     if not (root / "mnist").is_dir():
         message = f"real MNIST not found at {root}"
         if os.environ.get("CI"):
@@ -94,26 +99,58 @@ def find_shared_tfds(root: pathlib.Path) -> str:
     return str(root)
 
 
-def tiny_config(data_dir: str, **overrides):
-    """The default config shrunk to a few steps, for end-to-end tests: one step per
-    dispatch, whose compilation is the quickest (several steps per dispatch equal single
-    steps: test_device_data; the slow suite's runs dispatch several)."""
+@pytest.fixture(scope="session")
+def tiny_config(request):
+    """`tiny_config(**overrides)`: the default config shrunk to a few steps, for end-to-end
+    tests, on the `data_dir` fixture's dataset unless `data_dir` is among the overrides; one
+    step per dispatch, whose compilation is the quickest (several steps per dispatch equal
+    single steps: data/test_device_data.py; the slow suite's runs dispatch several)."""
     from flaxcnn import default_config
 
-    config = default_config.get_config()
-    config.data_dir = data_dir
-    config.num_train_steps = 8
-    config.eval_batch_size = 500
-    config.log_every_steps = 4
-    config.steps_per_dispatch = 1
-    config.update(overrides)
-    return config
+    def make(**overrides):
+        config = default_config.get_config()
+        if "data_dir" not in overrides:
+            config.data_dir = request.getfixturevalue("data_dir")
+        config.num_train_steps = 8
+        config.eval_batch_size = 500
+        config.log_every_steps = 4
+        config.steps_per_dispatch = 1
+        config.update(overrides)
+        return config
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_data_flags() -> list[str]:
+    """Command-line flags shrinking a run to small splits of its dataset: 20 steps an epoch
+    of 640 training images, a validation and a test split of a few hundred."""
+    return [
+        "--config.train_split=train[:640]",
+        "--config.validation_split=train[90%:95%]",
+        "--config.test_split=test[:300]",
+        "--config.eval_batch_size=150",
+        "--config.batch_size=32",  # 20 steps an epoch.
+        "--config.log_every_steps=6",
+    ]
+
+
+@pytest.fixture(scope="session")
+def platform_skip() -> str:
+    """The start of a skip's reason saying the test cannot apply on this platform."""
+    return PLATFORM_SKIP
 
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def run_command(
+@pytest.fixture(scope="session")
+def run_command():
+    """`run_command(*args, module=, env=, cwd=, timeout=)`: see `_run_command`."""
+    return _run_command
+
+
+def _run_command(
     *args: str, module: str = "flaxcnn.main", env: dict | None = None, cwd=REPO, timeout=300
 ) -> subprocess.CompletedProcess:
     """`python -m <module> <args>` in a fresh interpreter on the CPU, its output captured;
@@ -134,7 +171,7 @@ def prior_run(data_dir, tmp_path_factory) -> str:
     damaged-workdir tests."""
     workdir = str(tmp_path_factory.mktemp("prior") / "run")
     tiny = ("--config.num_train_steps=8", "--config.eval_batch_size=500")
-    result = run_command(
+    result = _run_command(
         f"--workdir={workdir}", f"--config.data_dir={data_dir}", *tiny, timeout=180
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -8,7 +8,6 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import run_command, tiny_config
 from PIL import Image
 
 from flaxcnn import inference
@@ -19,10 +18,10 @@ from flaxcnn.runner import loop
 
 
 @pytest.fixture(scope="module")
-def trained(data_dir, tmp_path_factory) -> tuple[str, dict]:
+def trained(data_dir, tmp_path_factory, tiny_config) -> tuple[str, dict]:
     """A run of 8 steps: (workdir, results)."""
     workdir = str(tmp_path_factory.mktemp("run"))
-    return workdir, loop.train_and_evaluate(tiny_config(data_dir, num_train_steps=8), workdir)
+    return workdir, loop.train_and_evaluate(tiny_config(num_train_steps=8), workdir)
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +241,7 @@ def test_predict_cli_reports_bad_files_and_predicts_the_rest(
 
 
 @pytest.mark.slow  # A fresh interpreter importing TensorFlow and JAX: about 15 s.
-def test_predict_command_line_exit_code(trained, image_files, tmp_path):
+def test_predict_command_line_exit_code(trained, image_files, tmp_path, run_command):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
     good = list(image_files)[0]

@@ -6,7 +6,6 @@ import logging
 import shutil
 
 import pytest
-from conftest import tiny_config
 
 from flaxcnn import run_files
 from flaxcnn import workdir as workdir_lib
@@ -18,12 +17,6 @@ from flaxcnn.runner import loop
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 
-def _config(**overrides):
-    from conftest import tiny_config
-
-    return tiny_config("unused", **overrides)
-
-
 # --- A damaged workdir ----------------------------------------------------------------------
 
 DAMAGED_CONTENT = {"truncated": '{"step": 8, "split": "tr', "not JSON": "\0\0garbage"}
@@ -31,13 +24,13 @@ DAMAGED_CONTENT = {"truncated": '{"step": 8, "split": "tr', "not JSON": "\0\0gar
 
 @pytest.mark.parametrize("damage", DAMAGED_CONTENT)
 def test_damaged_results_of_a_finished_run_are_rebuilt_by_testing_again(
-    prior_run, data_dir, tmp_path, damage
+    prior_run, data_dir, tmp_path, damage, tiny_config
 ):
     workdir = tmp_path / "run"
     shutil.copytree(prior_run, workdir)
     original = json.loads((workdir / run_files.RESULTS).read_text())
     (workdir / run_files.RESULTS).write_text(DAMAGED_CONTENT[damage])
-    results = loop.train_and_evaluate(tiny_config(data_dir), str(workdir))
+    results = loop.train_and_evaluate(tiny_config(), str(workdir))
     assert results["steps_this_run"] == 0  # Nothing trained again: only the test.
     for key in ("test_accuracy", "test_loss", "num_test_examples", "steps", "tested_step"):
         assert results[key] == original[key], key
@@ -63,17 +56,17 @@ def test_torn_last_metrics_line_is_dropped_and_damage_elsewhere_is_named(tmp_pat
 
 
 @pytest.mark.parametrize("damage", DAMAGED_CONTENT)
-def test_damaged_early_stopping_record_is_a_clear_error(tmp_path, damage):
+def test_damaged_early_stopping_record_is_a_clear_error(tmp_path, damage, tiny_config):
     path = tmp_path / run_files.EARLY_STOPPING
     path.write_text(DAMAGED_CONTENT[damage])
-    config = _config()
+    config = tiny_config(data_dir="unused")
     config.early_stopping.patience = 2
     with pytest.raises(ValueError, match=rf"^{path} is damaged \(not JSON: .*\); move it away$"):
         loop.load_early_stopping(config, str(tmp_path), epoch=3)
 
 
 def test_damaged_config_is_not_compared_for_training_and_a_clear_error_for_loading(
-    prior_run, tmp_path, caplog
+    prior_run, tmp_path, caplog, tiny_config
 ):
     from flaxcnn import inference
 
@@ -81,7 +74,7 @@ def test_damaged_config_is_not_compared_for_training_and_a_clear_error_for_loadi
     shutil.copytree(prior_run, workdir)
     (workdir / run_files.CONFIG).write_text(DAMAGED_CONTENT["truncated"])
     with caplog.at_level(logging.WARNING):
-        assert workdir_lib.check_run_identity(str(workdir), _config()) is None
+        assert workdir_lib.check_run_identity(str(workdir), tiny_config(data_dir="unused")) is None
     assert any("not comparing it" in r.getMessage() for r in caplog.records)
     with pytest.raises(ValueError, match=f"cannot read {workdir / run_files.CONFIG}"):
         inference.load_config(str(workdir))

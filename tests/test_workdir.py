@@ -1,22 +1,28 @@
 """One workdir, one run: the lock refuses a second live run, and a killed run leaves none."""
 
 import os
+import pathlib
 import subprocess
 import sys
 
 import pytest
-from conftest import REPO, run_command
 
 from flaxcnn import run_files
 from flaxcnn import workdir as workdir_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # A restore that fails inside orbax leaves tensorstore coroutines behind, reported when they
 # are collected after their event loop closed; harmless, and not this project's to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 
-def run_cli(*args, timeout=180) -> subprocess.CompletedProcess:
-    return run_command(*args, timeout=timeout)
+@pytest.fixture(scope="session")
+def run_cli(run_command):
+    def run_cli(*args, timeout=180) -> subprocess.CompletedProcess:
+        return run_command(*args, timeout=timeout)
+
+    return run_cli
 
 
 TINY = ("--config.num_train_steps=8", "--config.eval_batch_size=500")
@@ -51,7 +57,9 @@ def test_a_live_run_s_workdir_is_refused_and_a_killed_run_leaves_no_lock(tmp_pat
 
 
 @pytest.mark.slow  # Two starts of the command line.
-def test_second_command_on_a_live_run_s_workdir_exits_2_naming_the_process(data_dir, tmp_path):
+def test_second_command_on_a_live_run_s_workdir_exits_2_naming_the_process(
+    data_dir, tmp_path, run_cli
+):
     workdir = tmp_path / "run"
     holder = hold_lock_in_another_process(workdir.mkdir() or workdir)
     try:

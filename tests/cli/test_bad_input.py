@@ -2,17 +2,19 @@
 
 import hashlib
 import os
+import pathlib
 import shlex
 import shutil
 import subprocess
 import sys
 
 import pytest
-from conftest import REPO, run_command
 
 from flaxcnn import run_files
 from flaxcnn import workdir as workdir_lib
 from flaxcnn.cli import train as train_cli
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 # A restore that fails inside orbax leaves tensorstore coroutines behind, reported when they
 # are collected after their event loop closed; harmless, and not this project's to fix.
@@ -21,8 +23,12 @@ pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptio
 # --- Bad command lines ----------------------------------------------------------------------
 
 
-def run_cli(*args, timeout=180) -> subprocess.CompletedProcess:
-    return run_command(*args, timeout=timeout)
+@pytest.fixture(scope="session")
+def run_cli(run_command):
+    def run_cli(*args, timeout=180) -> subprocess.CompletedProcess:
+        return run_command(*args, timeout=timeout)
+
+    return run_cli
 
 
 def run_on_read_only_mount(directory: str, argv, timeout=180) -> subprocess.CompletedProcess:
@@ -124,7 +130,7 @@ def train_in_process(argv, capsys) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("flags, words", CASES)
 def test_bad_input_is_one_line_exit_2_and_touches_nothing(
-    prior_run, data_dir, tmp_path, capsys, flags, words
+    prior_run, data_dir, tmp_path, capsys, flags, words, run_cli
 ):
     workdir = str(tmp_path / "run")
     shutil.copytree(prior_run, workdir)
@@ -152,36 +158,35 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(
     assert snapshot(workdir) == before
 
 
-def test_force_moves_the_other_run_aside(prior_run, data_dir, tmp_path):
+def test_force_moves_the_other_run_aside(prior_run, data_dir, tmp_path, tiny_config):
     workdir = tmp_path / "run"
     shutil.copytree(prior_run, workdir)
     before = snapshot(str(workdir))
     # A bad setting after the move check: the move is what --force does, nothing more.
-    workdir_lib.prepare_workdir(str(workdir), _config(model="CNN"), force=True)
+    workdir_lib.prepare_workdir(
+        str(workdir), tiny_config(data_dir="unused", model="CNN"), force=True
+    )
     # The lock stays: this process holds it.
     assert sorted(os.listdir(workdir)) == ["replaced-1", run_files.LOCK]
     assert snapshot(str(workdir / "replaced-1")) == before
 
 
-def test_unwritable_workdir_is_refused_even_for_root(tmp_path, monkeypatch):
+def test_unwritable_workdir_is_refused_even_for_root(tmp_path, monkeypatch, tiny_config):
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(workdir_lib.tempfile, "TemporaryFile", refuse)
     with pytest.raises(ValueError, match="is not writable: Permission denied"):
-        workdir_lib.prepare_workdir(str(tmp_path), _config(), force=False)
+        workdir_lib.prepare_workdir(str(tmp_path), tiny_config(data_dir="unused"), force=False)
 
 
-def _config(**overrides):
-    from conftest import tiny_config
-
-    return tiny_config("unused", **overrides)
-
-
-def test_same_run_in_workdir_passes_the_checks(prior_run, tmp_path):
+def test_same_run_in_workdir_passes_the_checks(prior_run, tmp_path, tiny_config):
     workdir = tmp_path / "run"
     shutil.copytree(prior_run, workdir)
-    assert workdir_lib.check_run_identity(str(workdir), _config()) == {}
-    assert workdir_lib.check_run_identity(str(tmp_path / "new"), _config()) is None
-    workdir_lib.prepare_workdir(str(tmp_path / "new"), _config(), force=False)
+    assert workdir_lib.check_run_identity(str(workdir), tiny_config(data_dir="unused")) == {}
+    assert (
+        workdir_lib.check_run_identity(str(tmp_path / "new"), tiny_config(data_dir="unused"))
+        is None
+    )
+    workdir_lib.prepare_workdir(str(tmp_path / "new"), tiny_config(data_dir="unused"), force=False)
     assert os.path.isdir(tmp_path / "new")

@@ -7,7 +7,6 @@ import os
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config
 
 from flaxcnn import inference
 from flaxcnn.cli import export
@@ -20,10 +19,10 @@ TOLERANCE = 1e-5
 
 
 @pytest.fixture(scope="module")
-def exported(data_dir, tmp_path_factory) -> tuple[inference.Run, str]:
+def exported(data_dir, tmp_path_factory, tiny_config) -> tuple[inference.Run, str]:
     """A short run, exported by the command: (the run, the export dir)."""
     workdir = str(tmp_path_factory.mktemp("run"))
-    loop.train_and_evaluate(tiny_config(data_dir, num_train_steps=4), workdir)
+    loop.train_and_evaluate(tiny_config(num_train_steps=4), workdir)
     out = str(tmp_path_factory.mktemp("export"))
     assert export.main(["--workdir", workdir, "--out", out]) == 0
     return inference.load_run(workdir), out
@@ -80,9 +79,9 @@ def test_saved_model_matches_the_flax_model(exported, saved_model, images, batch
         np.testing.assert_allclose(output, expected, atol=TOLERANCE)
 
 
-def test_batch_norm_model_exports_its_statistics(images, tmp_path):
+def test_batch_norm_model_exports_its_statistics(images, tmp_path, tiny_config):
     """The CNN (batch norm in inference mode), with random weights and statistics."""
-    config = tiny_config(None, model="CNN")
+    config = tiny_config(data_dir=None, model="CNN")
     config.model_kwargs.widths = (4, 8)
     abstract = jax.eval_shape(
         lambda rng: classification.create_state(config, rng, (28, 28, 1), 10, 10),
@@ -104,8 +103,10 @@ def test_batch_norm_model_exports_its_statistics(images, tmp_path):
         np.testing.assert_allclose(output, expected, atol=TOLERANCE)
 
 
-def test_a_normalised_run_with_test_time_views_exports_what_it_was_tested_with(data_dir, tmp_path):
-    config = tiny_config(data_dir, num_train_steps=4, normalize="dataset")
+def test_a_normalised_run_with_test_time_views_exports_what_it_was_tested_with(
+    data_dir, tmp_path, tiny_config
+):
+    config = tiny_config(num_train_steps=4, normalize="dataset")
     config.test_time_augment.flip, config.test_time_augment.shift = True, 1
     workdir = str(tmp_path / "run")
     results = loop.train_and_evaluate(config, workdir)

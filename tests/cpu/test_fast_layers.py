@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import PLATFORM_SKIP
 from flax import linen as nn
 
 from flaxcnn.cpu import rewrite as cpu_rewrite
@@ -164,9 +163,11 @@ def test_compiled_with_eigen_convolutions_the_standard_layers_give_the_same_resu
 
 
 @pytest.mark.slow
-def test_convolutions_leave_ynnpack_and_large_steps_are_compiled_memory_optimized(monkeypatch):
+def test_convolutions_leave_ynnpack_and_large_steps_are_compiled_memory_optimized(
+    monkeypatch, platform_skip
+):
     if not cpu_rewrite.wins_here():
-        pytest.skip(PLATFORM_SKIP + "the compiler options apply to XLA:CPU")
+        pytest.skip(platform_skip + "the compiler options apply to XLA:CPU")
     layer = nn.Conv(32, (3, 3))
     x = jnp.ones((4, 12, 12, 16))
     lowered = jax.jit(layer.apply).lower(layer.init(jax.random.key(0), x), x)

@@ -12,17 +12,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import PLATFORM_SKIP
 from flax import linen as nn
 
 from flaxcnn.cpu import onednn_conv
 from flaxcnn.cpu import rewrite as cpu_rewrite
 
-pytestmark = pytest.mark.skipif(
-    (platform.system(), platform.machine()) != ("Linux", "x86_64") or jax.device_count() > 1,
-    reason=PLATFORM_SKIP + "oneDNN's convolutions are a dependency on x86-64 Linux only, used on "
-    "one device",
-)
+
+@pytest.fixture(autouse=True)
+def onednn_applies_here(platform_skip):
+    if (platform.system(), platform.machine()) != ("Linux", "x86_64") or jax.device_count() > 1:
+        pytest.skip(
+            platform_skip + "oneDNN's convolutions are a dependency on x86-64 Linux only, used "
+            "on one device"
+        )
+
 
 # (x shape, kernel shape, strides, padding, dilation): 'SAME' and 'VALID' 3x3 layers, one
 # input channel, strides with uneven padding, a dilated rectangular kernel, batch 1.

@@ -7,7 +7,6 @@ import os
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config
 from PIL import Image
 
 from flaxcnn import inference
@@ -168,20 +167,24 @@ def test_tfds_images_convert_with_the_same_options(data_dir):
     np.testing.assert_array_equal(split.images[0], expected)
 
 
-def folder_config(name: str, **overrides):
-    return tiny_config(
-        None,
-        dataset=name,
-        num_train_steps=6,
-        batch_size=8,
-        eval_batch_size=8,
-        log_every_steps=3,
-        **overrides,
-    )
+@pytest.fixture(scope="session")
+def folder_config(tiny_config):
+    def folder_config(name: str, **overrides):
+        return tiny_config(
+            data_dir=None,
+            dataset=name,
+            num_train_steps=6,
+            batch_size=8,
+            eval_batch_size=8,
+            log_every_steps=3,
+            **overrides,
+        )
+
+    return folder_config
 
 
 @pytest.mark.slow
-def test_rgb_folder_trains_evaluates_and_predicts_end_to_end(tmp_path):
+def test_rgb_folder_trains_evaluates_and_predicts_end_to_end(tmp_path, folder_config):
     """Mixed colour modes (L, RGB, RGBA, P) of one size: read as RGB by default, trained
     through the loop, then restored, evaluated and used for prediction."""
     name = make_folder(tmp_path / "data", per_class=12, splits=("train", "test"))
@@ -224,7 +227,7 @@ def test_rgb_folder_trains_evaluates_and_predicts_end_to_end(tmp_path):
     [("rgb", 3), pytest.param("grayscale", 1, marks=pytest.mark.slow)],  # A training each.
 )
 def test_folder_of_three_sizes_trains_with_image_size_and_color_mode(
-    tmp_path, color_mode, channels
+    tmp_path, color_mode, channels, folder_config
 ):
     sizes = ((12, 20), (30, 30), (16, 16))
     name = make_folder(tmp_path / "data", per_class=12, sizes=sizes, splits=("train", "test"))
@@ -316,17 +319,21 @@ def test_broken_image_is_one_error_naming_it(tmp_path, damage):
     assert "\n" not in str(e.value)
 
 
-def tiny_run(image_shape=(16, 16, 3)) -> inference.Run:
-    """An untrained classifier of CLASSES as a Run, without a workdir."""
-    from flaxcnn.tasks import classification
+@pytest.fixture(scope="session")
+def tiny_run(tiny_config):
+    def tiny_run(image_shape=(16, 16, 3)) -> inference.Run:
+        """An untrained classifier of CLASSES as a Run, without a workdir."""
+        from flaxcnn.tasks import classification
 
-    config = tiny_config(None, model="SeedCNN")
-    state = classification.create_state(config, jax.random.key(0), image_shape, 2, 10)
-    return inference.Run("unused", config, state, image_shape, 2, list(CLASSES), 0, "latest")
+        config = tiny_config(data_dir=None, model="SeedCNN")
+        state = classification.create_state(config, jax.random.key(0), image_shape, 2, 10)
+        return inference.Run("unused", config, state, image_shape, 2, list(CLASSES), 0, "latest")
+
+    return tiny_run
 
 
 @pytest.mark.slow
-def test_predict_on_directories_gifs_bombs_and_failures(tmp_path, monkeypatch):
+def test_predict_on_directories_gifs_bombs_and_failures(tmp_path, monkeypatch, tiny_run):
     run = tiny_run()
     awkward_folder(tmp_path / "photos")
     gif = tmp_path / "animated.gif"
@@ -354,7 +361,7 @@ def test_predict_on_directories_gifs_bombs_and_failures(tmp_path, monkeypatch):
     assert set(predict.predict_files(run, [str(bomb)], k=1)[1]) == {str(bomb)}
 
 
-def test_predict_command_when_every_file_fails(tmp_path, monkeypatch, capsys):
+def test_predict_command_when_every_file_fails(tmp_path, monkeypatch, capsys, tiny_run):
     monkeypatch.setattr(predict, "load_run", lambda *args, **kwargs: tiny_run())
     (tmp_path / "a.png").write_bytes(b"")
     (tmp_path / "b.txt").write_text("text")

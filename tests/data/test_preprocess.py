@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from conftest import tiny_config
 
 from flaxcnn import config as config_lib
 from flaxcnn import default_config, inference, run_files
@@ -117,13 +116,13 @@ def test_parse_rejects(normalize, message):
 
 
 @pytest.mark.parametrize("task", ["autoencoder", "vae", "gan"])
-def test_tasks_whose_targets_are_images_reject_normalisation(task):
+def test_tasks_whose_targets_are_images_reject_normalisation(task, tiny_config):
     preprocess.check_normalizable(task, "none")
     preprocess.check_normalizable("classification", "dataset")
     for normalize in ("dataset", (MEAN, STD)):
         with pytest.raises(ValueError, match=f"the {task} task"):
             preprocess.check_normalizable(task, normalize)
-    config = tiny_config(None, task=task, normalize="dataset")
+    config = tiny_config(data_dir=None, task=task, normalize="dataset")
     with pytest.raises(ValueError, match="normalize='none'"):
         preprocess.resolve_config(config, uint8_images())
 
@@ -203,11 +202,11 @@ def test_dataset_info_keeps_the_normalisation(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def normalised_run(tmp_path_factory) -> inference.Run:
+def normalised_run(tmp_path_factory, tiny_config) -> inference.Run:
     """A CNN as initialised, with random batch statistics, and the normalisation MEAN, STD."""
     from flaxcnn.tasks import classification
 
-    config = tiny_config(None, model="CNN")
+    config = tiny_config(data_dir=None, model="CNN")
     config.model_kwargs.widths = (4, 8)
     state = jax.jit(lambda rng: classification.create_state(config, rng, (12, 10, 3), 5, 10))(
         jax.random.key(0)
@@ -256,19 +255,21 @@ def test_both_exports_of_a_normalised_model_match_predict(normalised_run, tmp_pa
 
 
 @pytest.fixture(scope="module")
-def normalised_training(data_dir, tmp_path_factory) -> tuple[str, dict]:
+def normalised_training(data_dir, tmp_path_factory, tiny_config) -> tuple[str, dict]:
     """(workdir, results) of a short classification run with normalize="dataset"."""
     from flaxcnn.runner import loop
 
     workdir = str(tmp_path_factory.mktemp("normalised"))
-    config = tiny_config(data_dir, num_train_steps=8, normalize="dataset")
+    config = tiny_config(num_train_steps=8, normalize="dataset")
     config.augment.update(crop=2, flip_horizontal=True)
     return workdir, loop.train_and_evaluate(config, workdir)
 
 
-def test_a_run_records_the_statistics_of_its_training_split_only(normalised_training, data_dir):
+def test_a_run_records_the_statistics_of_its_training_split_only(
+    normalised_training, data_dir, tiny_config
+):
     workdir, _ = normalised_training
-    config = tiny_config(data_dir)
+    config = tiny_config()
     split = functools.partial(input_pipeline.load_split, config.dataset, data_dir=data_dir)
     expected = preprocess.channel_stats(split(config.train_split).images)
     others = np.concatenate([split(config.validation_split).images, split("test").images])

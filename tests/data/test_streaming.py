@@ -2,17 +2,19 @@
 evaluation coverage, odd files and random-resized crops, on small folders of JPEGs."""
 
 import os
+import pathlib
 
 import jax
 import numpy as np
 import pytest
-from conftest import REPO
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
 from flaxcnn import default_config
 from flaxcnn.config import validate
 from flaxcnn.data import batching, crops, image_folder, input_pipeline, sources, streaming
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 TFDS_DIR = REPO.parent / "shared" / "data" / "tfds"
 

@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
 
 from flaxcnn import config as config_lib
 from flaxcnn.models.cnn import CNN
@@ -58,8 +57,8 @@ def test_flip_views_make_evaluation_mirror_invariant():
     )
 
 
-def test_the_classification_task_wraps_its_model_when_views_are_set(data_dir):
-    config = tiny_config(data_dir)
+def test_the_classification_task_wraps_its_model_when_views_are_set(data_dir, tiny_config):
+    config = tiny_config()
     state = classification.create_state(config, jax.random.key(0), (28, 28, 1), 10, 8)
     assert not isinstance(state.apply_fn.__self__, ViewAveraged)
     config.test_time_augment.shift = 1
@@ -68,15 +67,15 @@ def test_the_classification_task_wraps_its_model_when_views_are_set(data_dir):
     assert state.apply_fn.__self__.shift == 1 and not state.apply_fn.__self__.flip
 
 
-def test_a_negative_shift_is_a_one_line_error(data_dir):
-    config = tiny_config(data_dir)
+def test_a_negative_shift_is_a_one_line_error(data_dir, tiny_config):
+    config = tiny_config()
     config.test_time_augment.shift = -1
     with pytest.raises(ValueError, match=r"^config.test_time_augment.shift must be >= 0, got -1$"):
         config_lib.validate(config)
 
 
-def test_other_tasks_refuse_test_time_views(data_dir):
-    config = tiny_config(data_dir)
+def test_other_tasks_refuse_test_time_views(data_dir, tiny_config):
+    config = tiny_config()
     config.task, config.model = "autoencoder", "ConvAutoencoder"
     config.test_time_augment.flip = True
     with pytest.raises(ValueError, match="applies to classification, not the autoencoder"):

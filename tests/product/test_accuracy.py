@@ -2,11 +2,13 @@
 
 import importlib.util
 import json
+import pathlib
 
 import pytest
-from conftest import REPO
 
 from flaxcnn.runner import loop
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def load_config(name: str):

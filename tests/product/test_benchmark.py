@@ -3,13 +3,15 @@
 import importlib.util
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
 import pytest
-from conftest import REPO
 
 from flaxcnn import config as config_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 SCRIPT = os.path.join(REPO, "scripts", "benchmark.py")
 spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)

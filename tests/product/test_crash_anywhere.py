@@ -18,6 +18,7 @@ Slow: about 5 starts of the command per config (run with `pytest -m slow`).
 import glob
 import json
 import os
+import pathlib
 import random
 import signal
 import subprocess
@@ -28,9 +29,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import REPO
 
 from flaxcnn import run_files
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 SEED = 19
 # Each kill point: ("event", name, n) or ("delay", seconds, signal name).
@@ -92,19 +94,9 @@ runpy.run_module("flaxcnn.main", run_name="__main__")
 """
 
 STREAM_FOLDER_ENV = "FLAXCNN_TEST_STREAM_FOLDER"
-TINY_DATA = [
-    "--config.train_split=train[:640]",
-    "--config.validation_split=train[90%:95%]",
-    "--config.test_split=test[:300]",
-    "--config.eval_batch_size=150",
-    "--config.batch_size=32",  # 20 steps an epoch.
-    "--config.log_every_steps=6",
-    "--config.keep_checkpoints=2",
-]
 CONFIGS = {
     # SeedCNN with augmentation and a moving average of the parameters.
     "augment_ema": [
-        *TINY_DATA,
         "--config.num_epochs=3",
         "--config.augment.rotation=10",
         "--config.augment.translation=2",
@@ -113,7 +105,6 @@ CONFIGS = {
     # Batch norm and dropout; early stopping on a validation loss that keeps improving (every
     # epoch saves the best checkpoint) with a patience the run may reach.
     "batchnorm_dropout_early_stop": [
-        *TINY_DATA,
         "--config.model=CNN",
         "--config.model_kwargs.widths=(4,8)",
         "--config.num_epochs=4",
@@ -126,7 +117,6 @@ CONFIGS = {
     "user_module": [
         "--config=configs/user_cnn.py",
         "--config.dataset=embedded_mnist",
-        *TINY_DATA,
         "--config.model_kwargs.widths=(4,8)",
         "--config.model_kwargs.batch_norm=true",
         "--config.num_epochs=2",
@@ -134,7 +124,6 @@ CONFIGS = {
     "gan": [
         "--config=configs/gan_mnist.py",
         "--config.dataset=embedded_mnist",
-        *TINY_DATA,
         "--config.model_kwargs.latent_dim=8",
         "--config.model_kwargs.generator_widths=(8,4)",
         "--config.model_kwargs.discriminator_widths=(4,8)",
@@ -146,7 +135,6 @@ CONFIGS = {
     # batches read from PNG files while the model trains; the folder is `stream_folder`'s.
     "stream": [
         f"--config.dataset=folder:${STREAM_FOLDER_ENV}",
-        *TINY_DATA,
         "--config.color_mode=grayscale",
         "--config.input=stream",
         "--config.num_epochs=2",
@@ -165,7 +153,7 @@ def stream_folder(request, tmp_path_factory, monkeypatch) -> None:
     """The MNIST image folder the "stream" config reads, named by $FLAXCNN_TEST_STREAM_FOLDER."""
     callspec = getattr(request.node, "callspec", None)
     if callspec and callspec.params.get("config") == "stream":
-        from test_streaming_runs import write_mnist_folder
+        from tests.runner.test_streaming_runs import write_mnist_folder
 
         folder = write_mnist_folder(tmp_path_factory.mktemp("stream_folder"))
         monkeypatch.setenv(STREAM_FOLDER_ENV, folder)
@@ -295,10 +283,11 @@ def where(workdir) -> str:
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
 @pytest.mark.parametrize("config", CONFIGS)
-def test_killed_anywhere_then_rerun_ends_bit_identical(config, data_dir, tmp_path):
+def test_killed_anywhere_then_rerun_ends_bit_identical(config, data_dir, tmp_path, tiny_data_flags):
     """Kill points drawn from SEED hit one workdir in turn; when a run finishes before its
     kill point, it is compared and the next points hit a fresh workdir."""
-    args = CONFIGS[config]
+    # Small splits of the data (conftest.py), 2 checkpoints kept.
+    args = [*CONFIGS[config], *tiny_data_flags, "--config.keep_checkpoints=2"]
     start = time.perf_counter()
     counts_file = tmp_path / "counts.json"
     reference = run(command(tmp_path / "reference", data_dir, args), "count:0", counts_file)

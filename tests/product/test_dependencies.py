@@ -8,8 +8,9 @@ import re
 import sys
 
 import tomllib
-from conftest import REPO
 from packaging.requirements import Requirement
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 # Declared, never imported by flaxcnn, and why each is needed all the same.
 NOT_IMPORTED = {

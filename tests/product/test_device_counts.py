@@ -2,36 +2,32 @@
 
 import json
 import os
+import pathlib
 import subprocess
 
 import numpy as np
 import pytest
-from conftest import REPO, run_command
 
 from flaxcnn import config as config_lib
 from flaxcnn.cli import train as train_cli
 from flaxcnn.cpu import rewrite as cpu_rewrite
 from flaxcnn.runner import loop
 
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
 # A restore that fails inside orbax leaves tensorstore coroutines behind, reported when they
 # are collected after their event loop closed; harmless, and not this project's to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 
-def _config(**overrides):
-    from conftest import tiny_config
-
-    return tiny_config("unused", **overrides)
-
-
 # --- Any device count -----------------------------------------------------------------------
 
 
-def test_default_eval_batch_size_is_the_same_for_any_device_count():
+def test_default_eval_batch_size_is_the_same_for_any_device_count(tiny_config):
     # The same batches on any device count (the size takes no device count): evaluation's
     # random draws do not change. The default is never refused, where the same size set by
     # the user is on devices that cannot split it.
-    assert config_lib.eval_batch_size(_config(eval_batch_size=-1)) == 100
+    assert config_lib.eval_batch_size(tiny_config(data_dir="unused", eval_batch_size=-1)) == 100
     for devices in (1, 2, 3, 6, 8, 128):
         config_lib.check_divisible("eval_batch_size", -1, devices)
     with pytest.raises(ValueError, match="not divisible by the 3 devices"):
@@ -93,15 +89,19 @@ SLOW_ADAM = {
 }
 
 
-def run_on_devices(devices: int, *args) -> subprocess.CompletedProcess:
-    """The command on `devices` CPU devices, all with XLA's convolutions: oneDNN's, which
-    run on one device only, round differently (cnn_mnist_best, 12 steps: 0.616 test accuracy
-    with them, 0.618 without, 0.622 on 8 devices)."""
-    xla_flags = (
-        f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
-    )
-    env = {"XLA_FLAGS": xla_flags, cpu_rewrite.ONEDNN_SWITCH: "0"}
-    return run_command(*args, env=env, timeout=600)
+@pytest.fixture(scope="session")
+def run_on_devices(run_command):
+    def run_on_devices(devices: int, *args) -> subprocess.CompletedProcess:
+        """The command on `devices` CPU devices, all with XLA's convolutions: oneDNN's, which
+        run on one device only, round differently (cnn_mnist_best, 12 steps: 0.616 test accuracy
+        with them, 0.618 without, 0.622 on 8 devices)."""
+        xla_flags = (
+            f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+        )
+        env = {"XLA_FLAGS": xla_flags, cpu_rewrite.ONEDNN_SWITCH: "0"}
+        return run_command(*args, env=env, timeout=600)
+
+    return run_on_devices
 
 
 def shrunk(name: str) -> list[str]:
@@ -114,7 +114,9 @@ def shrunk(name: str) -> list[str]:
 @pytest.mark.slow  # Three starts of the command line per config.
 @pytest.mark.timeout(1200)
 @pytest.mark.parametrize("name", FAMILIES.values())
-def test_config_runs_on_1_3_and_8_devices_with_equal_results(name, data_dir, tmp_path):
+def test_config_runs_on_1_3_and_8_devices_with_equal_results(
+    name, data_dir, tmp_path, run_on_devices
+):
     data = [f"--config.data_dir={data_dir}"]
     results = {}
     for devices in DEVICE_COUNTS:

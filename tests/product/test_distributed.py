@@ -7,15 +7,17 @@ so that the runs differ only in how the batch is split over devices.
 
 import json
 import os
+import pathlib
 import socket
 import subprocess
 import sys
 
 import pytest
-from conftest import REPO, run_command
 
 from flaxcnn.reporting.writers import read_metrics
 from flaxcnn.runtime import distributed
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 TIMEOUT_S = 300  # Per subprocess: a hung collective fails the test instead of hanging it.
 STEPS = 20
@@ -77,8 +79,12 @@ def cli_env(devices: int = 1, **extra: str) -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, devices: int = 1) -> subprocess.CompletedProcess:
-    return run_command(*args, env=cli_env(devices), timeout=TIMEOUT_S)
+@pytest.fixture(scope="session")
+def run_cli(run_command):
+    def run_cli(*args: str, devices: int = 1) -> subprocess.CompletedProcess:
+        return run_command(*args, env=cli_env(devices), timeout=TIMEOUT_S)
+
+    return run_cli
 
 
 def train_losses(workdir) -> dict[int, float]:
@@ -96,7 +102,7 @@ def assert_same_losses(losses: dict[int, float], expected: dict[int, float]) -> 
 
 
 @pytest.fixture(scope="module")
-def one_device_losses(data_dir, tmp_path_factory) -> dict[int, float]:
+def one_device_losses(data_dir, tmp_path_factory, run_cli) -> dict[int, float]:
     workdir = tmp_path_factory.mktemp("one_device")
     result = run_cli(f"--workdir={workdir}", f"--config.data_dir={data_dir}", *COMMON)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -104,14 +110,14 @@ def one_device_losses(data_dir, tmp_path_factory) -> dict[int, float]:
 
 
 @pytest.mark.slow  # Two runs of the command; test_reliability's device counts are slow too.
-def test_eight_devices_train_like_one(one_device_losses, data_dir, tmp_path):
+def test_eight_devices_train_like_one(one_device_losses, data_dir, tmp_path, run_cli):
     result = run_cli(f"--workdir={tmp_path}", f"--config.data_dir={data_dir}", *COMMON, devices=8)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "8 devices" in result.stderr
     assert_same_losses(train_losses(tmp_path), one_device_losses)
 
 
-def test_batch_not_divisible_by_the_devices_is_a_clear_error(data_dir, tmp_path):
+def test_batch_not_divisible_by_the_devices_is_a_clear_error(data_dir, tmp_path, run_cli):
     result = run_cli(
         f"--workdir={tmp_path}",
         f"--config.data_dir={data_dir}",

@@ -3,9 +3,11 @@ from the site's navigation, and every built-in model in the API reference. `.ci/
 builds the site itself with warnings as errors (`mkdocs build --strict`)."""
 
 import importlib.util
+import pathlib
 
 import yaml
-from conftest import REPO
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 README_MAX_LINES = 300
 

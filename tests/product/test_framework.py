@@ -3,6 +3,7 @@ Python, through the same loop, checkpoints, evaluation, prediction and export.""
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -13,7 +14,6 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-from conftest import REPO, run_command, tiny_config
 
 import flaxcnn
 from flaxcnn import config as config_lib
@@ -23,6 +23,8 @@ from flaxcnn.models import create_model, model_arguments
 from flaxcnn.tasks import get_task
 from flaxcnn.training.regularization import decay_mask
 from flaxcnn.training.state import create_optimizer
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 # A user's model file: plain flax.linen layers, nothing from flaxcnn.
 USER_NETS = '''
@@ -95,8 +97,12 @@ def eval_step(state, batch, rng):
 TINY_ARGS = ("--config.eval_batch_size=500", "--config.log_every_steps=2")
 
 
-def run_train(*args, cwd) -> subprocess.CompletedProcess:
-    return run_command(*args, env={"PYTHONPATH": str(REPO)}, cwd=cwd)
+@pytest.fixture(scope="session")
+def run_train(run_command):
+    def run_train(*args, cwd) -> subprocess.CompletedProcess:
+        return run_command(*args, env={"PYTHONPATH": str(REPO)}, cwd=cwd)
+
+    return run_train
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +114,7 @@ def user_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def user_run(user_dir, data_dir) -> str:
+def user_run(user_dir, data_dir, run_train) -> str:
     """A model from a user's file, trained from the command line by a relative path, with a
     model argument the config never had: 4 steps, then 8 (a resume)."""
     workdir = str(user_dir / "run")
@@ -321,13 +327,13 @@ def test_any_optax_optimizer_with_its_arguments_under_the_schedule():
         create_optimizer(config, 10)
 
 
-def test_an_optimizer_by_import_path(user_dir):
+def test_an_optimizer_by_import_path(user_dir, tiny_config):
     (user_dir / "my_opt.py").write_text(
         "import optax\n\ndef scaled_sgd(learning_rate, factor=0.5):\n"
         "    return optax.chain(optax.sgd(learning_rate), optax.scale(factor))\n"
     )
     optimizer = f"{user_dir / 'my_opt.py'}:scaled_sgd"
-    config = tiny_config("unused", learning_rate=1.0, optimizer=optimizer)
+    config = tiny_config(data_dir="unused", learning_rate=1.0, optimizer=optimizer)
     config.optimizer_kwargs.factor = 0.25
     tx = create_optimizer(config, 10)
     updates, _ = tx.update({"w": jnp.ones(2)}, tx.init({"w": jnp.zeros(2)}))
@@ -385,12 +391,12 @@ def test_a_config_file_may_define_its_model_and_point_at_itself(tmp_path, monkey
     assert type(create_model(config.model, num_classes=3)).__name__ == "Mine"
 
 
-def test_a_model_without_a_train_argument_is_refused_by_name(tmp_path):
+def test_a_model_without_a_train_argument_is_refused_by_name(tmp_path, tiny_config):
     (tmp_path / "plain.py").write_text(
         "from flax import linen as nn\n\n\nclass NoTrain(nn.Module):\n"
         "    @nn.compact\n    def __call__(self, x):\n        return nn.Dense(10)(x)\n"
     )
-    config = tiny_config("unused", model=f"{tmp_path / 'plain.py'}:NoTrain")
+    config = tiny_config(data_dir="unused", model=f"{tmp_path / 'plain.py'}:NoTrain")
     with pytest.raises(ValueError, match=r"NoTrain': __call__ must accept `train: bool`"):
         config_lib.validate(config)
     config.task = str(tmp_path / "plain.py")  # Not a task: the task is checked first.

@@ -6,7 +6,6 @@ import json
 import textwrap
 
 import pytest
-from conftest import run_command
 
 SCRIPT = textwrap.dedent(
     """
@@ -38,18 +37,26 @@ LOAD = (
 )
 
 
-def train_script(tmp_path, workdir, hidden=16, *flags):
-    script = tmp_path / f"tiny_{hidden}.py"
-    script.write_text(SCRIPT.replace("HIDDEN", str(hidden)))
-    return run_command(
-        str(workdir), *flags, module=script.stem, cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)}
-    )
+@pytest.fixture(scope="session")
+def train_script(run_command):
+    def train_script(tmp_path, workdir, hidden=16, *flags):
+        script = tmp_path / f"tiny_{hidden}.py"
+        script.write_text(SCRIPT.replace("HIDDEN", str(hidden)))
+        return run_command(
+            str(workdir),
+            *flags,
+            module=script.stem,
+            cwd=tmp_path,
+            env={"PYTHONPATH": str(tmp_path)},
+        )
+
+    return train_script
 
 
 # Slow: each trains or evaluates in a new process (the quickstart notebook's test covers a
 # notebook's class in the quick suite).
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, train_script):
     tmp_path = tmp_path_factory.mktemp("main_models")
     workdir = tmp_path / "runs" / "tiny"
     result = train_script(tmp_path, workdir)
@@ -67,7 +74,7 @@ def test_a_script_class_is_saved_with_its_run(trained):
 
 
 @pytest.mark.slow
-def test_new_processes_load_evaluate_and_predict_it(trained, tmp_path):
+def test_new_processes_load_evaluate_and_predict_it(trained, tmp_path, run_command):
     _, workdir = trained
     script = tmp_path / "load.py"
     script.write_text(LOAD)
@@ -83,7 +90,7 @@ def test_new_processes_load_evaluate_and_predict_it(trained, tmp_path):
 
 
 @pytest.mark.slow
-def test_resuming_with_a_changed_class_is_refused_and_force_moves_the_run(trained):
+def test_resuming_with_a_changed_class_is_refused_and_force_moves_the_run(trained, train_script):
     tmp_path, workdir = trained
     changed = train_script(tmp_path, workdir, 24)
     assert changed.returncode != 0

@@ -2,17 +2,19 @@
 its model trains on the embedded dataset, its curves and predictions are drawn."""
 
 import json
+import pathlib
 import time
 
 import nbclient
 import nbformat
-from conftest import REPO, run_command
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 NOTEBOOK = REPO / "docs" / "quickstart.ipynb"
 BUDGET_S = 120  # The notebook takes well under a minute; a loaded CI machine gets slack.
 
 
-def test_quickstart_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
+def test_quickstart_notebook_runs_top_to_bottom(tmp_path, monkeypatch, run_command):
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # The kernel inherits this environment.
     monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))  # The test home has none.
     notebook = nbformat.read(NOTEBOOK, as_version=4)

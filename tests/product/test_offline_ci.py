@@ -1,14 +1,16 @@
 """Offline and under CI: an unprepared dataset fails within its timeout, missing real data
 fails under CI, a hung test is stopped."""
 
+import pathlib
 import subprocess
 import sys
 import time
 
 import pytest
-from conftest import REPO
 
 from flaxcnn.data import input_pipeline
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 # A restore that fails inside orbax leaves tensorstore coroutines behind, reported when they
 # are collected after their event loop closed; harmless, and not this project's to fix.
@@ -65,8 +67,9 @@ def test_unprepared_dataset_with_the_real_probe_offline_fails_within_the_timeout
         assert elapsed >= 1.4  # It did wait for the answer that never came.
 
 
-def test_real_data_missing_fails_under_ci_and_skips_elsewhere(tmp_path, monkeypatch):
-    from conftest import find_shared_tfds
+def test_real_data_missing_fails_under_ci_and_skips_elsewhere(
+    tmp_path, monkeypatch, find_shared_tfds
+):
 
     monkeypatch.delenv("CI", raising=False)
     with pytest.raises(pytest.skip.Exception, match="real MNIST not found"):

@@ -7,10 +7,11 @@ import math
 import pathlib
 
 import pytest
-from conftest import REPO
 
 from flaxcnn import api, run_files, scoring
 from flaxcnn import config as config_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 TINY = {
     "vae_mnist_conditional": [("model_kwargs.latent_dim", "4"), ("model_kwargs.widths", "(4,8)")],

@@ -7,7 +7,6 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import tiny_config
 from tensorboard.backend.event_processing import event_accumulator as ea
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as tf_masked_crc32c
 
@@ -26,9 +25,9 @@ def read_events(logdir: str) -> ea.EventAccumulator:
 
 
 @pytest.fixture(scope="module")
-def run_events(data_dir, tmp_path_factory) -> tuple[str, ea.EventAccumulator]:
+def run_events(data_dir, tmp_path_factory, tiny_config) -> tuple[str, ea.EventAccumulator]:
     workdir = str(tmp_path_factory.mktemp("run"))
-    loop.train_and_evaluate(tiny_config(data_dir, num_train_steps=8), workdir)
+    loop.train_and_evaluate(tiny_config(num_train_steps=8), workdir)
     return workdir, read_events(workdir)
 
 

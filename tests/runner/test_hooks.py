@@ -4,8 +4,6 @@ built-in ones (validation, pictures, early stopping, checkpoint), every epoch, i
 import json
 import os
 
-from conftest import tiny_config
-
 import flaxcnn
 
 
@@ -14,7 +12,9 @@ def saved_steps(folder) -> list[int]:
     return sorted({int(p) for p in prefixes if p.isdigit()})
 
 
-def test_a_user_hook_writes_a_file_every_epoch_after_the_built_in_hooks(data_dir, tmp_path):
+def test_a_user_hook_writes_a_file_every_epoch_after_the_built_in_hooks(
+    data_dir, tmp_path, tiny_config
+):
     workdir = tmp_path / "run"
     log = tmp_path / "epochs.jsonl"
 
@@ -32,7 +32,7 @@ def test_a_user_hook_writes_a_file_every_epoch_after_the_built_in_hooks(data_dir
 
     order = []
     # 64 training examples in batches of 32: 2 epochs of 2 steps.
-    config = tiny_config(data_dir, num_train_steps=-1, num_epochs=2, train_split="train[:64]")
+    config = tiny_config(num_train_steps=-1, num_epochs=2, train_split="train[:64]")
     flaxcnn.fit(
         config=config,
         workdir=str(workdir),

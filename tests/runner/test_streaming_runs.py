@@ -4,19 +4,21 @@ random-resized crops whose evaluation and predict agree."""
 
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, run_command
 from PIL import Image
-from test_crash_anywhere import KILL_HOOKS, outcome
-from test_distributed import TIMEOUT_S, cli_env, free_port, train_losses
 
 import flaxcnn
 from flaxcnn.data import image_folder
+from tests.product.test_crash_anywhere import KILL_HOOKS, outcome
+from tests.product.test_distributed import TIMEOUT_S, cli_env, free_port, train_losses
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 FOLDER_ENV = "FLAXCNN_TEST_STREAM_FOLDER"  # The MNIST folder, named in config strings.
 
@@ -38,27 +40,25 @@ def mnist_folder(tmp_path_factory) -> str:
     return write_mnist_folder(tmp_path_factory.mktemp("mnist_folder"))
 
 
-TINY = (
-    "--config.train_split=train[:640]",
-    "--config.validation_split=train[90%:95%]",
-    "--config.test_split=test[:300]",
-    "--config.eval_batch_size=150",
-    "--config.batch_size=32",  # 20 steps an epoch.
-    "--config.log_every_steps=6",
-    "--config.num_epochs=2",
-    "--config.color_mode=grayscale",
-)
+@pytest.fixture(scope="session")
+def tiny_flags(tiny_data_flags) -> list[str]:
+    """Small splits of the folder (conftest.py), 2 epochs of 20 steps, in grayscale."""
+    return [*tiny_data_flags, "--config.num_epochs=2", "--config.color_mode=grayscale"]
 
 
-def train(workdir, folder: str, *args: str, devices: int = 1) -> None:
-    result = run_command(
-        f"--workdir={workdir}", f"--config.dataset=folder:{folder}", *TINY, *args,
-        env=cli_env(devices), timeout=TIMEOUT_S,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+@pytest.fixture(scope="session")
+def train(run_command, tiny_flags):
+    def train(workdir, folder: str, *args: str, devices: int = 1) -> None:
+        result = run_command(
+            f"--workdir={workdir}", f"--config.dataset=folder:{folder}", *tiny_flags, *args,
+            env=cli_env(devices), timeout=TIMEOUT_S,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    return train
 
 
-def test_a_streamed_run_ends_bit_identical_to_the_in_memory_run(mnist_folder, tmp_path):
+def test_a_streamed_run_ends_bit_identical_to_the_in_memory_run(mnist_folder, tmp_path, train):
     train(tmp_path / "memory", mnist_folder, "--config.input=memory")
     train(tmp_path / "stream", mnist_folder, "--config.input=stream")
     memory, stream = outcome(tmp_path / "memory"), outcome(tmp_path / "stream")
@@ -71,10 +71,10 @@ def test_a_streamed_run_ends_bit_identical_to_the_in_memory_run(mnist_folder, tm
 
 
 @pytest.mark.slow  # Two processes starting side by side, and the one-process reference.
-def test_two_processes_stream_like_one(mnist_folder, tmp_path):
+def test_two_processes_stream_like_one(mnist_folder, tmp_path, train, tiny_flags):
     """Each process reads its half of every batch (disjoint shards covering each epoch
     once, tests/data/test_streaming.py); together they train as one process does."""
-    common = [f"--config.dataset=folder:{mnist_folder}", *TINY, "--config.input=stream"]
+    common = [f"--config.dataset=folder:{mnist_folder}", *tiny_flags, "--config.input=stream"]
     common += ["--config.microbatch_size=0", "--config.num_epochs=1"]
     train(tmp_path / "one", mnist_folder, *common[1:])
     address = f"127.0.0.1:{free_port()}"
@@ -120,7 +120,9 @@ def write_variable_jpegs(root, per_class: int = 24) -> None:
                 Image.fromarray(pixels).save(root / split / f"c{label}" / f"{i}.jpg")
 
 
-def test_variable_size_jpegs_train_with_random_resized_crops_and_predict_agrees(tmp_path):
+def test_variable_size_jpegs_train_with_random_resized_crops_and_predict_agrees(
+    tmp_path, run_command
+):
     write_variable_jpegs(tmp_path / "data")
     root = tmp_path / "data"
     result = run_command(
@@ -149,10 +151,12 @@ def test_variable_size_jpegs_train_with_random_resized_crops_and_predict_agrees(
 
 
 @pytest.mark.slow  # Three runs of the command.
-def test_a_stream_stopped_mid_epoch_resumes_bit_identical(mnist_folder, tmp_path):
+def test_a_stream_stopped_mid_epoch_resumes_bit_identical(
+    mnist_folder, tmp_path, train, tiny_flags
+):
     """SIGTERM after the second training log (step 12 of a 20-step epoch) saves a checkpoint
     mid-epoch; the rerun opens the stream there and ends as the uninterrupted run does."""
-    args = [f"--config.dataset=folder:{mnist_folder}", *TINY, "--config.input=stream"]
+    args = [f"--config.dataset=folder:{mnist_folder}", *tiny_flags, "--config.input=stream"]
     args += ["--config.augment.translation=2", "--config.input_crop=random_resized"]
     train(tmp_path / "whole", mnist_folder, *args[1:])
     argv = [f"--workdir={tmp_path / 'stopped'}", *args]

@@ -7,7 +7,6 @@ import os
 import jax
 import numpy as np
 import pytest
-from conftest import run_command, tiny_config
 
 from flaxcnn import api, inference
 from flaxcnn.data import device_data, input_pipeline
@@ -15,9 +14,9 @@ from flaxcnn.reporting.writers import read_metrics
 from flaxcnn.runner import loop, steps
 
 
-def test_run_writes_everything_and_resumes(data_dir, tmp_path):
+def test_run_writes_everything_and_resumes(data_dir, tmp_path, tiny_config):
     workdir = str(tmp_path / "run")
-    config = tiny_config(data_dir, num_train_steps=8)
+    config = tiny_config(num_train_steps=8)
     results = loop.train_and_evaluate(config, workdir)
     for name in ("config.json", "metrics.jsonl", "curves.png", "results.json"):
         assert os.path.getsize(os.path.join(workdir, name)) > 0, name
@@ -35,53 +34,58 @@ def test_run_writes_everything_and_resumes(data_dir, tmp_path):
     assert [r["split"] for r in records if r["step"] == 8] == ["train", "validation"]
 
     # More steps on the same workdir: resumes at step 8 instead of restarting.
-    resumed = loop.train_and_evaluate(tiny_config(data_dir, num_train_steps=12), workdir)
+    resumed = loop.train_and_evaluate(tiny_config(num_train_steps=12), workdir)
     assert resumed["steps"] == 12 and resumed["steps_this_run"] == 4
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints")), key=int) == ["8", "12"]
     steps = [r["step"] for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))]
     assert steps == sorted(steps) and steps[-1] == 12
 
     # A finished run only re-reports.
-    again = loop.train_and_evaluate(tiny_config(data_dir, num_train_steps=12), workdir)
+    again = loop.train_and_evaluate(tiny_config(num_train_steps=12), workdir)
     assert again == resumed
 
 
-def test_resume_drops_metrics_logged_after_the_last_checkpoint(data_dir, tmp_path):
+def test_resume_drops_metrics_logged_after_the_last_checkpoint(data_dir, tmp_path, tiny_config):
     workdir = str(tmp_path / "run")
-    loop.train_and_evaluate(tiny_config(data_dir, num_train_steps=8), workdir)
+    loop.train_and_evaluate(tiny_config(num_train_steps=8), workdir)
     with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:  # As if it crashed at 10.
         f.write(json.dumps({"step": 10, "split": "train", "loss": 9.9, "accuracy": 0.0}) + "\n")
     os.remove(os.path.join(workdir, "results.json"))
-    loop.train_and_evaluate(tiny_config(data_dir, num_train_steps=12), workdir)
+    loop.train_and_evaluate(tiny_config(num_train_steps=12), workdir)
     losses = {r["step"]: r["loss"] for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))}
     assert 9.9 not in losses.values() and max(losses) == 12
 
 
-def partial_batches_config(data_dir: str):
-    """2 epochs over 100 examples in tiny_config's batches of 32: 3 steps an epoch and a
-    dropped partial batch of 4; a 1234-image test split ends in a padded batch. (Batches of
-    32 compile several times faster than larger ones.)"""
-    return tiny_config(
-        data_dir,
-        num_train_steps=-1,
-        num_epochs=2,
-        batch_size=32,
-        train_split="train[:100]",
-        test_split="test[:1234]",
-    )
+@pytest.fixture(scope="session")
+def partial_batches_config(tiny_config):
+    def partial_batches_config():
+        """2 epochs over 100 examples in tiny_config's batches of 32: 3 steps an epoch and a
+        dropped partial batch of 4; a 1234-image test split ends in a padded batch. (Batches of
+        32 compile several times faster than larger ones.)"""
+        return tiny_config(
+            num_train_steps=-1,
+            num_epochs=2,
+            batch_size=32,
+            train_split="train[:100]",
+            test_split="test[:1234]",
+        )
+
+    return partial_batches_config
 
 
 @pytest.mark.slow
-def test_epochs_checkpoint_validate_and_count_every_test_example(data_dir, tmp_path):
-    results = loop.train_and_evaluate(partial_batches_config(data_dir), str(tmp_path))
+def test_epochs_checkpoint_validate_and_count_every_test_example(
+    data_dir, tmp_path, partial_batches_config
+):
+    results = loop.train_and_evaluate(partial_batches_config(), str(tmp_path))
     assert results["steps"] == 6 and results["num_test_examples"] == 1234
     records = read_metrics(str(tmp_path / "metrics.jsonl"))
     assert [r["step"] for r in records if r["split"] == "validation"] == [3, 6]
     assert sorted(os.listdir(tmp_path / "checkpoints"), key=int) == ["3", "6"]
 
 
-def test_a_run_without_a_validation_split_trains_on_all_of_train(data_dir, tmp_path):
-    config = tiny_config(data_dir, train_split="train", validation_split="")
+def test_a_run_without_a_validation_split_trains_on_all_of_train(data_dir, tmp_path, tiny_config):
+    config = tiny_config(train_split="train", validation_split="")
     results = loop.train_and_evaluate(config, str(tmp_path))
     assert results["num_test_examples"] == 2000 and np.isfinite(results["test_loss"])
     records = read_metrics(str(tmp_path / "metrics.jsonl"))
@@ -108,13 +112,13 @@ def test_a_run_without_a_validation_split_trains_on_all_of_train(data_dir, tmp_p
         ({"batch_size": 20000}, "larger than the 9000 training examples"),
     ],
 )
-def test_bad_settings_are_value_errors(data_dir, tmp_path, overrides, message):
+def test_bad_settings_are_value_errors(data_dir, tmp_path, overrides, message, tiny_config):
     with pytest.raises(ValueError, match=message):
-        api.fit(config=tiny_config(data_dir, **overrides), workdir=str(tmp_path))
+        api.fit(config=tiny_config(**overrides), workdir=str(tmp_path))
 
 
 @pytest.mark.slow
-def test_cli_overrides_reach_the_run(data_dir, tmp_path):
+def test_cli_overrides_reach_the_run(data_dir, tmp_path, run_command):
     workdir = tmp_path / "cli"
     result = run_command(
         f"--workdir={workdir}",
@@ -136,7 +140,7 @@ def test_cli_overrides_reach_the_run(data_dir, tmp_path):
     assert json.loads((workdir / "results.json").read_text())["steps"] == 5
 
 
-def test_python_m_flaxcnn_runs_a_command_like_the_console_script(data_dir, tmp_path):
+def test_python_m_flaxcnn_runs_a_command_like_the_console_script(data_dir, tmp_path, run_command):
     result = run_command(
         "train",
         f"--workdir={tmp_path}",
@@ -150,8 +154,8 @@ def test_python_m_flaxcnn_runs_a_command_like_the_console_script(data_dir, tmp_p
     assert usage.returncode == 0 and "train" in usage.stdout and "scorer" in usage.stdout
 
 
-def test_each_step_function_compiles_once(data_dir, tmp_path, caplog):
-    config = partial_batches_config(data_dir)  # Partial train and test batches: still one each.
+def test_each_step_function_compiles_once(data_dir, tmp_path, caplog, partial_batches_config):
+    config = partial_batches_config()  # Partial train and test batches: still one each.
     with jax.log_compiles(), caplog.at_level(logging.WARNING, logger="jax"):
         loop.train_and_evaluate(config, str(tmp_path))
     compiled = [
@@ -174,9 +178,11 @@ def test_only_the_dispatch_sizes_a_run_can_use_are_compiled():
 
 
 @pytest.mark.slow
-def test_early_stopping_stops_at_patience_and_tests_the_best_state(data_dir, tmp_path, monkeypatch):
+def test_early_stopping_stops_at_patience_and_tests_the_best_state(
+    data_dir, tmp_path, monkeypatch, tiny_config
+):
     # 31 steps an epoch; validation accuracy scripted to peak at epoch 2 of up to 10.
-    config = tiny_config(data_dir, num_train_steps=-1, num_epochs=10, train_split="train[:1000]")
+    config = tiny_config(num_train_steps=-1, num_epochs=10, train_split="train[:1000]")
     config.early_stopping.update(metric="accuracy", patience=2)
     scripted = [0.5, 0.7, 0.6, 0.65]
     real_evaluate = steps.evaluate
@@ -197,7 +203,7 @@ def test_early_stopping_stops_at_patience_and_tests_the_best_state(data_dir, tmp
 
 
 @pytest.mark.slow
-def test_nonfinite_loss_names_the_step_or_is_skipped(data_dir, tmp_path, monkeypatch):
+def test_nonfinite_loss_names_the_step_or_is_skipped(data_dir, tmp_path, monkeypatch, tiny_config):
     gather_batch = device_data.gather_batch
 
     def gather_nan_images(data, indices):
@@ -205,7 +211,7 @@ def test_nonfinite_loss_names_the_step_or_is_skipped(data_dir, tmp_path, monkeyp
         return {**batch, "image": batch["image"] * float("nan")}
 
     monkeypatch.setattr(device_data, "gather_batch", gather_nan_images)
-    config = tiny_config(data_dir, num_train_steps=8)
+    config = tiny_config(num_train_steps=8)
     with pytest.raises(FloatingPointError, match="non-finite training loss at step 1 "):
         loop.train_and_evaluate(config, str(tmp_path / "stop"))
     assert not os.path.exists(tmp_path / "stop" / "results.json")
@@ -215,8 +221,8 @@ def test_nonfinite_loss_names_the_step_or_is_skipped(data_dir, tmp_path, monkeyp
     assert results["skipped_steps"] == 8 and results["steps"] == 8
 
 
-def test_classifier_results_hold_per_class_accuracy_and_confusion(data_dir, tmp_path):
-    results = loop.train_and_evaluate(tiny_config(data_dir), str(tmp_path))
+def test_classifier_results_hold_per_class_accuracy_and_confusion(data_dir, tmp_path, tiny_config):
+    results = loop.train_and_evaluate(tiny_config(), str(tmp_path))
     matrix = results["confusion_matrix"]
     assert len(matrix) == 10 and sum(map(sum, matrix)) == results["num_test_examples"]
     per_class = results["per_class_accuracy"]

@@ -40,7 +40,7 @@ def max_abs_diff(a, b) -> float:
     )
 
 
-def tiny_config(**overrides):
+def gan_config(**overrides):
     config = default_config.get_config()
     config.task = "gan"
     config.model = "DCGAN"
@@ -53,7 +53,7 @@ def tiny_config(**overrides):
 
 @functools.cache
 def _cached_state(shape, overrides, model_kwargs):
-    config = tiny_config(**dict(overrides))
+    config = gan_config(**dict(overrides))
     config.model_kwargs.update(dict(model_kwargs))
     # Jitted, as the loop may: one compilation instead of many eager operations.
     return jax.jit(lambda rng: gan.create_state(config, rng, shape, 10, 100))(key(0))
@@ -279,7 +279,7 @@ def test_lazy_r1_penalises_every_nth_step_with_n_times_the_weight():
 def test_bad_r1_settings_are_refused():
     for overrides in (dict(r1_gamma=-1.0), dict(r1_every=0)):
         with pytest.raises(ValueError, match="r1_gamma must be >= 0 and config.r1_every >= 1"):
-            gan.validate(tiny_config(**overrides))
+            gan.validate(gan_config(**overrides))
 
 
 def test_sampling_variables_hold_the_averaged_weights_and_standing_statistics():
@@ -392,7 +392,7 @@ def clustered_state(num_clusters=3, **overrides):
     levels = np.repeat(np.array([10, 128, 245], np.uint8), 8)
     images = np.broadcast_to(levels[:, None, None, None], (24, 28, 28, 1)).copy()
     split = input_pipeline.Split(images, np.zeros(24, np.int32), 10)
-    return gan.fit_to_data(state, tiny_config(num_clusters=num_clusters), split)
+    return gan.fit_to_data(state, gan_config(num_clusters=num_clusters), split)
 
 
 def test_a_gan_conditioned_on_clusters_draws_each_latents_cluster():
@@ -497,12 +497,10 @@ def test_gan_config_loads():
 
 
 @pytest.mark.slow
-def test_training_loop_runs_the_gan_task(data_dir, tmp_path):
-    from conftest import tiny_config as tiny_run_config
-
+def test_training_loop_runs_the_gan_task(data_dir, tmp_path, tiny_config):
     from flaxcnn.runner import loop
 
-    config = tiny_run_config(data_dir, task="gan", model="DCGAN", learning_rate=2e-4)
+    config = tiny_config(task="gan", model="DCGAN", learning_rate=2e-4)
     config.model_kwargs.update(TINY)
     config.adam_b1 = 0.5
     config.steps_per_dispatch = 1
@@ -517,13 +515,13 @@ def test_training_loop_runs_the_gan_task(data_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_loop_fits_clusters_once_and_resumes_with_them(data_dir, tmp_path, monkeypatch):
-    from conftest import tiny_config as tiny_run_config
-
+def test_the_loop_fits_clusters_once_and_resumes_with_them(
+    data_dir, tmp_path, monkeypatch, tiny_config
+):
     from flaxcnn.runner import loop
     from flaxcnn.training.checkpointing import Checkpointer
 
-    config = tiny_run_config(data_dir, task="gan", model="DCGAN", num_clusters=4)
+    config = tiny_config(task="gan", model="DCGAN", num_clusters=4)
     config.model_kwargs.update(TINY)
     fits, fit = [], gan.fit_to_data
 

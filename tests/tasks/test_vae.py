@@ -11,7 +11,7 @@ from flaxcnn import default_config
 from flaxcnn.tasks import vae
 
 
-def tiny_config(**overrides):
+def vae_config(**overrides):
     config = default_config.get_config()
     config.task = "vae"
     config.model = "ConvVAE"
@@ -22,7 +22,7 @@ def tiny_config(**overrides):
 
 @functools.cache
 def make_state(conditional: bool = False):
-    config = tiny_config(conditional=conditional)
+    config = vae_config(conditional=conditional)
     state = vae.create_state(config, jax.random.key(0), (28, 28, 1), 10, 10)
     # A posterior unlike the prior (an untrained one is close to N(0, 1)), so that the
     # densities' every term matters.

@@ -3,13 +3,13 @@ and the convolutional VAE, with their tasks, configs and pictures."""
 
 import functools
 import importlib.util
+import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import REPO
 from flax import linen as nn
 from PIL import Image
 
@@ -19,6 +19,8 @@ from flaxcnn.models.autoencoder import ConvTranspose2x, StridedConv
 from flaxcnn.reporting import pictures
 from flaxcnn.tasks import autoencoder, classification, get_task, vae
 from flaxcnn.training.state import create_train_state
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 # name: (task, model, tiny model kwargs): every zoo model in a size that compiles and steps fast.
 TINY = {

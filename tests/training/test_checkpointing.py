@@ -26,7 +26,7 @@ class TinyState:
     params: dict
 
 
-def tiny_state(step: int, scale: float = 1.0) -> TinyState:
+def saved_state(step: int, scale: float = 1.0) -> TinyState:
     return TinyState(
         jnp.int32(step), {"w": jnp.arange(64.0) * scale * step, "b": jnp.full((3,), step * 1.0)}
     )
@@ -35,7 +35,7 @@ def tiny_state(step: int, scale: float = 1.0) -> TinyState:
 def save_steps(workdir, steps, max_to_keep=3, subdir="checkpoints"):
     checkpointer = Checkpointer(str(workdir), max_to_keep, subdir=subdir)
     for step in steps:
-        checkpointer.save(tiny_state(step))
+        checkpointer.save(saved_state(step))
     checkpointer.close()
 
 
@@ -76,7 +76,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog, 
 
     checkpointer = Checkpointer(str(tmp_path), 3)
     with caplog.at_level(logging.WARNING):
-        restored = checkpointer.restore_or(tiny_state(0))
+        restored = checkpointer.restore_or(saved_state(0))
     assert int(restored.step) == 4
     assert float(restored.params["w"][1]) == 4.0
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -84,11 +84,11 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog, 
     # Kept aside for inspection, invisible to orbax; the step can be saved again.
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "8.corrupt-1"]
     assert checkpointer.all_steps() == [4]
-    assert checkpointer.save(tiny_state(8, scale=2.0))
+    assert checkpointer.save(saved_state(8, scale=2.0))
     checkpointer.close()
     again = Checkpointer(str(tmp_path), 3)
     assert again.all_steps() == [4, 8]
-    assert float(again.restore_or(tiny_state(0)).params["w"][1]) == 16.0
+    assert float(again.restore_or(saved_state(0)).params["w"][1]) == 16.0
     again.close()
 
 
@@ -97,8 +97,8 @@ def test_second_damage_of_a_step_is_kept_under_a_new_name(tmp_path):
     for n in (1, 2):
         delete_arrays(step_dir(tmp_path, 8))
         checkpointer = Checkpointer(str(tmp_path), 3)
-        assert int(checkpointer.restore_or(tiny_state(0)).step) == 4
-        checkpointer.save(tiny_state(8))
+        assert int(checkpointer.restore_or(saved_state(0)).step) == 4
+        checkpointer.save(saved_state(8))
         checkpointer.close()
         assert os.path.isdir(tmp_path / "checkpoints" / f"8.corrupt-{n}")
 
@@ -108,7 +108,7 @@ def test_no_usable_checkpoint_is_a_clear_error_and_moves_nothing(tmp_path):
     truncate_arrays(step_dir(tmp_path, 8))
     os.remove(os.path.join(step_dir(tmp_path, 4), checkpointing.COMMIT_MARKER))
     with pytest.raises(ValueError, match=r"no usable checkpoint in .*step 8: .*step 4: "):
-        Checkpointer(str(tmp_path), 3).restore_or(tiny_state(0))
+        Checkpointer(str(tmp_path), 3).restore_or(saved_state(0))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "8"]
 
 
@@ -123,16 +123,16 @@ def test_state_of_another_shape_is_an_error_not_a_fallback(tmp_path):
 
 
 def test_no_checkpoint_gives_the_state_back(tmp_path):
-    state = tiny_state(0)
+    state = saved_state(0)
     assert Checkpointer(str(tmp_path), 3).restore_or(state) is state
 
 
 def test_saving_a_saved_step_again_is_a_no_op(tmp_path):
     checkpointer = Checkpointer(str(tmp_path), 3)
-    assert checkpointer.save(tiny_state(4))
-    assert not checkpointer.save(tiny_state(4, scale=5.0))
+    assert checkpointer.save(saved_state(4))
+    assert not checkpointer.save(saved_state(4, scale=5.0))
     checkpointer.close()
-    assert float(Checkpointer(str(tmp_path), 3).restore_or(tiny_state(0)).params["w"][1]) == 4.0
+    assert float(Checkpointer(str(tmp_path), 3).restore_or(saved_state(0)).params["w"][1]) == 4.0
 
 
 def test_a_failed_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -143,12 +143,12 @@ def test_a_failed_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ocp.path.atomicity.AtomicRenameTemporaryPath, "finalize", fail_commit)
     checkpointer = Checkpointer(str(tmp_path), 1)
-    checkpointer.save(tiny_state(8))
+    checkpointer.save(saved_state(8))
     with pytest.raises(Exception, match="disk full"):
         checkpointer.close()
     monkeypatch.undo()
     assert "4" in os.listdir(tmp_path / "checkpoints")
-    assert int(Checkpointer(str(tmp_path), 1).restore_or(tiny_state(0)).step) == 4
+    assert int(Checkpointer(str(tmp_path), 1).restore_or(saved_state(0)).step) == 4
 
 
 def test_old_steps_go_only_after_the_new_one_is_committed(tmp_path, monkeypatch):
@@ -174,5 +174,5 @@ def test_best_slot_lives_beside_the_newest(tmp_path):
     save_steps(tmp_path, [4, 12], max_to_keep=1, subdir="checkpoints_best")
     assert os.listdir(tmp_path / "checkpoints_best") == ["12"]
     best = Checkpointer(str(tmp_path), 1, subdir="checkpoints_best")
-    assert int(best.restore_or(tiny_state(0)).step) == 12
+    assert int(best.restore_or(saved_state(0)).step) == 12
     assert Checkpointer(str(tmp_path), 3).all_steps() == [4, 8, 12]

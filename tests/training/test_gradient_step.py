@@ -3,6 +3,7 @@ it honours augmentation, microbatches, L2 and skip_nonfinite, and the GAN, which
 its own, skips with the same `keep_if_finite` and rejects what it cannot honour."""
 
 import functools
+import pathlib
 import subprocess
 import sys
 
@@ -11,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import REPO
 
 from flaxcnn import default_config
 from flaxcnn.cpu import rewrite as cpu_rewrite
@@ -19,6 +19,8 @@ from flaxcnn.data import augment
 from flaxcnn.tasks import autoencoder, classification, gan, vae
 from flaxcnn.training import gradient_step
 from flaxcnn.training.state import TrainState
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 SHAPE = (28, 28, 1)
 TINY_IMAGE_MODEL = {"latent_dim": 8, "widths": (8, 16)}

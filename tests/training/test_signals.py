@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import re
 import signal
 import subprocess
@@ -11,7 +12,6 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, run_command, tiny_config
 
 from flaxcnn import run_files
 from flaxcnn.reporting.writers import read_metrics
@@ -19,13 +19,19 @@ from flaxcnn.runner import loop
 from flaxcnn.training import signals
 from flaxcnn.training.checkpointing import Checkpointer
 
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
 # A restore that fails inside orbax leaves tensorstore coroutines behind, reported when they
 # are collected after their event loop closed; harmless, and not this project's to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 
-def run_cli(*args, timeout=180) -> subprocess.CompletedProcess:
-    return run_command(*args, timeout=timeout)
+@pytest.fixture(scope="session")
+def run_cli(run_command):
+    def run_cli(*args, timeout=180) -> subprocess.CompletedProcess:
+        return run_command(*args, timeout=timeout)
+
+    return run_cli
 
 
 # --- Signals --------------------------------------------------------------------------------
@@ -56,9 +62,9 @@ def test_second_ctrl_c_quits_at_once():
 
 
 def test_a_stop_between_two_logs_leaves_the_metrics_of_an_uninterrupted_run(
-    data_dir, tmp_path, monkeypatch
+    data_dir, tmp_path, monkeypatch, tiny_config
 ):
-    config = tiny_config(data_dir)  # A log every 4 steps, one step per dispatch.
+    config = tiny_config()  # A log every 4 steps, one step per dispatch.
     loop.train_and_evaluate(config, str(tmp_path / "reference"))
     calls = []
 
@@ -82,7 +88,7 @@ def test_a_stop_between_two_logs_leaves_the_metrics_of_an_uninterrupted_run(
 
 
 @pytest.mark.slow  # Two starts of the command line and a run that waits for the signal.
-def test_sigterm_mid_run_saves_the_step_and_the_rerun_resumes(data_dir, tmp_path):
+def test_sigterm_mid_run_saves_the_step_and_the_rerun_resumes(data_dir, tmp_path, run_cli):
     """A run told to stop saves a checkpoint of the step it reached, says so on stderr, exits
     with 128 + SIGTERM, and the same command carries on from that step."""
     workdir = tmp_path / "run"
@@ -157,7 +163,7 @@ def final_params(workdir, config_args, step: int) -> list:
 
 
 @pytest.mark.slow  # Three starts of the command line.
-def test_kill_9_then_rerun_ends_bit_identical_to_an_uninterrupted_run(data_dir, tmp_path):
+def test_kill_9_then_rerun_ends_bit_identical_to_an_uninterrupted_run(data_dir, tmp_path, run_cli):
     """SIGKILL after the first checkpoint (62 steps an epoch, 3 epochs, 4 steps a dispatch):
     rerunning the command finishes with exactly the parameters of a run never killed."""
     config_args = [f"--config.data_dir={data_dir}", "--config.train_split=train[:2000]"]
