@@ -4,7 +4,7 @@ in one place (`validate`). What a config names (model, task, optimizer) is resol
 optimizer by name ("lion"). `config.imports` lists modules (import paths or .py files)
 imported before the run, e.g. a user's tfds dataset builder.
 `validate` imports the models, tasks and optimizers it checks, so none of them imports this
-module (tests/test_imports.py keeps the import graph acyclic).
+module (tests/product/test_imports.py keeps the import graph acyclic).
 """
 
 import ast

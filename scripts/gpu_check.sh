@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export JAX_PLATFORMS=cuda
 python -c 'import jax; print("devices:", jax.devices())'
-python -m pytest -q -p no:xdist tests/test_classification.py tests/test_layers.py
+python -m pytest -q -p no:xdist tests/tasks/test_classification.py tests/models/test_layers.py
 python scripts/benchmark.py --trainers flaxcnn --batch-sizes 32 128 --repeats 3 \
     --tfds "${TFDS_DATA_DIR:-../shared/data/tfds}" --out benchmark/gpu
 python scripts/benchmark_families.py --contenders flaxcnn --epochs 0.25 --repeats 3 \
