@@ -89,7 +89,7 @@ class _Load:
     def __call__(self, index: np.integer) -> tuple[np.ndarray, np.int32]:
         image, label = self.source[int(index)]
         rng = None
-        if self.seed is not None:
+        if self.seed is not None and self.crop != "resize":  # Only random crops draw.
             rng = np.random.default_rng([self.seed, self.epoch, int(index)])
         return crops.preprocess(image, self.image_shape, self.crop, rng), np.int32(label)
 

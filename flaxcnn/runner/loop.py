@@ -260,12 +260,15 @@ def start_run(run: TrainingRun, state, resources: contextlib.ExitStack) -> None:
         run.data = device_data.with_normalization(
             device_data.put_split(run.splits["train"], run.mesh), run.normalization, run.mesh
         )
-    else:  # Streamed: the step reads one batch a dispatch (stream_input).
-        run.feed = stream_input.TrainFeed(
-            run.splits["train"], run.config, run.mesh, run.normalization, run.step, resources
-        )
-        run.data = run.feed.template
     config = run.config
+    most_steps = min(run.steps_per_epoch, run.total_steps, config.log_every_steps)
+    if not isinstance(run.splits["train"], input_pipeline.Split):  # Streamed (stream_input).
+        most_steps = min(most_steps, stream_input.MOST_STEPS)
+        run.feed = stream_input.TrainFeed(
+            run.splits["train"], config, run.mesh, run.normalization, run.step, most_steps,
+            resources,
+        )  # fmt: skip
+        run.data = run.feed.template
     eval_batch_size = config_lib.eval_batch_size(config)
     evaluated = [name for name in ("validation", "test") if name in run.splits]
     if run.feed:  # The compiled evaluation reads one streamed batch a dispatch.
@@ -280,10 +283,9 @@ def start_run(run: TrainingRun, state, resources: contextlib.ExitStack) -> None:
         run.eval_data = device_data.with_normalization(run.eval_data, run.normalization, run.mesh)
         run.eval_rows = dict(zip(evaluated, rows))
         most_eval_batches = max(-(-len(r) // eval_batch_size) for r in rows)
-    most_steps = min(run.steps_per_epoch, run.total_steps, config.log_every_steps)
     run.steps = compiled_steps.compile_steps(
         run.task, config, state, run.data, run.eval_data, run.mesh, run.rngs["step"],
-        most_steps=1 if run.feed else most_steps, most_eval_batches=most_eval_batches,
+        most_steps=most_steps, most_eval_batches=most_eval_batches,
     )  # fmt: skip
     # The progress display, one more writer (on every process), timed from the first step.
     run.progress = Progress(run.total_steps, run.step, config.batch_size, config.log_every_steps)
@@ -347,8 +349,8 @@ def train_to_boundary(run: TrainingRun, state, stop: StopOnSignal):
     while position < epoch_end:
         room = min(epoch_end - position, config.log_every_steps - run.step % config.log_every_steps)
         k = max(size for size in run.steps.train if size <= room)
-        if run.feed:  # Only k = 1 is compiled: the batch streamed for this step.
-            data, chunk = run.feed.next_data(), run.feed.indices
+        if run.feed:  # The next k batches of the stream.
+            data, chunk = run.feed.next_data(k)
         else:
             data = run.data
             chunk = device_data.shard_indices(indices[position : position + k], run.mesh)
