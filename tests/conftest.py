@@ -1,4 +1,5 @@
-"""Shared fixtures: the embedded dataset prepared once, and the optional real-MNIST folder."""
+"""Shared fixtures: the embedded dataset prepared once, the optional real-MNIST folder, the
+command in a fresh process, and the image-folder runs of the streaming tests."""
 
 import os
 import pathlib
@@ -176,3 +177,91 @@ def prior_run(data_dir, tmp_path_factory) -> str:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir
+
+
+@pytest.fixture(scope="session")
+def mnist_folder(tmp_path_factory) -> str:
+    """An image folder `<root>/<split>/<digit>/<i>.png` of the embedded MNIST's first 800
+    training and 300 test images."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("mnist_folder")
+    data = np.load(REPO / "flaxcnn" / "data" / "embedded_mnist.npz")
+    for split, count in (("train", 800), ("test", 300)):
+        images, labels = data[f"x_{split}"][:count], data[f"y_{split}"][:count]
+        for digit in range(10):
+            os.makedirs(root / split / str(digit), exist_ok=True)
+        for i, (image, label) in enumerate(zip(images, labels)):
+            Image.fromarray(image).save(root / split / str(label) / f"{i}.png")
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def tiny_flags(tiny_data_flags) -> list[str]:
+    """`tiny_data_flags` for `mnist_folder`: 2 epochs of 20 steps, in grayscale."""
+    return [*tiny_data_flags, "--config.num_epochs=2", "--config.color_mode=grayscale"]
+
+
+@pytest.fixture(scope="session")
+def train(run_command, tiny_flags):
+    """`train(workdir, folder, *args)`: the command on the image folder `folder` with
+    `tiny_flags` and `args`, on one CPU device; it must succeed."""
+
+    def train(workdir, folder: str, *args: str) -> None:
+        result = run_command(
+            f"--workdir={workdir}", f"--config.dataset=folder:{folder}", *tiny_flags, *args,
+            env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    return train
+
+
+# Keys of results.json and metrics.jsonl that vary between equal runs.
+TIMINGS = ("time", "_per_s", "peak_memory", "steps_this_run")
+
+
+@pytest.fixture(scope="session")
+def outcome():
+    """`outcome(workdir)`: what equal runs share bit for bit: the newest checkpoint of each
+    slot (its step and every leaf of the state), `results.json` and `metrics.jsonl` less their
+    timings."""
+    return _outcome
+
+
+def _outcome(workdir) -> dict:
+    import json
+
+    from flaxcnn import run_files
+
+    slots = [run_files.CHECKPOINTS]
+    if os.path.isdir(os.path.join(workdir, run_files.BEST_CHECKPOINTS)):
+        slots.append(run_files.BEST_CHECKPOINTS)
+    with open(os.path.join(workdir, run_files.RESULTS)) as f:
+        results = json.load(f)
+    with open(os.path.join(workdir, run_files.METRICS)) as f:
+        metrics = [json.loads(line) for line in f if line.strip()]
+    drop = lambda d: {k: v for k, v in d.items() if not any(t in k for t in TIMINGS)}  # noqa: E731
+    return {
+        "checkpoints": {slot: _checkpoint_arrays(workdir, slot) for slot in slots},
+        "results": drop(results),
+        "metrics": [drop(m) for m in metrics],
+    }
+
+
+def _checkpoint_arrays(workdir, slot: str) -> tuple[int, list] | None:
+    """The newest committed step of a checkpoint slot and its arrays (every leaf of the state:
+    parameters, optimizer state, batch statistics, moving averages, step)."""
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    directory = os.path.join(workdir, slot)
+    steps = sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+    if not steps:
+        return None
+    item = os.path.join(directory, str(steps[-1]), "default")  # StandardSave's one item.
+    restored = ocp.StandardCheckpointer().restore(item)
+    leaves = [np.asarray(x) for x in jax.tree.leaves(restored)]
+    return steps[-1], leaves

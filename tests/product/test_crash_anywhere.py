@@ -12,6 +12,9 @@ restart resuming from what the previous kill left; a last rerun without a kill m
 The final checkpoint(s), `results.json` (less its timings) and `metrics.jsonl` then equal the
 uninterrupted run's, bit for bit.
 
+A streamed run (`--config.input=stream`) stopped by SIGTERM mid-epoch saves a checkpoint
+there, and its rerun opens the stream at that step and ends as the uninterrupted run does.
+
 Slow: about 5 starts of the command per config (run with `pytest -m slow`).
 """
 
@@ -25,9 +28,7 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from flaxcnn import run_files
@@ -132,7 +133,7 @@ CONFIGS = {
         "--config.score_samples=0",
     ],
     # The streaming input (config.input=stream, flaxcnn/data/streaming.py): the training
-    # batches read from PNG files while the model trains; the folder is `stream_folder`'s.
+    # batches read from PNG files while the model trains; the folder is `mnist_folder`.
     "stream": [
         f"--config.dataset=folder:${STREAM_FOLDER_ENV}",
         "--config.color_mode=grayscale",
@@ -141,7 +142,6 @@ CONFIGS = {
         "--config.augment.translation=2",
     ],
 }
-TIMINGS = ("time", "_per_s", "peak_memory", "steps_this_run")
 
 
 def env(extra: dict | None = None) -> dict:
@@ -149,14 +149,12 @@ def env(extra: dict | None = None) -> dict:
 
 
 @pytest.fixture(autouse=True)
-def stream_folder(request, tmp_path_factory, monkeypatch) -> None:
-    """The MNIST image folder the "stream" config reads, named by $FLAXCNN_TEST_STREAM_FOLDER."""
+def stream_folder(request, monkeypatch) -> None:
+    """The "stream" config's image folder (`mnist_folder`, conftest.py, written only for it),
+    named by $FLAXCNN_TEST_STREAM_FOLDER."""
     callspec = getattr(request.node, "callspec", None)
     if callspec and callspec.params.get("config") == "stream":
-        from tests.runner.test_streaming_runs import write_mnist_folder
-
-        folder = write_mnist_folder(tmp_path_factory.mktemp("stream_folder"))
-        monkeypatch.setenv(STREAM_FOLDER_ENV, folder)
+        monkeypatch.setenv(STREAM_FOLDER_ENV, request.getfixturevalue("mnist_folder"))
 
 
 def command(workdir, data_dir, args) -> list[str]:
@@ -216,36 +214,6 @@ def draw_point(rng: random.Random, i: int, counts: dict, done: float, reference_
     return ("event", event, rng.randint(1, left))
 
 
-def checkpoint_arrays(workdir, slot: str) -> tuple[int, list[np.ndarray]] | None:
-    """The newest committed step of a checkpoint slot and its arrays (every leaf of the state:
-    parameters, optimizer state, batch statistics, moving averages, step)."""
-    directory = os.path.join(workdir, slot)
-    steps = sorted(int(name) for name in os.listdir(directory) if name.isdigit())
-    if not steps:
-        return None
-    item = os.path.join(directory, str(steps[-1]), "default")  # StandardSave's one item.
-    restored = ocp.StandardCheckpointer().restore(item)
-    leaves = [np.asarray(x) for x in jax.tree.leaves(restored)]
-    return steps[-1], leaves
-
-
-def outcome(workdir) -> dict:
-    """What must be identical: the final checkpoints, results less timings, the metrics."""
-    slots = [run_files.CHECKPOINTS]
-    if os.path.isdir(os.path.join(workdir, run_files.BEST_CHECKPOINTS)):
-        slots.append(run_files.BEST_CHECKPOINTS)
-    with open(os.path.join(workdir, run_files.RESULTS)) as f:
-        results = json.load(f)
-    with open(os.path.join(workdir, run_files.METRICS)) as f:
-        metrics = [json.loads(line) for line in f if line.strip()]
-    drop = lambda d: {k: v for k, v in d.items() if not any(t in k for t in TIMINGS)}  # noqa: E731
-    return {
-        "checkpoints": {slot: checkpoint_arrays(workdir, slot) for slot in slots},
-        "results": drop(results),
-        "metrics": [drop(m) for m in metrics],
-    }
-
-
 def assert_identical(actual: dict, expected: dict) -> None:
     """Checks `actual` equals `expected`, checkpoint arrays bit for bit."""
     assert actual["results"] == expected["results"]
@@ -283,7 +251,9 @@ def where(workdir) -> str:
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
 @pytest.mark.parametrize("config", CONFIGS)
-def test_killed_anywhere_then_rerun_ends_bit_identical(config, data_dir, tmp_path, tiny_data_flags):
+def test_killed_anywhere_then_rerun_ends_bit_identical(
+    config, data_dir, tmp_path, tiny_data_flags, outcome
+):
     """Kill points drawn from SEED hit one workdir in turn; when a run finishes before its
     kill point, it is compared and the next points hit a fresh workdir."""
     # Small splits of the data (conftest.py), 2 checkpoints kept.
@@ -332,3 +302,34 @@ def test_killed_anywhere_then_rerun_ends_bit_identical(config, data_dir, tmp_pat
     print(f"  {compared} workdirs compared, all bit-identical; {interrupted} runs interrupted")
     # The suite checks itself: kills landed, and every rerun was compared.
     assert interrupted > 0 and compared > 0
+
+
+@pytest.mark.slow  # Three runs of the command.
+def test_a_stream_stopped_mid_epoch_resumes_bit_identical(
+    mnist_folder, tmp_path, train, tiny_flags, outcome
+):
+    """SIGTERM after the second training log (step 12 of a 20-step epoch) saves a checkpoint
+    mid-epoch; the rerun opens the stream there and ends as the uninterrupted run does."""
+    args = [f"--config.dataset=folder:{mnist_folder}", *tiny_flags, "--config.input=stream"]
+    args += ["--config.augment.translation=2", "--config.input_crop=random_resized"]
+    train(tmp_path / "whole", mnist_folder, *args[1:])
+    argv = [f"--workdir={tmp_path / 'stopped'}", *args]
+    hooks = KILL_HOOKS.replace("signal.SIGKILL", "signal.SIGTERM")
+    one_device = "--xla_force_host_platform_device_count=1"  # As `train`'s runs.
+    stopped = subprocess.run(
+        [sys.executable, "-c", hooks, *argv],
+        capture_output=True,
+        text=True,
+        env=env({"FLAXCNN_TEST_KILL": "train_log:2", "XLA_FLAGS": one_device}),
+        cwd=REPO,
+        timeout=300,
+    )
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    assert os.listdir(tmp_path / "stopped" / "checkpoints") == ["12"]
+    train(tmp_path / "stopped", mnist_folder, *args[1:])
+    whole, resumed = outcome(tmp_path / "whole"), outcome(tmp_path / "stopped")
+    assert resumed["metrics"] == whole["metrics"] and resumed["results"] == whole["results"]
+    for a, b in zip(
+        resumed["checkpoints"]["checkpoints"][1], whole["checkpoints"]["checkpoints"][1]
+    ):
+        np.testing.assert_array_equal(a, b)

@@ -1,4 +1,5 @@
-"""Data parallelism: 8 devices, and 2 processes over localhost, train exactly as 1 device does.
+"""Data parallelism: 8 devices, and 2 processes over localhost (reading the in-memory or the
+streaming input), train exactly as 1 device does.
 
 Every run is a `python -m flaxcnn.main` subprocess (the device count of a process is fixed when
 JAX starts) on the same global batch of 32, with whole-batch gradients (microbatch_size=0),
@@ -183,3 +184,40 @@ def test_two_processes_train_like_one(one_device_losses, data_dir, tmp_path):
     results = json.loads((workdir / "results.json").read_text())
     assert results["steps"] == STEPS
     assert os.listdir(workdir / "checkpoints") == [str(STEPS)]
+
+
+@pytest.mark.slow  # Two processes starting side by side, and the one-process reference.
+def test_two_processes_stream_like_one(mnist_folder, tmp_path, train, tiny_flags):
+    """Each process reads its half of every batch (disjoint shards covering each epoch
+    once, tests/data/test_streaming.py); together they train as one process does."""
+    common = [f"--config.dataset=folder:{mnist_folder}", *tiny_flags, "--config.input=stream"]
+    common += ["--config.microbatch_size=0", "--config.num_epochs=1"]
+    train(tmp_path / "one", mnist_folder, *common[1:])
+    address = f"127.0.0.1:{free_port()}"
+    env = cli_env(1, JAX_COORDINATOR_BIND_ADDRESS=address)
+    processes = []
+    for process_id in range(2):
+        args = [f"--workdir={tmp_path / 'two'}", *common, f"--coordinator_address={address}"]
+        args += ["--num_processes=2", f"--process_id={process_id}"]
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "flaxcnn.main", *args],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=env,
+                cwd=REPO,
+            )
+        )
+    try:
+        outputs = [p.communicate(timeout=TIMEOUT_S)[0] for p in processes]
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in processes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    assert "2 devices, 2 processes" in outputs[0]
+    one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
+    assert sorted(one) == sorted(two)
+    assert max(abs(one[s] - two[s]) for s in one) < 1e-5, (one, two)
