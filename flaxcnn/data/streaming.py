@@ -20,19 +20,24 @@ split. The guarantees of the in-memory path hold:
 - Evaluation streams `batching.padded_indices` with its mask: every example counts once.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import os
 import queue
 import sys
 import threading
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-import grain
 import jax
 import numpy as np
 from absl import flags
 
 from flaxcnn.data import batching, crops, sources
+
+if TYPE_CHECKING:  # Imported where a run streams: a quarter second of every other command.
+    import grain
 
 INPUTS = ("memory", "stream", "auto")
 PREFETCH_BATCHES = 4  # Host batches buffered ahead of the step.
@@ -110,11 +115,18 @@ class _LoadBatch:
         return batch if mask is None else {**batch, "mask": np.asarray(mask)}
 
 
-def _iterate(dataset: grain.MapDataset, workers: int) -> grain.DatasetIterator:
-    """`dataset` read ahead by `workers` processes (0: threads of this process)."""
+def _read(rows, load: _Load, workers: int) -> grain.DatasetIterator:
+    """The batches of `rows` (example indices, or (indices, mask) pairs) read by `load`,
+    ahead of the step by `workers` processes (0: threads of this process)."""
+    import grain  # Here, not at the top: a quarter second of every run that does not stream.
+
     threads = max(1, min(PREFETCH_BATCHES, os.cpu_count() or 1))
-    stream = dataset.to_iter_dataset(
-        grain.ReadOptions(num_threads=threads, prefetch_buffer_size=PREFETCH_BATCHES)
+    stream = (
+        grain.MapDataset.source(rows)
+        .map(_LoadBatch(load))
+        .to_iter_dataset(
+            grain.ReadOptions(num_threads=threads, prefetch_buffer_size=PREFETCH_BATCHES)
+        )
     )
     if workers > 0:
         if not flags.FLAGS.is_parsed():  # Grain's workers read its absl flags' defaults.
@@ -158,8 +170,7 @@ class TrainStream:
     def _open(self) -> None:
         local = self.epoch_indices(self.epoch)
         load = _Load(self.split.source, self.split.image_shape, self.crop, self.seed, self.epoch)
-        batches = grain.MapDataset.source(local[self.step :]).map(_LoadBatch(load))
-        self._batches = _iterate(batches, self.workers)
+        self._batches = _read(local[self.step :], load, self.workers)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
@@ -210,8 +221,7 @@ def eval_batches(
     indices, mask = batching.padded_indices(split.num_examples, batch_size)
     columns = local_columns(batch_size, process_index, process_count)
     load = _Load(split.source, split.image_shape, crop, None, 0)
-    rows = grain.MapDataset.source(list(zip(indices[:, columns], mask[:, columns])))
-    iterator = _iterate(rows.map(_LoadBatch(load)), workers)
+    iterator = _read(list(zip(indices[:, columns], mask[:, columns])), load, workers)
     try:
         yield from iterator
     finally:

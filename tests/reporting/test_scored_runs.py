@@ -28,7 +28,9 @@ SCORES = ("inception_score", "frechet_distance", "real_inception_score", "real_f
 def scorer_dir(data_dir, tmp_path_factory) -> str:
     """A scorer of the embedded dataset, trained for a few steps."""
     path = str(tmp_path_factory.mktemp("scorers"))
-    scoring.train_scorer("embedded_mnist", data_dir, path, overrides={"num_train_steps": 30})
+    scoring.train_scorer(
+        "embedded_mnist", data_dir, path, overrides={"num_train_steps": 30, "steps_per_dispatch": 1}
+    )
     return path
 
 
@@ -46,6 +48,7 @@ def test_a_conditional_generative_run_scores_its_samples(
         ("dataset", "embedded_mnist"),
         ("data_dir", data_dir),
         ("num_train_steps", "4"),
+        ("steps_per_dispatch", "1"),  # One compiled step: the quickest to compile.
         ("validation_split", "train[:200]"),
         ("test_split", "test[:300]"),
         ("score_samples", "200"),
