@@ -151,6 +151,16 @@ def run_command():
     return _run_command
 
 
+@pytest.fixture(scope="session")
+def run_cli():
+    """`run_cli(*args, timeout=180)`: the training command (`_run_command`'s default)."""
+
+    def run_cli(*args, timeout=180) -> subprocess.CompletedProcess:
+        return _run_command(*args, timeout=timeout)
+
+    return run_cli
+
+
 def _run_command(
     *args: str, module: str = "flaxcnn.main", env: dict | None = None, cwd=REPO, timeout=300
 ) -> subprocess.CompletedProcess:

@@ -23,14 +23,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptio
 # --- Bad command lines ----------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def run_cli(run_command):
-    def run_cli(*args, timeout=180) -> subprocess.CompletedProcess:
-        return run_command(*args, timeout=timeout)
-
-    return run_cli
-
-
 def run_on_read_only_mount(directory: str, argv, timeout=180) -> subprocess.CompletedProcess:
     """The training command in a mount namespace of its own where `directory` is a
     read-only bind mount of itself (for root, whom permissions do not stop)."""

@@ -26,14 +26,6 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 
-@pytest.fixture(scope="session")
-def run_cli(run_command):
-    def run_cli(*args, timeout=180) -> subprocess.CompletedProcess:
-        return run_command(*args, timeout=timeout)
-
-    return run_cli
-
-
 # --- Signals --------------------------------------------------------------------------------
 
 
