@@ -256,13 +256,13 @@ def start_run(run: TrainingRun, state, resources: contextlib.ExitStack) -> None:
     run.writer.truncate_after(run.step)
     if run.step == 0:
         run.writer.write_hparams(run.config.to_json_best_effort(indent=2))
+    config = run.config
+    most_steps = min(run.steps_per_epoch, run.total_steps, config.log_every_steps)
     if isinstance(run.splits["train"], input_pipeline.Split):
         run.data = device_data.with_normalization(
             device_data.put_split(run.splits["train"], run.mesh), run.normalization, run.mesh
         )
-    config = run.config
-    most_steps = min(run.steps_per_epoch, run.total_steps, config.log_every_steps)
-    if not isinstance(run.splits["train"], input_pipeline.Split):  # Streamed (stream_input).
+    else:  # Streamed (stream_input).
         most_steps = min(most_steps, stream_input.MOST_STEPS)
         run.feed = stream_input.TrainFeed(
             run.splits["train"], config, run.mesh, run.normalization, run.step, most_steps,

@@ -22,6 +22,22 @@ def normal(shape, seed: int = 0) -> jax.Array:
     return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32))
 
 
+def _sin_sum(module, params, x):
+    return jnp.sum(jnp.sin(module.apply(params, x)))
+
+
+_sin_sum_grad = jax.jit(jax.grad(_sin_sum, argnums=(1, 2)), static_argnums=0)
+
+
+def assert_same_values_and_gradients(ours, reference, params, x) -> None:
+    """`ours` and `reference` give the same outputs, and the same gradients of a scalar of
+    them with respect to the parameters and the input."""
+    np.testing.assert_allclose(ours.apply(params, x), reference.apply(params, x), atol=1e-5)
+    grads, expected = _sin_sum_grad(ours, params, x), _sin_sum_grad(reference, params, x)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("channels", [1, 3, 8])  # 1 and 3 take the patch path, 8 lax.conv.
 @pytest.mark.parametrize("padding", ["SAME", "VALID"])
 def test_conv_matches_flax_conv_and_its_gradients(channels, padding):
@@ -32,14 +48,7 @@ def test_conv_matches_flax_conv_and_its_gradients(channels, padding):
         jnp.shape, reference.init(jax.random.key(1), x)
     )
 
-    def loss(module, params, x):
-        return jnp.sum(jnp.sin(module.apply(params, x)))
-
-    np.testing.assert_allclose(ours.apply(params, x), reference.apply(params, x), atol=1e-5)
-    grad = jax.jit(jax.grad(loss, argnums=(1, 2)), static_argnums=0)
-    grads, expected = grad(ours, params, x), grad(reference, params, x)
-    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected), strict=True):
-        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    assert_same_values_and_gradients(ours, reference, params, x)
 
 
 @pytest.mark.parametrize("shape", [(2, 26, 26, 3), (2, 7, 9, 4)])
@@ -161,14 +170,7 @@ def test_fused_layers_and_their_fallback_share_parameters_outputs_and_gradients(
     jax.tree.map(np.testing.assert_array_equal, params, plain.init(jax.random.key(1), x))
     params = jax.tree.map(lambda p: p + 0.1, params)  # A nonzero bias.
 
-    def loss(module, params, x):
-        return jnp.sum(jnp.sin(module.apply(params, x)))
-
-    np.testing.assert_allclose(fused.apply(params, x), plain.apply(params, x), atol=1e-5)
-    grad = jax.jit(jax.grad(loss, argnums=(1, 2)), static_argnums=0)
-    grads, expected = grad(fused, params, x), grad(plain, params, x)
-    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected), strict=True):
-        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    assert_same_values_and_gradients(fused, plain, params, x)
 
 
 def test_fused_layers_run_on_cpu_by_default():
