@@ -58,7 +58,9 @@ def test_each_built_in_trains_a_step_on_32x32_rgb(name):
             updates,
         )
 
-    (value, (logits, updates)), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
+    (value, (logits, updates)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
+        state.params
+    )
     assert logits.shape == (4, 10) and np.isfinite(value)
     assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
     assert any(np.abs(g).sum() > 0 for g in jax.tree.leaves(grads))

@@ -3,7 +3,6 @@ its model trains on the embedded dataset, its curves and predictions are drawn."
 
 import json
 import pathlib
-import time
 
 import nbclient
 import nbformat
@@ -11,7 +10,7 @@ import nbformat
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 NOTEBOOK = REPO / "docs" / "quickstart.ipynb"
-BUDGET_S = 120  # The notebook takes well under a minute; a loaded CI machine gets slack.
+CELL_TIMEOUT_S = 120  # Seconds a cell may run: the notebook takes well under a minute.
 
 
 def test_quickstart_notebook_runs_top_to_bottom(tmp_path, monkeypatch, run_command):
@@ -20,13 +19,11 @@ def test_quickstart_notebook_runs_top_to_bottom(tmp_path, monkeypatch, run_comma
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     client = nbclient.NotebookClient(
         notebook,
-        timeout=BUDGET_S,
+        timeout=CELL_TIMEOUT_S,
         kernel_name="python3",
         resources={"metadata": {"path": str(tmp_path)}},
     )
-    start = time.monotonic()
     client.execute()
-    assert time.monotonic() - start < BUDGET_S
     outputs = [o for cell in notebook.cells for o in cell.get("outputs", [])]
     pictures = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(pictures) == 2  # The curves, then the predicted test images.
