@@ -74,6 +74,8 @@ SHRINK = [
     "--config.validation_split=train[:300]",
     "--config.test_split=test[:500]",
     "--config.score_samples=0",
+    "--config.iw_samples=10",  # The VAEs' importance-weighted estimate: 10 samples of 100
+    "--config.iw_examples=100",  # test images.
     "--config.num_clusters=16",  # The GAN's, fitted to the embedded training images.
 ]
 # Equal within: data-parallel steps sum the gradients of the devices' shards in another

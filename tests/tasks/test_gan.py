@@ -67,6 +67,12 @@ def make_state(shape=(28, 28, 1), model_kwargs=None, **overrides):
     return jax.tree.map(jnp.copy, _cached_state(shape, *settings))
 
 
+# The updates compiled (static: the batch size and the settings after the batch), as the loop
+# runs them: one compilation each instead of many eager operations.
+d_update = jax.jit(gan.discriminator_update, static_argnums=(3, 4, 5, 6))
+g_update = jax.jit(gan.generator_update, static_argnums=(2, 3, 4))
+
+
 def make_batch(size=8, shape=(28, 28, 1), seed=0):
     rng = np.random.default_rng(seed)
     return {
@@ -157,14 +163,14 @@ def test_train_step_returns_finite_summed_metrics(eager_step):
 @pytest.mark.slow
 def test_each_update_changes_only_its_own_network():
     state, batch = make_state(), make_batch()
-    after_d, metrics = gan.discriminator_update(state, batch, key(1))
+    after_d, metrics = d_update(state, batch, key(1))
     assert max_abs_diff(after_d.params["generator"], state.params["generator"]) == 0
     assert max_abs_diff(after_d.batch_stats, state.batch_stats) == 0
     assert max_abs_diff(after_d.g_opt_state, state.g_opt_state) == 0
     assert max_abs_diff(after_d.params["discriminator"], state.params["discriminator"]) > 0
     assert set(metrics) == {"d_loss", "d_real", "d_fake", "count"}
 
-    after_g, metrics = gan.generator_update(state, key(2), 8)
+    after_g, metrics = g_update(state, key(2), 8)
     assert max_abs_diff(after_g.params["discriminator"], state.params["discriminator"]) == 0
     assert max_abs_diff(after_g.d_opt_state, state.d_opt_state) == 0
     assert max_abs_diff(after_g.params["generator"], state.params["generator"]) > 0
@@ -232,13 +238,13 @@ def test_generate_is_pure():
 def test_the_generator_average_follows_its_decay():
     state = make_state(g_ema_decay=0.9)
     assert max_abs_diff(state.g_ema, state.params["generator"]) == 0
-    after, _ = gan.generator_update(state, key(2), 8)
+    after, _ = g_update(state, key(2), 8)
     expected = jax.tree.map(lambda e, p: 0.9 * e + 0.1 * p, state.g_ema, after.params["generator"])
     assert max_abs_diff(after.g_ema, expected) < 1e-6
     assert max_abs_diff(after.g_ema, after.params["generator"]) > 0
     # The discriminator's update leaves the average alone.
     assert (
-        max_abs_diff(gan.discriminator_update(state, make_batch(), key(1))[0].g_ema, state.g_ema)
+        max_abs_diff(d_update(state, make_batch(), key(1))[0].g_ema, state.g_ema)
         == 0
     )
 
@@ -266,11 +272,10 @@ def test_lazy_r1_penalises_every_nth_step_with_n_times_the_weight():
     assert max_abs_diff(grads(at(6), real, None, 2.0, 3), scaled(expected, 6.0)) < 1e-6
     assert max_abs_diff(grads(at(7), real, None, 2.0, 3), scaled(expected, 0.0)) == 0
     # The discriminator's update takes them: on a penalised step it moves otherwise.
-    update = jax.jit(gan.discriminator_update, static_argnums=(3, 4, 5))
     batch = make_batch()
 
     def d_after(step, r1_gamma):
-        return update(at(step), batch, key(1), None, r1_gamma, 3)[0].params["discriminator"]
+        return d_update(at(step), batch, key(1), None, r1_gamma, 3)[0].params["discriminator"]
 
     assert max_abs_diff(d_after(6, 100.0), d_after(6, 0.0)) > 0
     assert max_abs_diff(d_after(7, 100.0), d_after(7, 0.0)) == 0
@@ -283,7 +288,7 @@ def test_bad_r1_settings_are_refused():
 
 
 def test_sampling_variables_hold_the_averaged_weights_and_standing_statistics():
-    state, _ = gan.generator_update(make_state(g_ema_decay=0.5), key(2), 8)
+    state, _ = g_update(make_state(g_ema_decay=0.5), key(2), 8)
     variables = gan.sampling_variables(state, 64)
     assert max_abs_diff(variables["params"]["generator"], state.g_ema) == 0
     again = gan.sampling_variables(state, 64)
@@ -337,9 +342,6 @@ def test_conditional_train_step_runs_on_the_batch_labels():
 def test_ac_gan_class_head_learns_real_labels_and_teaches_the_generator():
     state, batch = conditional_state(model_kwargs=dict(class_head=True)), make_batch()
     assert state.params["discriminator"]["class_head"]["kernel"].shape[-1] == 10
-    d_update = jax.jit(gan.discriminator_update, static_argnums=(3, 4, 5, 6))
-    g_update = jax.jit(gan.generator_update, static_argnums=(2, 3, 4))
-
     def after(weight):
         d_state, metrics = d_update(state, batch, key(1), None, 0.0, 1, weight)
         g_state, _ = g_update(state, key(2), 8, None, weight)
