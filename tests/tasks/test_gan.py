@@ -243,10 +243,7 @@ def test_the_generator_average_follows_its_decay():
     assert max_abs_diff(after.g_ema, expected) < 1e-6
     assert max_abs_diff(after.g_ema, after.params["generator"]) > 0
     # The discriminator's update leaves the average alone.
-    assert (
-        max_abs_diff(d_update(state, make_batch(), key(1))[0].g_ema, state.g_ema)
-        == 0
-    )
+    assert max_abs_diff(d_update(state, make_batch(), key(1))[0].g_ema, state.g_ema) == 0
 
 
 def test_r1_penalty_sums_the_squared_input_gradients():
@@ -342,6 +339,7 @@ def test_conditional_train_step_runs_on_the_batch_labels():
 def test_ac_gan_class_head_learns_real_labels_and_teaches_the_generator():
     state, batch = conditional_state(model_kwargs=dict(class_head=True)), make_batch()
     assert state.params["discriminator"]["class_head"]["kernel"].shape[-1] == 10
+
     def after(weight):
         d_state, metrics = d_update(state, batch, key(1), None, 0.0, 1, weight)
         g_state, _ = g_update(state, key(2), 8, None, weight)
