@@ -405,6 +405,8 @@ def update_early_stopping(run: TrainingRun, state) -> None:
         return
     if stopper.update(run.epoch, run.validation_metrics[stopper.metric]):
         run.best_checkpointer.save(state)
+        # Committed before the record names it and before the newest checkpoint passes it.
+        run.best_checkpointer.wait_until_finished()
     if run.is_main:
         path = run_files.path(run.workdir, run_files.EARLY_STOPPING)
         run_files.write_json_atomically(path, stopper.to_dict())

@@ -48,6 +48,7 @@ class Checkpointer:
     def restore_or(self, state):
         """The newest usable checkpoint laid out like `state`, or `state` itself when there is
         no checkpoint at all. Damaged newer steps are moved aside with a warning."""
+        self.manager.wait_until_finished()  # A save still in flight is not yet committed.
         problems: list[tuple[int, str]] = []
         for step in reversed(self.all_steps()):
             restored, reason = self._try_restore(step, state)

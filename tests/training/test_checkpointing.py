@@ -127,6 +127,17 @@ def test_no_checkpoint_gives_the_state_back(tmp_path):
     assert Checkpointer(str(tmp_path), 3).restore_or(state) is state
 
 
+def test_a_save_still_in_flight_is_restored_not_rejected(tmp_path):
+    """Restoring right after a background save (the best checkpoint of the last epoch,
+    tested at once) waits for its commit instead of calling the step damaged."""
+    checkpointer = Checkpointer(str(tmp_path), 1)
+    big = TinyState(jnp.int32(7), {"w": jnp.ones((16, 1024, 1024))})  # 64 MB: a slow save.
+    checkpointer.save(big)
+    restored = checkpointer.restore_or(TinyState(jnp.int32(0), {"w": jnp.zeros((16, 1024, 1024))}))
+    checkpointer.close()
+    assert int(restored.step) == 7 and float(restored.params["w"].min()) == 1.0
+
+
 def test_saving_a_saved_step_again_is_a_no_op(tmp_path):
     checkpointer = Checkpointer(str(tmp_path), 3)
     assert checkpointer.save(saved_state(4))
