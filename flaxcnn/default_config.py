@@ -73,6 +73,10 @@ def _optimisation(config: ml_collections.ConfigDict) -> None:
     config.grad_clip_norm = 0.0  # Clip the gradients' global norm to this (0: off).
     config.l2 = 0.0  # Coefficient of 0.5 * sum of squared kernel weights added to the loss.
     config.weight_decay = 0.0  # Decoupled weight decay of kernels; needs optimizer "adamw".
+    # Learning-rate multipliers of parameter groups: ((pattern, factor), ...), each pattern
+    # an fnmatch of a parameter's '/'-joined path (e.g. "*BatchNorm_*/bias"); the first
+    # match wins, 0 freezes; a pattern that matches no parameter is an error.
+    config.lr_multipliers = ()
     # Classification: train on targets that give the true class 1 - label_smoothing and
     # spread label_smoothing evenly over all classes (0: off; e.g. 0.1).
     config.label_smoothing = 0.0

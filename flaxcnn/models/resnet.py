@@ -24,26 +24,47 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
+from flaxcnn.models.whitening import PatchWhitening
+
 ACTIVATIONS: dict[str, Callable] = {"relu": nn.relu, "gelu": nn.gelu}
+HE_NORMAL = nn.initializers.he_normal()
 
 
 def _batch_norm(train: bool, dtype, momentum: float = 0.9, **kwargs) -> nn.BatchNorm:
     return nn.BatchNorm(use_running_average=not train, momentum=momentum, dtype=dtype, **kwargs)
 
 
-def _conv(features: int, dtype, strides: int = 1, kernel: int = 3, **kwargs) -> nn.Conv:
+def _conv(
+    features: int, dtype, strides: int = 1, kernel: int = 3, kernel_init: Callable = HE_NORMAL
+) -> nn.Conv:
     return nn.Conv(
         features,
         (kernel, kernel),
         strides=(strides, strides),
         padding="SAME" if kernel > 1 else "VALID",
         use_bias=False,
-        kernel_init=nn.initializers.he_normal(),
+        kernel_init=kernel_init,
         dtype=dtype,
-        **kwargs,
     )
+
+
+def dirac_init(base: Callable = HE_NORMAL) -> Callable:
+    """A (kh, kw, C, F) kernel initialiser: the first min(C, F) filters pass their input
+    channel through unchanged (a centred 1, as `torch.nn.init.dirac_`), the rest are
+    `base`'s. A deep stack of such layers starts near the identity (airbench's init)."""
+
+    def init(key: jax.Array, shape: tuple, dtype=jnp.float32) -> jax.Array:
+        kernel = base(key, shape, dtype)
+        height, width, channels, features = shape
+        n = min(channels, features)
+        identity = np.zeros((height, width, channels, n), np.float32)
+        identity[height // 2, width // 2, np.arange(n), np.arange(n)] = 1.0
+        return kernel.at[..., :n].set(jnp.asarray(identity, dtype))
+
+    return init
 
 
 class BasicBlock(nn.Module):
@@ -143,7 +164,10 @@ class FastResNet(nn.Module):
     `stem` channels in the first convolution; per stage of `widths`: convolution, max-pool,
     batch norm, activation, then `residual[i]` convolution-bn-activation layers added back to
     the stage's output. `bn_momentum` is Flax's (the weight of the old statistics);
-    `logit_scale` multiplies the logits.
+    `logit_scale` multiplies the logits. airbench's initialisation: `whiten` makes the stem a
+    2x2 `PatchWhitening` fitted to the training images (no batch norm after it; `stem` is at
+    most 24 for RGB), `dirac` starts every other convolution's first filters as the
+    identity; `bn_scale=False` fixes batch norm's scales at 1 (only its offsets train).
     """
 
     num_classes: int = 10
@@ -153,6 +177,9 @@ class FastResNet(nn.Module):
     activation: str = "relu"
     bn_momentum: float = 0.9
     logit_scale: float = 0.125
+    whiten: bool = False
+    dirac: bool = False
+    bn_scale: bool = True
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -166,13 +193,19 @@ class FastResNet(nn.Module):
             raise ValueError("FastResNet needs one `residual` count per stage of `widths`")
         act = ACTIVATIONS[self.activation]
 
+        init = dirac_init() if self.dirac else HE_NORMAL
+
         def conv_bn(y: jax.Array, width: int, pool: bool = False) -> jax.Array:
-            y = _conv(width, self.dtype)(y)
+            y = _conv(width, self.dtype, kernel_init=init)(y)
             if pool:
                 y = nn.max_pool(y, (2, 2), strides=(2, 2))
-            return act(_batch_norm(train, self.dtype, self.bn_momentum)(y))
+            norm = _batch_norm(train, self.dtype, self.bn_momentum, use_scale=self.bn_scale)
+            return act(norm(y))
 
-        x = conv_bn(x, self.stem)
+        if self.whiten:
+            x = act(PatchWhitening(self.stem, dtype=self.dtype)(x))
+        else:
+            x = conv_bn(x, self.stem)
         for width, extra in zip(self.widths, self.residual):
             x = conv_bn(x, width, pool=True)
             if extra:

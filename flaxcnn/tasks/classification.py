@@ -13,7 +13,8 @@ import ml_collections
 import optax
 
 from flaxcnn import cpu
-from flaxcnn.models import create_model
+from flaxcnn.data import preprocess
+from flaxcnn.models import create_model, whitening
 from flaxcnn.models.test_time import ViewAveraged
 from flaxcnn.training import gradient_step
 from flaxcnn.training.gradient_step import num_microbatches as num_microbatches
@@ -39,6 +40,23 @@ def create_state(
         model = ViewAveraged(model, flip=views.flip, shift=views.shift)
     tx = create_optimizer(config, total_steps)
     return create_train_state(model, tx, rng, input_shape, ema_decay=config.ema_decay)
+
+
+def fit_to_data(state: TrainState, config: ml_collections.ConfigDict, train_split) -> TrainState:
+    """The state with the model's `PatchWhitening` kernels fitted to a sample of the
+    training images as the model sees them (normalised); unchanged without such a layer."""
+    leaves = jax.tree_util.tree_leaves_with_path(state.batch_stats)
+    if not any(getattr(path[-1], "key", None) == whitening.KERNEL for path, _ in leaves):
+        return state
+    images = getattr(train_split, "images", None)
+    if images is None:
+        raise ValueError(
+            "a PatchWhitening layer is fitted to the training images in memory: "
+            "set config.input='memory'"
+        )
+    stats = preprocess.from_config(config)
+    sample = preprocess.to_model_input(whitening.sample_images(images, config.seed), *(stats or ()))
+    return state.replace(batch_stats=whitening.fit_whitening(state.batch_stats, sample))
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -2,8 +2,9 @@
 and an optional moving average of the parameters in one pytree; the optimizer, learning-rate
 schedule, gradient clipping and compute dtype built from the config."""
 
+import fnmatch
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -182,6 +183,12 @@ def validate_optimization(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.{key} must be >= 0, got {config[key]}")
     if config.ema_decay >= 1:
         raise ValueError(f"config.ema_decay must be < 1 (0: off), got {config.ema_decay}")
+    for item in config.get("lr_multipliers", ()):
+        pair = isinstance(item, (tuple, list)) and len(item) == 2
+        if not (pair and isinstance(item[0], str) and isinstance(item[1], (int, float))):
+            raise ValueError(f"config.lr_multipliers holds (pattern, factor) pairs, got {item!r}")
+        if not item[1] >= 0:
+            raise ValueError(f"config.lr_multipliers factors must be >= 0, got {item!r}")
     fn, kwargs = optimizer_arguments(config)
     build_optimizer(fn, config.learning_rate, kwargs, config.optimizer)  # Cheap: no state.
     if config.warmup_steps and config.lr_schedule not in DEFAULT_WARMUP_FRACTION:
@@ -206,9 +213,45 @@ def create_optimizer(
     schedule = SCHEDULES[config.lr_schedule](config.learning_rate, total_steps, config.warmup_steps)
     fn, kwargs = optimizer_arguments(config)
     optimizer = build_optimizer(fn, schedule, kwargs, config.optimizer)
+    if config.get("lr_multipliers"):
+        optimizer = optax.chain(optimizer, scale_by_path(config.lr_multipliers))
     if config.grad_clip_norm:
         return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), optimizer)
     return optimizer
+
+
+def parameter_path(path: tuple) -> str:
+    """A pytree path as '/'-joined names: 'Conv_0/kernel'."""
+    return "/".join(str(getattr(key, "key", getattr(key, "name", key))) for key in path)
+
+
+def scale_by_path(multipliers: Sequence[tuple[str, float]]) -> optax.GradientTransformation:
+    """Multiplies each parameter's update by the factor of the first (pattern, factor) whose
+    fnmatch pattern its `parameter_path` matches (1 where none does): per-group learning
+    rates, as PyTorch's parameter groups; 0 freezes a group. Initialising on parameters that
+    a pattern does not match raises ValueError."""
+    multipliers = [(str(pattern), float(factor)) for pattern, factor in multipliers]
+
+    def factor(path) -> float:
+        name = parameter_path(path)
+        return next((f for p, f in multipliers if fnmatch.fnmatchcase(name, p)), 1.0)
+
+    def init(params):
+        names = [parameter_path(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+        for pattern, _ in multipliers:
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+                raise ValueError(
+                    f"config.lr_multipliers pattern {pattern!r} matches no parameter; they "
+                    f"are named like {', '.join(names[:3])}"
+                )
+        return optax.EmptyState()
+
+    def update(updates, state, params=None):
+        del params
+        scaled = jax.tree_util.tree_map_with_path(lambda path, u: u * factor(path), updates)
+        return scaled, state
+
+    return optax.GradientTransformation(init, update)
 
 
 def compute_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:

@@ -6,8 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import linen as nn
 
 from flaxcnn.models import MODELS, create_model
+from flaxcnn.models.resnet import dirac_init
 from flaxcnn.reporting.summary import flops_per_image, model_summary, parameter_count
 from flaxcnn.training.state import create_train_state
 
@@ -108,3 +110,23 @@ def test_a_users_copy_in_a_file_computes_the_built_ins_program(tmp_path):
 
         programs.append(str(jax.make_jaxpr(jax.grad(loss))(state.params)))
     assert programs[0] == programs[1]
+
+
+def test_dirac_init_passes_the_first_channels_through():
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 4))
+    conv = nn.Conv(6, (3, 3), use_bias=False, kernel_init=dirac_init())
+    variables = conv.init(jax.random.key(1), x)
+    y = conv.apply(variables, x)
+    np.testing.assert_allclose(y[..., :4], x, atol=1e-6)
+    assert float(jnp.abs(y[..., 4:]).mean()) > 0.1  # The other filters stay random.
+
+
+def test_fast_resnet_with_airbench_init_has_a_whitened_stem_and_no_bn_scales():
+    model = create_model("FastResNet", whiten=True, dirac=True, bn_scale=False, stem=24)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, *IMAGE)))
+    assert variables["batch_stats"]["PatchWhitening_0"]["whitening"].shape == (2, 2, 3, 24)
+    assert "PatchWhitening_0" in variables["params"]  # Its bias trains.
+    norms = [v for k, v in variables["params"].items() if k.startswith("BatchNorm")]
+    assert norms and all(set(norm) == {"bias"} for norm in norms)
+    logits = model.apply(variables, jnp.zeros((2, *IMAGE)))
+    assert logits.shape == (2, 10)

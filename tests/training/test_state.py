@@ -225,3 +225,30 @@ def test_checkpoint_round_trip_keeps_the_moving_average(tmp_path):
     assert int(restored.step) == 1 and restored.ema_decay == 0.9
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_lr_multipliers_scale_their_groups_and_zero_freezes():
+    config = config_with(
+        optimizer="sgd", lr_multipliers=(("*/bias", 64.0), ("frozen/*", 0.0), ("*", 2.0))
+    )
+    params = {"layer": {"bias": jnp.ones(2), "kernel": jnp.ones(2)}, "frozen": {"w": jnp.ones(2)}}
+    tx = create_optimizer(config, 10)
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+    lr = config.learning_rate
+    np.testing.assert_allclose(updates["layer"]["bias"], -64 * lr)
+    np.testing.assert_allclose(updates["layer"]["kernel"], -2 * lr)  # The first match wins.
+    np.testing.assert_array_equal(updates["frozen"]["w"], 0.0)
+
+
+@pytest.mark.parametrize(
+    "multipliers, message",
+    [
+        ((("*/beta", 2.0),), "pattern '\\*/beta' matches no parameter"),
+        ((("*", -1.0),), "factors must be >= 0"),
+        (("*",), "holds \\(pattern, factor\\) pairs"),
+    ],
+)
+def test_bad_lr_multipliers_are_one_line_errors(multipliers, message):
+    params = {"layer": {"bias": jnp.ones(2)}}
+    with pytest.raises(ValueError, match=message):
+        create_optimizer(config_with(lr_multipliers=multipliers), 10).init(params)
