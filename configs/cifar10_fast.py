@@ -1,8 +1,9 @@
 """CIFAR-10 fast: a ResNet-9-kind net (`FastResNet`) trained for few epochs with the speed
-records' recipe (Page's ResNet-9, Jordan's airbench): batch 512, SGD with Nesterov momentum
-at a high one-cycle learning rate, L2 5e-4, label smoothing 0.2, random crops of 4-pixel
-reflected padding and horizontal flips, per-channel normalisation, and flip test-time
-augmentation. Figures: docs/cifar10.md.
+records' recipe (Page's ResNet-9, Jordan's airbench): a 2x2 whitened first layer fitted to
+the training images and identity-initialised (dirac) convolutions, batch 512, SGD with
+Nesterov momentum at a high one-cycle learning rate, L2 5e-4, label smoothing 0.2, random
+crops of 4-pixel reflected padding and horizontal flips, per-channel normalisation, and
+flip test-time augmentation. Figures: docs/cifar10.md.
 
     python -m flaxcnn.main --workdir runs/cifar10_fast --config configs/cifar10_fast.py \
         --config.dataset=folder:/path/to/cifar10     # or tfds: --config.dataset=cifar10
@@ -26,8 +27,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.model_kwargs.stem = 24
     config.model_kwargs.widths = (48, 96, 192)
     config.model_kwargs.residual = (1, 0, 1)
+    config.model_kwargs.whiten = True  # The stem: 24 = both signs of 12 whitened components.
+    config.model_kwargs.dirac = True
     config.batch_size = 512
-    config.num_epochs = 10
+    config.num_epochs = 16
     config.optimizer = "sgd"
     config.optimizer_kwargs.momentum = 0.9
     config.optimizer_kwargs.nesterov = True

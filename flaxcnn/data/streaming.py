@@ -228,6 +228,13 @@ def eval_batches(
         getattr(iterator, "close", lambda: None)()
 
 
+def read_examples(split: sources.StreamSplit, rows: np.ndarray, crop: str = "resize"):
+    """The images (N, H, W, C) uint8 of the examples `rows` of `split`, evaluation view,
+    decoded here (a sample, e.g. to fit a layer to the data)."""
+    load = _Load(split.source, split.image_shape, crop, None, 0)
+    return np.stack([load(row)[0] for row in rows])
+
+
 def to_device(
     batches: Iterator[dict[str, np.ndarray]], sharding: jax.sharding.Sharding, size: int = 2
 ) -> Iterator[dict[str, jax.Array]]:

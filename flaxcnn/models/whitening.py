@@ -58,12 +58,11 @@ class PatchWhitening(nn.Module):
         return y + bias.astype(self.dtype)
 
 
-def sample_images(images: np.ndarray, seed: int = 0) -> np.ndarray:
-    """A random sample of `images` (N, H, W, C) of at most SAMPLE_PIXELS pixels in all
-    (5,000 32x32 images): what the covariance is estimated from."""
-    count = min(len(images), max(1, SAMPLE_PIXELS // (images.shape[1] * images.shape[2])))
-    rows = np.sort(np.random.default_rng(seed).permutation(len(images))[:count])
-    return images[rows]
+def sample_rows(num_examples: int, image_shape: tuple, seed: int = 0) -> np.ndarray:
+    """Sorted random rows of a split of `num_examples` images of `image_shape` (H, W, C), at
+    most SAMPLE_PIXELS pixels in all (5,000 32x32 images): the covariance's sample."""
+    count = min(num_examples, max(1, SAMPLE_PIXELS // (image_shape[0] * image_shape[1])))
+    return np.sort(np.random.default_rng(seed).permutation(num_examples)[:count])
 
 
 def whitening_kernel(

@@ -13,7 +13,7 @@ import ml_collections
 import optax
 
 from flaxcnn import cpu
-from flaxcnn.data import preprocess
+from flaxcnn.data import preprocess, streaming
 from flaxcnn.models import create_model, whitening
 from flaxcnn.models.test_time import ViewAveraged
 from flaxcnn.training import gradient_step
@@ -48,14 +48,13 @@ def fit_to_data(state: TrainState, config: ml_collections.ConfigDict, train_spli
     leaves = jax.tree_util.tree_leaves_with_path(state.batch_stats)
     if not any(getattr(path[-1], "key", None) == whitening.KERNEL for path, _ in leaves):
         return state
-    images = getattr(train_split, "images", None)
-    if images is None:
-        raise ValueError(
-            "a PatchWhitening layer is fitted to the training images in memory: "
-            "set config.input='memory'"
-        )
+    rows = whitening.sample_rows(train_split.num_examples, train_split.image_shape, config.seed)
+    if hasattr(train_split, "images"):
+        images = train_split.images[rows]
+    else:  # Streamed: the sample decoded here.
+        images = streaming.read_examples(train_split, rows, config.input_crop)
     stats = preprocess.from_config(config)
-    sample = preprocess.to_model_input(whitening.sample_images(images, config.seed), *(stats or ()))
+    sample = preprocess.to_model_input(images, *(stats or ()))
     return state.replace(batch_stats=whitening.fit_whitening(state.batch_stats, sample))
 
 

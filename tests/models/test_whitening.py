@@ -94,3 +94,28 @@ def test_models_without_whitening_are_left_alone():
     config = default_config.get_config()
     state = classification.create_state(config, jax.random.key(0), (28, 28, 1), 10, 10)
     assert classification.fit_to_data(state, config, object()) is state
+
+
+def test_a_streamed_split_gives_the_kernel_of_the_same_split_in_memory(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from flaxcnn.data import sources
+
+    monkeypatch.setenv("FLAXCNN_SPLIT_CACHE", "off")
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (tmp_path / "train" / label).mkdir(parents=True)
+        for i in range(6):
+            pixels = rng.integers(0, 256, (32, 32, 3), np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "train" / label / f"{i}.png")
+    name = f"folder:{tmp_path}"
+    config = whitened_config()
+    state = classification.create_state(config, jax.random.key(0), (32, 32, 3), 2, 10)
+    kernels = [
+        classification.fit_to_data(state, config, split).batch_stats["PatchWhitening_0"]
+        for split in (input_pipeline.load_split(name, "train"), sources.open_split(name, "train"))
+    ]
+    np.testing.assert_allclose(kernels[0][whitening.KERNEL], kernels[1][whitening.KERNEL])
+    assert not np.allclose(
+        kernels[0][whitening.KERNEL], state.batch_stats["PatchWhitening_0"][whitening.KERNEL]
+    )
