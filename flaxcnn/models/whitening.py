@@ -77,11 +77,9 @@ def whitening_kernel(
         chunk = images[start : start + 256].astype(np.float64)
         windows = np.lib.stride_tricks.sliding_window_view(chunk, (size, size), axis=(1, 2))
         patches = windows.transpose(0, 1, 2, 4, 5, 3).reshape(-1, dim)
-        total, outer, count = (
-            total + patches.sum(0),
-            outer + patches.T @ patches,
-            count + len(patches),
-        )
+        total += patches.sum(0)
+        outer += patches.T @ patches
+        count += len(patches)
     mean = total / count
     eigenvalues, eigenvectors = np.linalg.eigh(outer / count - np.outer(mean, mean))
     order = np.argsort(eigenvalues)[::-1][: features // 2]
