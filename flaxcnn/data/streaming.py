@@ -231,8 +231,7 @@ def eval_batches(
 def read_examples(split: sources.StreamSplit, rows: np.ndarray, crop: str = "resize"):
     """The images (N, H, W, C) uint8 of the examples `rows` of `split`, evaluation view,
     decoded here (a sample, e.g. to fit a layer to the data)."""
-    load = _Load(split.source, split.image_shape, crop, None, 0)
-    return np.stack([load(row)[0] for row in rows])
+    return _LoadBatch(_Load(split.source, split.image_shape, crop, None, 0))(rows)["image"]
 
 
 def to_device(

@@ -88,12 +88,21 @@ def whitening_kernel(
     return kernel.reshape(size, size, channels, features).astype(np.float32)
 
 
+def _is_kernel(path: tuple) -> bool:
+    return getattr(path[-1], "key", None) == KERNEL
+
+
+def has_kernels(batch_stats: Any) -> bool:
+    """Whether a model's `batch_stats` hold a `PatchWhitening` kernel to fit."""
+    return any(_is_kernel(path) for path, _ in jax.tree_util.tree_leaves_with_path(batch_stats))
+
+
 def fit_whitening(batch_stats: Any, images: np.ndarray) -> Any:
     """`batch_stats` with every `PatchWhitening` kernel fitted to `images` (N, H, W, C), the
     model's input (the layers must be first layers, seeing the images themselves)."""
 
     def fit(path, leaf):
-        if getattr(path[-1], "key", None) != KERNEL:
+        if not _is_kernel(path):
             return leaf
         size, _, channels, features = leaf.shape
         if channels != images.shape[-1]:

@@ -45,8 +45,7 @@ def create_state(
 def fit_to_data(state: TrainState, config: ml_collections.ConfigDict, train_split) -> TrainState:
     """The state with the model's `PatchWhitening` kernels fitted to a sample of the
     training images as the model sees them (normalised); unchanged without such a layer."""
-    leaves = jax.tree_util.tree_leaves_with_path(state.batch_stats)
-    if not any(getattr(path[-1], "key", None) == whitening.KERNEL for path, _ in leaves):
+    if not whitening.has_kernels(state.batch_stats):
         return state
     rows = whitening.sample_rows(train_split.num_examples, train_split.image_shape, config.seed)
     if hasattr(train_split, "images"):
