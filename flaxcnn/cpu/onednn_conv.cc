@@ -1,10 +1,13 @@
-// oneDNN's 2-D convolutions as XLA FFI handlers: float32, NHWC activations, HWIO kernels
-// (flax.linen's layout), any strides, padding and kernel dilation. Built and registered by
-// onednn_conv.py. Each handler runs one oneDNN primitive, created once per geometry and kept.
+// oneDNN's 2-D convolutions as XLA FFI handlers: float32 or bfloat16 (all three buffers of a
+// call alike; bfloat16 runs on AMX or AVX-512 BF16 where the CPU has them, accumulating in
+// float32), NHWC activations, HWIO kernels (flax.linen's layout), any strides, padding and
+// kernel dilation. Built and registered by onednn_conv.py. Each handler runs one oneDNN
+// primitive, created once per geometry and data type and kept.
 #include <cstdint>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <unordered_map>
@@ -18,7 +21,6 @@ namespace ffi = xla::ffi;
 using dnnl::memory;
 using Dims = ffi::Span<const int64_t>;
 using Tag = memory::format_tag;
-constexpr auto kF32 = memory::data_type::f32;
 
 namespace {
 
@@ -32,23 +34,27 @@ dnnl::engine& Engine() {
 // One convolution's shapes in oneDNN's terms (NCHW / OIHW dims, dilation counted from 0).
 struct Geometry {
   memory::dims src, weights, dst, strides, dilation, pad_low, pad_high;
+  memory::data_type type;
 
   // x: (N, H, W, C), w: (KH, KW, C, O), y: (N, OH, OW, O); padding: (lo, hi) per spatial dim.
-  Geometry(Dims x, Dims w, Dims y, Dims strides_, Dims dilation_, Dims padding)
+  Geometry(Dims x, Dims w, Dims y, Dims strides_, Dims dilation_, Dims padding,
+           memory::data_type type_)
       : src{x[0], x[3], x[1], x[2]},
         weights{w[3], w[2], w[0], w[1]},
         dst{y[0], y[3], y[1], y[2]},
         strides{strides_[0], strides_[1]},
         dilation{dilation_[0] - 1, dilation_[1] - 1},
         pad_low{padding[0], padding[2]},
-        pad_high{padding[1], padding[3]} {}
+        pad_high{padding[1], padding[3]},
+        type(type_) {}
 
   bool operator<(const Geometry& o) const {
-    return std::tie(src, weights, dst, strides, dilation, pad_low, pad_high) <
-           std::tie(o.src, o.weights, o.dst, o.strides, o.dilation, o.pad_low, o.pad_high);
+    return std::tie(src, weights, dst, strides, dilation, pad_low, pad_high, type) <
+           std::tie(o.src, o.weights, o.dst, o.strides, o.dilation, o.pad_low, o.pad_high,
+                    o.type);
   }
-  memory::desc Activations(const memory::dims& dims) const { return {dims, kF32, Tag::nhwc}; }
-  memory::desc AnyWeights() const { return {weights, kF32, Tag::any}; }
+  memory::desc Activations(const memory::dims& dims) const { return {dims, type, Tag::nhwc}; }
+  memory::desc AnyWeights() const { return {weights, type, Tag::any}; }
 };
 
 // A primitive with the memory it needs: its scratchpad, and the reorder between the
@@ -92,7 +98,7 @@ std::unique_ptr<Convolution> Create(Kind kind, const Geometry& g) {
                                                           g.pad_high, forward, attr);
     Keep<dnnl::convolution_backward_weights>(*conv, pd, pd.diff_weights_desc());
   }
-  conv->hwio = memory::desc(g.weights, kF32, Tag::hwio);
+  conv->hwio = memory::desc(g.weights, g.type, Tag::hwio);
   if (conv->own_weights != conv->hwio) {
     const bool to_hwio = kind == kBackwardWeights;
     const auto& from = to_hwio ? conv->own_weights : conv->hwio;
@@ -153,30 +159,50 @@ ffi::Error Run(Kind kind, const Geometry& g, void* src, void* weights, void* dst
   return ffi::Error::Success();
 }
 
-using F32 = ffi::Buffer<ffi::F32>;
-using F32Result = ffi::ResultBuffer<ffi::F32>;
+using Buffer = ffi::AnyBuffer;
+using Result = ffi::Result<ffi::AnyBuffer>;
 
-ffi::Error Forward(F32 x, F32 w, F32Result y, Dims strides, Dims dilation, Dims padding) {
-  Geometry g(x.dimensions(), w.dimensions(), y->dimensions(), strides, dilation, padding);
-  return Run(kForward, g, x.untyped_data(), w.untyped_data(), y->untyped_data());
+// The handlers' buffers are float32 or bfloat16, all three alike (jax's ffi_call passes
+// whatever it is given: onednn_conv.py only calls with these).
+std::optional<memory::data_type> DataType(const Buffer& a, const Buffer& b, const Buffer& c) {
+  const auto t = a.element_type();
+  if (b.element_type() != t || c.element_type() != t) return std::nullopt;
+  if (t == ffi::DataType::F32) return memory::data_type::f32;
+  if (t == ffi::DataType::BF16) return memory::data_type::bf16;
+  return std::nullopt;
 }
 
-ffi::Error BackwardData(F32 dy, F32 w, F32Result dx, Dims strides, Dims dilation, Dims padding) {
-  Geometry g(dx->dimensions(), w.dimensions(), dy.dimensions(), strides, dilation, padding);
-  return Run(kBackwardData, g, dx->untyped_data(), w.untyped_data(), dy.untyped_data());
+// x: the input, w: the kernel, y: the output (or their gradients, as `kind` has them).
+ffi::Error Convolve(Kind kind, const Buffer& x, const Buffer& w, const Buffer& y, Dims strides,
+                    Dims dilation, Dims padding) {
+  const auto type = DataType(x, w, y);
+  if (!type) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "oneDNN convolution: buffers must all be float32 or all bfloat16");
+  }
+  Geometry g(x.dimensions(), w.dimensions(), y.dimensions(), strides, dilation, padding, *type);
+  return Run(kind, g, x.untyped_data(), w.untyped_data(), y.untyped_data());
 }
 
-ffi::Error BackwardWeights(F32 x, F32 dy, F32Result dw, Dims strides, Dims dilation,
+ffi::Error Forward(Buffer x, Buffer w, Result y, Dims strides, Dims dilation, Dims padding) {
+  return Convolve(kForward, x, w, *y, strides, dilation, padding);
+}
+
+ffi::Error BackwardData(Buffer dy, Buffer w, Result dx, Dims strides, Dims dilation,
+                        Dims padding) {
+  return Convolve(kBackwardData, *dx, w, dy, strides, dilation, padding);
+}
+
+ffi::Error BackwardWeights(Buffer x, Buffer dy, Result dw, Dims strides, Dims dilation,
                            Dims padding) {
-  Geometry g(x.dimensions(), dw->dimensions(), dy.dimensions(), strides, dilation, padding);
-  return Run(kBackwardWeights, g, x.untyped_data(), dw->untyped_data(), dy.untyped_data());
+  return Convolve(kBackwardWeights, x, *dw, dy, strides, dilation, padding);
 }
 
 auto Signature() {
   return ffi::Ffi::Bind()
-      .Arg<F32>()
-      .Arg<F32>()
-      .Ret<F32>()
+      .Arg<Buffer>()
+      .Arg<Buffer>()
+      .Ret<Buffer>()
       .Attr<Dims>("strides")
       .Attr<Dims>("dilation")
       .Attr<Dims>("padding");

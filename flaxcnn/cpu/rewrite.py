@@ -4,8 +4,9 @@ Two changes, both on CPUs only (`wins_here`) and both turned off by setting the 
 variable FLAXCNN_FAST_CPU_LAYERS=0:
 
 - `rewrite(apply_fn)` traces `apply_fn` to a jaxpr and evaluates it with RULES:
-  - `lax.conv_general_dilated` (`nn.Conv`: 2-D, float32) runs oneDNN's convolution kernels,
-    forward and both gradients (`onednn_conv`), where XLA:CPU's run 1.3-2.5x slower;
+  - `lax.conv_general_dilated` (`nn.Conv`: 2-D, float32, or bfloat16 on CPUs with bfloat16
+    instructions) runs oneDNN's convolution kernels, forward and both gradients
+    (`onednn_conv`), where XLA:CPU's run 1.3-2.5x slower;
   - `reduce_window_max` over non-overlapping windows (`nn.max_pool` with strides equal to
     its window, 'VALID') is a reshape and a max, with the gradient of `lax.reduce_window`
     (to the first maximum of each window) written out, where XLA:CPU's select-and-scatter

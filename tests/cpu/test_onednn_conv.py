@@ -69,6 +69,39 @@ def test_values_and_gradients_equal_xlas(x_shape, w_shape, strides, padding, dil
     assert "flaxcnn_conv_backward_weights" in loss(onednn_conv.conv).lower(x, w).as_text()
 
 
+def test_bfloat16_values_and_gradients_equal_xlas_up_to_its_rounding(platform_skip):
+    # Both read bfloat16, accumulate in float32 and round each result to bfloat16.
+    if not onednn_conv.bfloat16_native():
+        pytest.skip(platform_skip + "a CPU without bfloat16 instructions keeps XLA's")
+    geometry = ((1, 1), ((1, 1), (1, 1)), (1, 1))
+    x = random((4, 12, 12, 24), 0).astype(jnp.bfloat16)
+    w = (0.1 * random((3, 3, 24, 40), 1)).astype(jnp.bfloat16)
+    target = random((4, 12, 12, 40), 2)
+
+    def loss(conv):
+        def weighted(x, w):
+            return jnp.sum(conv(x, w, geometry).astype(jnp.float32) * target)
+
+        return jax.jit(jax.value_and_grad(weighted, (0, 1)))
+
+    ours, xlas = loss(onednn_conv.conv), loss(onednn_conv.reference)
+    for got, want in zip(jax.tree.leaves(ours(x, w)), jax.tree.leaves(xlas(x, w)), strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        np.testing.assert_allclose(got, want, atol=1e-2 * np.max(np.abs(want)), rtol=0)
+    text = ours.lower(x, w).as_text()
+    assert "flaxcnn_conv_backward_weights" in text and "convolution(" not in text
+
+
+def test_the_handlers_refuse_mixed_or_other_types():
+    geometry = ((1, 1), ((1, 1), (1, 1)), (1, 1))
+    x, w = random((1, 5, 5, 2), 0), random((3, 3, 2, 3), 1)
+    out = jax.ShapeDtypeStruct((1, 5, 5, 3), jnp.float32)
+    for x_, w_ in ((x, w.astype(jnp.bfloat16)), (x.astype(jnp.float16), w.astype(jnp.float16))):
+        with pytest.raises(jax.errors.JaxRuntimeError, match="all be float32 or all bfloat16"):
+            jax.block_until_ready(onednn_conv._call("forward", out, x_, w_, geometry))
+
+
 def test_second_derivatives_and_vmap_equal_xlas():
     geometry = ((2, 1), ((1, 2), (1, 1)), (1, 1))
     x, w = random((3, 9, 8, 2), 3), random((3, 3, 2, 4), 4)
@@ -115,12 +148,18 @@ def compiled_text(module: nn.Module, x) -> str:
 def test_a_plain_conv_layer_runs_on_onednn_and_others_stay_xlas(monkeypatch):
     x = random((2, 10, 10, 3), 6)
     assert "flaxcnn_conv_forward" in compiled_text(nn.Conv(8, (3, 3)), x)
+    bfloat16 = nn.Conv(8, (3, 3), dtype=jnp.bfloat16)
+    if onednn_conv.bfloat16_native():
+        assert "flaxcnn_conv_forward" in compiled_text(bfloat16, x)
+    with monkeypatch.context() as no_bfloat16_instructions:
+        no_bfloat16_instructions.setattr(onednn_conv, "bfloat16_native", lambda: False)
+        assert "flaxcnn_conv" not in compiled_text(bfloat16, x)
     with monkeypatch.context() as switched_off:
         switched_off.setenv(cpu_rewrite.ONEDNN_SWITCH, "0")
         assert "flaxcnn_conv" not in compiled_text(nn.Conv(8, (3, 3)), x)
     unsupported = {
         "feature groups": (nn.Conv(6, (3, 3), feature_group_count=3), x),
-        "bfloat16": (nn.Conv(8, (3, 3), dtype=jnp.bfloat16), x),
+        "float16": (nn.Conv(8, (3, 3), dtype=jnp.float16), x),
         "1-D": (nn.Conv(8, (3,)), x[:, 0]),
     }
     for name, (module, inputs) in unsupported.items():
