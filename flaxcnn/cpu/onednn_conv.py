@@ -3,7 +3,7 @@
 XLA:CPU's own 2-D convolution kernels run a training step's convolutions (forward, input
 gradient, kernel gradient) 1.3-2.5x slower than oneDNN's on the same shapes, the kernels
 TensorFlow and PyTorch call on CPUs. In bfloat16 (`compute_dtype="bfloat16"`) on a CPU with
-bfloat16 instructions (AMX, AVX-512 BF16), oneDNN's make cifar10_fast's training step 1.9x
+bfloat16 instructions (AMX, AVX-512 BF16), oneDNN's make a small ResNet's training step 1.9x
 faster than in float32 (docs/cifar10.md). `onednn_conv.cc` wraps oneDNN's primitives as XLA FFI
 handlers; on x86-64 Linux they are compiled when the package is built (setup.py, against
 jaxlib's FFI headers and oneDNN's), so nothing is compiled where it runs. On first use the

@@ -44,6 +44,7 @@ def test_fast_recipe_uses_the_speed_records_settings():
     assert config.augment.crop == 4 and config.augment.flip_horizontal
     assert config.normalize == "dataset" and config.lr_schedule == "onecycle"
     assert config.model_kwargs.whiten and config.model_kwargs.dirac  # airbench's init.
+    assert config.test_time_augment.shift == 1 and config.compute_dtype == "bfloat16"
 
 
 def test_best_recipe_is_the_fast_one_wider_longer_and_averaged():
