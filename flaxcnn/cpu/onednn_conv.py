@@ -139,9 +139,8 @@ def _like(shape: tuple[int, ...], like: jax.Array) -> jax.ShapeDtypeStruct:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def conv(x: jax.Array, w: jax.Array, geometry: Geometry) -> jax.Array:
-    """`reference(x, w, geometry)` by oneDNN: x (N, H, W, C) and w (KH, KW, C, O) both
-    float32 or both bfloat16;
-    `geometry` is (strides, ((lo, hi), (lo, hi)) padding, kernel dilation)."""
+    """`reference(x, w, geometry)` by oneDNN: x (N, H, W, C) and w (KH, KW, C, O) both float32
+    or both bfloat16; `geometry` is (strides, ((lo, hi), (lo, hi)) padding, kernel dilation)."""
     out = jax.eval_shape(functools.partial(reference, geometry=geometry), x, w)
     return _call("forward", out, x, w, geometry)
 
