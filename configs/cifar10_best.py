@@ -1,7 +1,7 @@
 """CIFAR-10 best: `cifar10_fast`'s recipe (airbench's net in bfloat16, its whitened stem,
 dirac init and test-time views included) on wider stages of 128, 256 and 512 channels
-(about 2.3x the fast net's FLOPs, airbench96's direction) for 20 epochs, with a moving average
-of the parameters evaluated. Figures: docs/cifar10.md.
+(airbench96's direction) for 20 epochs, with a moving average of the parameters evaluated.
+Figures: docs/cifar10.md.
 
     python -m flaxcnn.main --workdir runs/cifar10_best --config configs/cifar10_best.py \
         --config.dataset=folder:/path/to/cifar10     # or tfds: --config.dataset=cifar10
