@@ -28,6 +28,11 @@ JSON and markdown.
 runs instead every zoo family against its Keras twin (`scripts/benchmark_families.py`):
 throughput, FLOP/s as a fraction of the machine's peak, and whole-command time; then the
 plain-`flax.linen` user models against theirs.
+
+    python scripts/benchmark.py --cifar [--cifar-data ROOT] [--cifar-seeds 0 1] [--cifar-repeats 1]
+
+runs instead CIFAR-10's `configs/cifar10_fast.py` against its PyTorch and Keras twins, whole
+commands to 15 epochs' test accuracy (`scripts/benchmark_cifar.py`).
 """
 
 import argparse
@@ -453,6 +458,37 @@ def run_families(args) -> None:
     )
 
 
+def add_cifar_options(parser: argparse.ArgumentParser) -> None:
+    """`--cifar` and its settings: scripts/benchmark_cifar.py's options."""
+    parser.add_argument(
+        "--cifar",
+        action="store_true",
+        help="instead: CIFAR-10's cifar10_fast against its PyTorch and Keras twins, whole "
+        "commands (scripts/benchmark_cifar.py)",
+    )
+    parser.add_argument("--cifar-data", help="ROOT/train/CLASS/*, ROOT/test (default: shared copy)")
+    parser.add_argument("--cifar-contenders", nargs="+", default=["flaxcnn", "torch", "keras"])
+    parser.add_argument("--cifar-seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--cifar-repeats", type=int, default=1)
+    parser.add_argument("--cifar-epochs", type=int, default=15)
+    parser.add_argument("--cifar-max-steps", type=int, default=0, help="smoke runs: K steps")
+
+
+def run_cifar(args) -> None:
+    """scripts/benchmark_cifar.py with this command's options; its table printed."""
+    cifar = bench.load_module(os.path.join(REPO, "scripts", "benchmark_cifar.py"))
+    cifar.main(cifar_arguments(args))
+
+
+def cifar_arguments(args) -> list[str]:
+    """scripts/benchmark_cifar.py's command line from this command's --cifar-* options."""
+    argv = ["--contenders", *args.cifar_contenders]
+    argv += ["--seeds", *map(str, args.cifar_seeds), "--repeats", str(args.cifar_repeats)]
+    argv += ["--epochs", str(args.cifar_epochs), "--max-steps", str(args.cifar_max_steps)]
+    argv += ["--data", args.cifar_data] if args.cifar_data else []
+    return argv + ["--out", args.out]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128])
@@ -485,6 +521,7 @@ def main() -> None:
     )
     bench.add_data_options(parser, REPO)
     add_family_options(parser)
+    add_cifar_options(parser)
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -492,6 +529,8 @@ def main() -> None:
         return worker(args)
     if args.families:
         return run_families(args)
+    if args.cifar:
+        return run_cifar(args)
 
     report = []
     whole_rows = []
