@@ -46,6 +46,7 @@ import time
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import cifar_data  # noqa: E402  (scripts/peers/cifar_data.py, beside this script)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import layers, ops  # noqa: E402
@@ -61,98 +62,10 @@ L2 = 5e-4
 LABEL_SMOOTHING = 0.2
 CROP = 4
 TTA_SHIFT = 1
-VALIDATION_PERCENT = 2  # train[:98%] trains, train[98%:] validates.
 EVAL_BATCH_SIZE = 100  # Images per evaluation batch (x 10 views), flaxcnn's CPU default.
-# flaxcnn's image folders: the fixed order of a split's files, and the whitening sample.
-ORDER_SEED = 20240531
-EXTENSIONS = (".png", ".jpg", ".jpeg")
-WHITENING_PIXELS = 5_000 * 32 * 32
-WHITENING_EPS = 5e-4
 
 
-# --- The data, split and statistics as flaxcnn computes them (numpy). ---
-
-
-def image_files(folder: str) -> list[str]:
-    """The image files under `folder`, sorted relative paths (hidden ones skipped)."""
-    found = []
-    for parent, subfolders, names in os.walk(folder):
-        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
-        relative = os.path.relpath(parent, folder)
-        found += [
-            os.path.normpath(os.path.join(relative, name))
-            for name in names
-            if not name.startswith(".") and name.lower().endswith(EXTENSIONS)
-        ]
-    return sorted(found)
-
-
-def split_files(root: str, split: str, classes: list[str]) -> tuple[list[str], np.ndarray]:
-    """The paths and labels of ROOT/`split`, in flaxcnn's fixed order of the split."""
-    paths, labels = [], []
-    for label, name in enumerate(classes):
-        folder = os.path.join(root, split, name)
-        if os.path.isdir(folder):
-            files = image_files(folder)
-            paths += [os.path.join(folder, f) for f in files]
-            labels += [label] * len(files)
-    order = np.random.default_rng(ORDER_SEED).permutation(len(paths))
-    return [paths[i] for i in order], np.asarray(labels, np.int64)[order]
-
-
-def holdout(labels: np.ndarray, percent: int = VALIDATION_PERCENT) -> tuple:
-    """(training rows, validation rows): each class's last `percent`% (rounded to nearest)
-    validates, as flaxcnn's stratified `train[:98%]` / `train[98%:]`."""
-    keep = np.zeros(len(labels), bool)
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        keep[members[: int(np.floor(len(members) * (100 - percent) / 100 + 0.5))]] = True
-    return np.flatnonzero(keep), np.flatnonzero(~keep)
-
-
-def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and population std of uint8 (N, H, W, C) images over every pixel, in
-    [0, 1] units, from exact integer sums."""
-    total = np.zeros(images.shape[-1], np.uint64)
-    squares = np.zeros(images.shape[-1], np.uint64)
-    for start in range(0, len(images), 4096):
-        chunk = images[start : start + 4096].astype(np.uint64)
-        total += chunk.sum(axis=(0, 1, 2))
-        squares += (chunk * chunk).sum(axis=(0, 1, 2))
-    count = images.size // images.shape[-1]
-    mean = [s / count / 255 for s in total.tolist()]
-    std = [
-        math.sqrt((count * q - s * s) / count**2) / 255
-        for s, q in zip(total.tolist(), squares.tolist())
-    ]
-    return np.asarray(mean), np.asarray(std)
-
-
-def whitening_kernel(images: np.ndarray, features: int, size: int = 2) -> np.ndarray:
-    """(size, size, C, features) float32: the top features/2 whitened principal components of
-    the size x size patches of normalised `images` (N, H, W, C), and their negatives."""
-    channels = images.shape[-1]
-    dim = size * size * channels
-    total, outer, count = np.zeros(dim), np.zeros((dim, dim)), 0
-    for start in range(0, len(images), 256):
-        chunk = images[start : start + 256].astype(np.float64)
-        windows = np.lib.stride_tricks.sliding_window_view(chunk, (size, size), axis=(1, 2))
-        patches = windows.transpose(0, 1, 2, 4, 5, 3).reshape(-1, dim)
-        total += patches.sum(0)
-        outer += patches.T @ patches
-        count += len(patches)
-    mean = total / count
-    eigenvalues, eigenvectors = np.linalg.eigh(outer / count - np.outer(mean, mean))
-    order = np.argsort(eigenvalues)[::-1][: features // 2]
-    scaled = eigenvectors[:, order] / np.sqrt(np.maximum(eigenvalues[order], 0) + WHITENING_EPS)
-    kernel = np.concatenate([scaled, -scaled], axis=1)
-    return kernel.reshape(size, size, channels, features).astype(np.float32)
-
-
-def whitening_sample(num_examples: int, seed: int) -> np.ndarray:
-    """The sorted training rows (at most 5,000 32x32 images) the whitening is fitted to."""
-    count = min(num_examples, max(1, WHITENING_PIXELS // (32 * 32)))
-    return np.sort(np.random.default_rng(seed).permutation(num_examples)[:count])
+# --- The data: decoded the Keras (tf.data) way. ---
 
 
 def decode(paths: list[str]) -> np.ndarray:
@@ -169,19 +82,7 @@ def decode(paths: list[str]) -> np.ndarray:
 
 def load(root: str) -> dict:
     """The training, validation and test images (uint8 NHWC) and labels."""
-    classes = sorted(
-        e.name for e in os.scandir(os.path.join(root, "train")) if e.is_dir() and e.name[0] != "."
-    )
-    paths, labels = split_files(root, "train", classes)
-    train, validation = holdout(labels)
-    test_paths, test_labels = split_files(root, "test", classes)
-    images = decode(paths)
-    return {
-        "classes": classes,
-        "train": (images[train], labels[train]),
-        "validation": (images[validation], labels[validation]),
-        "test": (decode(test_paths), test_labels),
-    }
+    return cifar_data.splits(root, decode)
 
 
 # --- The model. ---
@@ -252,7 +153,7 @@ def normalize(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarr
 def fit_whitening(net: keras.Model, images: np.ndarray) -> None:
     """The stem's kernel from normalised (N, H, W, 3) images."""
     kernel = net.get_layer("whiten").kernel
-    kernel.assign(whitening_kernel(images, kernel.shape[-1]))
+    kernel.assign(cifar_data.whitening_kernel(images, kernel.shape[-1]))
 
 
 def views(x, shift: int = TTA_SHIFT) -> list:
@@ -408,7 +309,7 @@ def train(args) -> dict:
         f"data loaded in {load_s:.1f} s: {len(y_train)} training, "
         f"{len(data['validation'][1])} validation, {len(data['test'][1])} test images"
     )
-    mean, std = channel_stats(x_train)
+    mean, std = cifar_data.channel_stats(x_train)
     steps_per_epoch = len(y_train) // args.batch_size
     if steps_per_epoch == 0:
         raise SystemExit(f"batch size {args.batch_size} exceeds the {len(y_train)} images")
@@ -417,7 +318,7 @@ def train(args) -> dict:
         total_steps = min(total_steps, args.max_steps)
 
     model = compiled(len(data["classes"]), total_steps)
-    sample = x_train[whitening_sample(len(y_train), args.seed)]
+    sample = x_train[cifar_data.whitening_sample(len(y_train), args.seed)]
     fit_whitening(model.net, normalize(sample, mean, std))
     data_pipelines = pipelines(data, mean, std, args.batch_size, args.seed)
     progress = Progress(total_steps, args.batch_size)

@@ -36,6 +36,7 @@ import os
 import resource
 import time
 
+import cifar_data  # scripts/peers/cifar_data.py, beside this script.
 import numpy as np
 import torch
 from PIL import Image
@@ -53,101 +54,13 @@ L2 = 5e-4
 LABEL_SMOOTHING = 0.2
 CROP = 4
 TTA_SHIFT = 1
-VALIDATION_PERCENT = 2  # train[:98%] trains, train[98%:] validates.
 EVAL_BATCH_SIZE = 100  # Images per evaluation batch (x 10 views), flaxcnn's CPU default.
 # NHWC activations, as PyTorch's CPU performance guide advises for convolutional nets: a
 # training step of this net 1.8x faster than in the default NCHW (2-core AMX machine).
 MEMORY_FORMAT = torch.channels_last
-# flaxcnn's image folders: the fixed order of a split's files, and the whitening sample.
-ORDER_SEED = 20240531
-EXTENSIONS = (".png", ".jpg", ".jpeg")
-WHITENING_PIXELS = 5_000 * 32 * 32
-WHITENING_EPS = 5e-4
 
 
-# --- The data, split and statistics as flaxcnn computes them (numpy). ---
-
-
-def image_files(folder: str) -> list[str]:
-    """The image files under `folder`, sorted relative paths (hidden ones skipped)."""
-    found = []
-    for parent, subfolders, names in os.walk(folder):
-        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
-        relative = os.path.relpath(parent, folder)
-        found += [
-            os.path.normpath(os.path.join(relative, name))
-            for name in names
-            if not name.startswith(".") and name.lower().endswith(EXTENSIONS)
-        ]
-    return sorted(found)
-
-
-def split_files(root: str, split: str, classes: list[str]) -> tuple[list[str], np.ndarray]:
-    """The paths and labels of ROOT/`split`, in flaxcnn's fixed order of the split."""
-    paths, labels = [], []
-    for label, name in enumerate(classes):
-        folder = os.path.join(root, split, name)
-        if os.path.isdir(folder):
-            files = image_files(folder)
-            paths += [os.path.join(folder, f) for f in files]
-            labels += [label] * len(files)
-    order = np.random.default_rng(ORDER_SEED).permutation(len(paths))
-    return [paths[i] for i in order], np.asarray(labels, np.int64)[order]
-
-
-def holdout(labels: np.ndarray, percent: int = VALIDATION_PERCENT) -> tuple:
-    """(training rows, validation rows): each class's last `percent`% (rounded to nearest)
-    validates, as flaxcnn's stratified `train[:98%]` / `train[98%:]`."""
-    keep = np.zeros(len(labels), bool)
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        keep[members[: int(np.floor(len(members) * (100 - percent) / 100 + 0.5))]] = True
-    return np.flatnonzero(keep), np.flatnonzero(~keep)
-
-
-def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and population std of uint8 (N, H, W, C) images over every pixel, in
-    [0, 1] units, from exact integer sums."""
-    total = np.zeros(images.shape[-1], np.uint64)
-    squares = np.zeros(images.shape[-1], np.uint64)
-    for start in range(0, len(images), 4096):
-        chunk = images[start : start + 4096].astype(np.uint64)
-        total += chunk.sum(axis=(0, 1, 2))
-        squares += (chunk * chunk).sum(axis=(0, 1, 2))
-    count = images.size // images.shape[-1]
-    mean = [s / count / 255 for s in total.tolist()]
-    std = [
-        math.sqrt((count * q - s * s) / count**2) / 255
-        for s, q in zip(total.tolist(), squares.tolist())
-    ]
-    return np.asarray(mean), np.asarray(std)
-
-
-def whitening_kernel(images: np.ndarray, features: int, size: int = 2) -> np.ndarray:
-    """(size, size, C, features) float32: the top features/2 whitened principal components of
-    the size x size patches of normalised `images` (N, H, W, C), and their negatives."""
-    channels = images.shape[-1]
-    dim = size * size * channels
-    total, outer, count = np.zeros(dim), np.zeros((dim, dim)), 0
-    for start in range(0, len(images), 256):
-        chunk = images[start : start + 256].astype(np.float64)
-        windows = np.lib.stride_tricks.sliding_window_view(chunk, (size, size), axis=(1, 2))
-        patches = windows.transpose(0, 1, 2, 4, 5, 3).reshape(-1, dim)
-        total += patches.sum(0)
-        outer += patches.T @ patches
-        count += len(patches)
-    mean = total / count
-    eigenvalues, eigenvectors = np.linalg.eigh(outer / count - np.outer(mean, mean))
-    order = np.argsort(eigenvalues)[::-1][: features // 2]
-    scaled = eigenvectors[:, order] / np.sqrt(np.maximum(eigenvalues[order], 0) + WHITENING_EPS)
-    kernel = np.concatenate([scaled, -scaled], axis=1)
-    return kernel.reshape(size, size, channels, features).astype(np.float32)
-
-
-def whitening_sample(num_examples: int, seed: int) -> np.ndarray:
-    """The sorted training rows (at most 5,000 32x32 images) the whitening is fitted to."""
-    count = min(num_examples, max(1, WHITENING_PIXELS // (32 * 32)))
-    return np.sort(np.random.default_rng(seed).permutation(num_examples)[:count])
+# --- The data: decoded the PyTorch way. ---
 
 
 class Images(torch.utils.data.Dataset):
@@ -172,20 +85,12 @@ def decode(paths: list[str]) -> torch.Tensor:
 
 
 def load(root: str) -> dict:
-    """The training, validation and test images (uint8 NCHW) and labels."""
-    classes = sorted(
-        e.name for e in os.scandir(os.path.join(root, "train")) if e.is_dir() and e.name[0] != "."
-    )
-    paths, labels = split_files(root, "train", classes)
-    train, validation = holdout(labels)
-    test_paths, test_labels = split_files(root, "test", classes)
-    images = decode(paths)
-    return {
-        "classes": classes,
-        "train": (images[train], torch.from_numpy(labels[train])),
-        "validation": (images[validation], torch.from_numpy(labels[validation])),
-        "test": (decode(test_paths), torch.from_numpy(test_labels)),
-    }
+    """The training, validation and test images (uint8 NCHW tensors) and labels."""
+    data = cifar_data.splits(root, decode)
+    for split in ("train", "validation", "test"):
+        images, labels = data[split]
+        data[split] = (images, torch.from_numpy(labels))
+    return data
 
 
 # --- The model. ---
@@ -246,7 +151,9 @@ class FastResNet(nn.Module):
 
     def fit_whitening(self, images: torch.Tensor) -> None:
         """The stem's filters from normalised (N, 3, H, W) images."""
-        kernel = whitening_kernel(images.permute(0, 2, 3, 1).numpy(), self.whiten.out_channels)
+        kernel = cifar_data.whitening_kernel(
+            images.permute(0, 2, 3, 1).numpy(), self.whiten.out_channels
+        )
         with torch.no_grad():
             self.whiten.weight.copy_(torch.from_numpy(kernel).permute(3, 2, 0, 1))
 
@@ -352,11 +259,11 @@ def train(args) -> dict:
     )
     mean, std = (
         torch.tensor(s, dtype=torch.float32)[:, None, None]
-        for s in channel_stats(x_train.permute(0, 2, 3, 1).numpy())
+        for s in cifar_data.channel_stats(x_train.permute(0, 2, 3, 1).numpy())
     )
 
     model = FastResNet(len(data["classes"])).to(memory_format=MEMORY_FORMAT)
-    sample = whitening_sample(len(y_train), args.seed)
+    sample = cifar_data.whitening_sample(len(y_train), args.seed)
     model.fit_whitening(normalize(x_train[sample], mean, std))
     steps_per_epoch = len(y_train) // args.batch_size
     if steps_per_epoch == 0:

@@ -284,31 +284,34 @@ CIFAR_RUN_LENGTHS = (1425, 7)
 # data helpers' answers on `root` (split) and on fixed random images (statistics, whitening,
 # test-time views), for comparison with flaxcnn's in this process, which stays free of both.
 CIFAR_FACTS_PRELUDE = """
-import importlib.util, json, os
+import importlib.util, json, os, sys
 import numpy as np
 
 def load(name, path):
+    sys.path.insert(0, os.path.dirname(path))  # The twins import cifar_data beside them.
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 RECIPE = ("STEM", "WIDTHS", "RESIDUAL", "LOGIT_SCALE", "LEARNING_RATE", "MOMENTUM", "L2",
-          "LABEL_SMOOTHING", "CROP", "TTA_SHIFT", "VALIDATION_PERCENT")
+          "LABEL_SMOOTHING", "CROP", "TTA_SHIFT")
 images = np.random.default_rng(0).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
 
 def data_facts(twin, root, normalize):
+    data = twin.cifar_data
     classes = sorted(os.listdir(os.path.join(root, "train")))
-    paths, labels = twin.split_files(root, "train", classes)
-    train, validation = twin.holdout(labels)
-    mean, std = twin.channel_stats(images)
+    paths, labels = data.split_files(root, "train", classes)
+    train, validation = data.holdout(labels)
+    mean, std = data.channel_stats(images)
     x = normalize(images, mean, std)
     return {
         "split": [[paths[i] for i in train], [paths[i] for i in validation]],
         "labels": labels[train].tolist(),
         "stats": [list(mean), list(std)],
-        "kernel": twin.whitening_kernel(x, twin.STEM).tolist(),
-        "sample": twin.whitening_sample(7000, 3).tolist(),
+        "kernel": data.whitening_kernel(x, twin.STEM).tolist(),
+        "sample": data.whitening_sample(7000, 3).tolist(),
+        "validation_percent": data.VALIDATION_PERCENT,
     }
 
 def common(twin, parameters, schedule, root, normalize):
@@ -471,7 +474,6 @@ def test_cifar_twins_have_the_flax_model_and_recipe(cifar_twin_facts, name):
         "LABEL_SMOOTHING": config.label_smoothing,
         "CROP": config.augment.crop,
         "TTA_SHIFT": config.test_time_augment.shift,
-        "VALIDATION_PERCENT": 2,
     }
     assert config.optimizer == "sgd" and config.optimizer_kwargs.nesterov
     assert config.lr_schedule == "onecycle" and config.warmup_steps == 0
@@ -515,6 +517,7 @@ def test_cifar_twins_split_normalise_whiten_and_view_as_flaxcnn(cifar_twin_facts
     train, labels, _ = image_folder.split_paths(dataset, "train[:98%]")
     validation, _, _ = image_folder.split_paths(dataset, "train[98%:]")
     assert facts["split"] == [train, validation] and len(validation) == 2
+    assert facts["validation_percent"] == 2  # train[98%:]
     assert facts["labels"] == labels.tolist()
     images = np.random.default_rng(0).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
     stats = preprocess.channel_stats(images)
