@@ -41,14 +41,13 @@ def cache_root() -> str | None:
 def split_key(
     name: str,
     split: str,
-    data_dir: str | None,
+    data_dir: str,
     image_size: Sequence[int] | None,
     color_mode: str | None,
     crop: str = "resize",
 ) -> dict:
     """What identifies a decoded split, before its source is known (`crop`: the evaluation
     view of `config.input_crop` its images are read with)."""
-    data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
     return {
         "format": FORMAT_VERSION,
         "dataset": name,

@@ -93,6 +93,13 @@ def import_tfds():
     return tfds
 
 
+def tfds_data_dir(data_dir: str | None) -> str:
+    """`data_dir`, else $TFDS_DATA_DIR, else tfds's default, expanded; an empty value counts
+    as unset (tfds itself would read and write the current directory)."""
+    chosen = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+    return os.path.abspath(os.path.expanduser(chosen))
+
+
 def get_builder(name: str, data_dir: str | None) -> "tfds.core.DatasetBuilder":
     """The tfds builder of `name`, prepared: offline for the embedded dataset, else downloaded
     if the network is there; fails fast with a clear message when it is not."""
@@ -100,7 +107,7 @@ def get_builder(name: str, data_dir: str | None) -> "tfds.core.DatasetBuilder":
         raise DataError(f"{name!r} is an image folder, not a tfds dataset: use load_split")
     tfds = import_tfds()
     try:
-        builder = tfds.builder(name, data_dir=data_dir)
+        builder = tfds.builder(name, data_dir=tfds_data_dir(data_dir))
     except tfds.core.registered.DatasetNotFoundError as e:
         raise DataError(f"unknown tfds dataset {name!r}: {str(e).splitlines()[0]}") from None
     if not builder.is_prepared():
@@ -133,7 +140,7 @@ def load_split(
     view = crops.evaluation_view(crop)
     if image_folder.is_folder_dataset(name):
         return _load_folder_split(name, split, image_size, color_mode, crop)
-    key = cache.split_key(name, split, data_dir, image_size, color_mode, crop)
+    key = cache.split_key(name, split, tfds_data_dir(data_dir), image_size, color_mode, crop)
     cached = cache.read_entry(key)
     if cached is not None:
         images, labels, meta = cached

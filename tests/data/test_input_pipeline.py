@@ -1,3 +1,6 @@
+import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -80,6 +83,24 @@ def test_unprepared_dataset_offline_fails_fast(tmp_path, monkeypatch):
     with pytest.raises(input_pipeline.DataError, match="not prepared .* unreachable"):
         input_pipeline.load_split("mnist", "train", str(tmp_path))
     assert time.perf_counter() - start < 10
+
+
+def test_an_empty_tfds_data_dir_is_tfds_default_not_the_current_folder(tmp_path):
+    # tfds reads TFDS_DATA_DIR when imported and would take "" as the current folder, preparing
+    # datasets there: so a fresh interpreter, with the network stubbed out.
+    code = (
+        "from flaxcnn.data import input_pipeline as p\n"
+        "p._network_reachable = lambda: False\n"
+        "try:\n    p.load_split('mnist', 'train', None)\n"
+        "except p.DataError as e:\n    print(e)\n"
+    )
+    env = {**os.environ, "TFDS_DATA_DIR": ""}
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    default = os.path.expanduser(os.path.join("~", "tensorflow_datasets"))
+    assert f"not prepared in {default}/mnist/" in result.stdout, result.stdout + result.stderr
+    assert os.listdir(tmp_path) == []
 
 
 def test_network_probe_gives_up_on_a_closed_port(monkeypatch):
