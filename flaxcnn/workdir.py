@@ -24,7 +24,7 @@ SAVED_SOURCE = resolver.SAVED_CLASS_FILE.replace(resolver.SAVED_CLASS_SUFFIX, ".
 
 def check_run_identity(workdir: str, config: ml_collections.ConfigDict) -> dict[str, tuple] | None:
     """The settings (task, model, dataset) in which the run already in `workdir` differs from
-    `config`, as {key: (old, new)}; None when there is no earlier run to compare with."""
+    `config`, as {key: (old, new)}; None when `workdir` holds no run yet."""
     path = run_files.path(workdir, run_files.CONFIG)
     if not os.path.isfile(path):
         return None
