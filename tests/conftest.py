@@ -110,9 +110,18 @@ def _find_shared_tfds(root: pathlib.Path) -> str:
     return str(root)
 
 
+# A few steps, and evaluation splits of one batch of 500 (unoptimised programs run slowly).
+TINY_RUN = {
+    "num_train_steps": 8,
+    "eval_batch_size": 500,
+    "validation_split": "train[95%:]",
+    "test_split": "test[:500]",
+}
+
+
 @pytest.fixture(scope="session")
 def tiny_config(request):
-    """`tiny_config(**overrides)`: the default config shrunk to a few steps, for end-to-end
+    """`tiny_config(**overrides)`: the default config shrunk (`TINY_RUN`), for end-to-end
     tests, on the `data_dir` fixture's dataset unless `data_dir` is among the overrides; one
     step per dispatch, whose compilation is the quickest (several steps per dispatch equal
     single steps: data/test_device_data.py; the slow suite's runs dispatch several)."""
@@ -122,8 +131,7 @@ def tiny_config(request):
         config = default_config.get_config()
         if "data_dir" not in overrides:
             config.data_dir = request.getfixturevalue("data_dir")
-        config.num_train_steps = 8
-        config.eval_batch_size = 500
+        config.update(TINY_RUN)
         config.log_every_steps = 4
         config.steps_per_dispatch = 1
         config.update(overrides)
@@ -187,13 +195,18 @@ def _run_command(
 
 
 @pytest.fixture(scope="session")
-def prior_run(data_dir, tmp_path_factory) -> str:
+def tiny_run_flags() -> list[str]:
+    """The command-line flags of `tiny_config`'s run (not its logging or dispatch)."""
+    return [f"--config.{key}={value}" for key, value in TINY_RUN.items()]
+
+
+@pytest.fixture(scope="session")
+def prior_run(data_dir, tmp_path_factory, tiny_run_flags) -> str:
     """The workdir of a finished tiny run, shared (copied) by the bad-input and the
     damaged-workdir tests."""
     workdir = str(tmp_path_factory.mktemp("prior") / "run")
-    tiny = ("--config.num_train_steps=8", "--config.eval_batch_size=500")
     result = _run_command(
-        f"--workdir={workdir}", f"--config.data_dir={data_dir}", *tiny, timeout=180
+        f"--workdir={workdir}", f"--config.data_dir={data_dir}", *tiny_run_flags, timeout=180
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir

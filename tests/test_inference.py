@@ -19,9 +19,10 @@ from flaxcnn.runner import loop
 
 @pytest.fixture(scope="module")
 def trained(data_dir, tmp_path_factory, tiny_config) -> tuple[str, dict]:
-    """A run of 8 steps: (workdir, results)."""
+    """A run of 8 steps tested on the whole test split: (workdir, results)."""
     workdir = str(tmp_path_factory.mktemp("run"))
-    return workdir, loop.train_and_evaluate(tiny_config(num_train_steps=8), workdir)
+    config = tiny_config(num_train_steps=8, test_split="test")
+    return workdir, loop.train_and_evaluate(config, workdir)
 
 
 @pytest.fixture(scope="module")

@@ -38,9 +38,6 @@ def run_on_read_only_mount(directory: str, argv, timeout=180) -> subprocess.Comp
     )
 
 
-TINY = ("--config.num_train_steps=8", "--config.eval_batch_size=500")
-
-
 def snapshot(path: str) -> dict[str, tuple]:
     """Every file under `path` with its modification time and content hash, except the
     workdir lock (which records the pid of the last run that held it)."""
@@ -61,7 +58,7 @@ def case(name, flags, words, slow=False):
 
 
 # Each case: the flags added after --workdir=WORKDIR --config.data_dir=... and the tiny
-# settings (WORKDIR: a copy of the prior run; TMP: a folder beside it, holding a config file
+# run's flags (WORKDIR: a copy of the prior run; TMP: a folder beside it, holding a config file
 # whose get_config() fails), and the words the one-line error must hold.
 # Each case runs the command in-process (its error comes before any training); the
 # unwritable workdir runs as a process of its own (for root, on a read-only mount).
@@ -122,7 +119,7 @@ def train_in_process(argv, capsys) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("flags, words", CASES)
 def test_bad_input_is_one_line_exit_2_and_touches_nothing(
-    prior_run, data_dir, tmp_path, capsys, flags, words, run_cli
+    prior_run, data_dir, tmp_path, capsys, flags, words, run_cli, tiny_run_flags
 ):
     workdir = str(tmp_path / "run")
     shutil.copytree(prior_run, workdir)
@@ -133,7 +130,7 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(
     (tmp_path / "broken.py").write_text("def get_config():\n    return 1 / 0\n")
     before = snapshot(workdir)
     flags = [f.replace("WORKDIR", workdir).replace("TMP", str(tmp_path)) for f in flags]
-    argv = (f"--workdir={workdir}", f"--config.data_dir={data_dir}", *TINY, *flags)
+    argv = (f"--workdir={workdir}", f"--config.data_dir={data_dir}", *tiny_run_flags, *flags)
     if read_only and os.geteuid() == 0:  # Root writes through permissions: mount it read-only.
         result = run_on_read_only_mount(workdir, argv)
     elif read_only:

@@ -13,8 +13,9 @@ NOTEBOOK = REPO / "docs" / "quickstart.ipynb"
 CELL_TIMEOUT_S = 120  # Seconds a cell may run: the notebook takes well under a minute.
 
 
-def test_quickstart_notebook_runs_top_to_bottom(tmp_path, monkeypatch, run_command):
+def test_quickstart_notebook_runs_top_to_bottom(tmp_path, monkeypatch, run_command, data_dir):
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # The kernel inherits this environment.
+    monkeypatch.setenv("TFDS_DATA_DIR", data_dir)  # The embedded dataset, prepared already.
     monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))  # The test home has none.
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     client = nbclient.NotebookClient(

@@ -22,9 +22,9 @@ def test_run_writes_everything_and_resumes(data_dir, tmp_path, tiny_config):
         assert os.path.getsize(os.path.join(workdir, name)) > 0, name
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
     assert os.listdir(os.path.join(workdir, "checkpoints")) == ["8"]
-    assert results["num_test_examples"] == 2000 and results["steps"] == 8
+    assert results["num_test_examples"] == 500 and results["steps"] == 8
     # The loop's padded, masked test evaluation against the checkpoint's own predictions.
-    test = input_pipeline.load_split("embedded_mnist", "test", data_dir)
+    test = input_pipeline.load_split("embedded_mnist", config.test_split, data_dir)
     predicted = inference.load_run(workdir).predict_proba(test.images).argmax(-1)
     assert results["test_accuracy"] == pytest.approx(np.mean(predicted == test.labels), abs=1e-6)
     with open(os.path.join(workdir, "results.json")) as f:
@@ -87,7 +87,7 @@ def test_epochs_checkpoint_validate_and_count_every_test_example(
 def test_a_run_without_a_validation_split_trains_on_all_of_train(data_dir, tmp_path, tiny_config):
     config = tiny_config(train_split="train", validation_split="")
     results = loop.train_and_evaluate(config, str(tmp_path))
-    assert results["num_test_examples"] == 2000 and np.isfinite(results["test_loss"])
+    assert results["num_test_examples"] == 500 and np.isfinite(results["test_loss"])
     records = read_metrics(str(tmp_path / "metrics.jsonl"))
     assert {r["split"] for r in records} == {"train"}
     assert os.listdir(tmp_path / "checkpoints") == ["8"]
