@@ -79,11 +79,19 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> str:
-    """A tfds data_dir holding the embedded dataset, prepared offline."""
+    """A tfds data_dir holding the embedded dataset, prepared offline, with the splits of the
+    default config and of `tiny_config` decoded into the split cache: the commands that tests
+    start read them without importing TensorFlow."""
+    from flaxcnn import default_config
     from flaxcnn.data import input_pipeline
 
     path = str(tmp_path_factory.mktemp("tfds"))
     input_pipeline.get_builder(input_pipeline.EMBEDDED, path)
+    default = default_config.get_config()
+    for config in (default, TINY_RUN):
+        for key in ("train_split", "validation_split", "test_split"):
+            if key in config:
+                input_pipeline.load_split(input_pipeline.EMBEDDED, config[key], path)
     return path
 
 
@@ -204,11 +212,10 @@ def tiny_run_flags() -> list[str]:
 def prior_run(data_dir, tmp_path_factory, tiny_run_flags) -> str:
     """The workdir of a finished tiny run, shared (copied) by the bad-input and the
     damaged-workdir tests."""
+    from flaxcnn.cli import train
+
     workdir = str(tmp_path_factory.mktemp("prior") / "run")
-    result = _run_command(
-        f"--workdir={workdir}", f"--config.data_dir={data_dir}", *tiny_run_flags, timeout=180
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    train.run([f"--workdir={workdir}", f"--config.data_dir={data_dir}", *tiny_run_flags])
     return workdir
 
 

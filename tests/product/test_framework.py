@@ -94,8 +94,6 @@ def eval_step(state, batch, rng):
     return {"loss": jnp.sum(errors * weights), "count": jnp.sum(weights)}
 """
 
-TINY_ARGS = ("--config.eval_batch_size=500", "--config.log_every_steps=2")
-
 
 @pytest.fixture(scope="session")
 def run_train(run_command):
@@ -114,7 +112,7 @@ def user_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def user_run(user_dir, data_dir, run_train) -> str:
+def user_run(user_dir, data_dir, run_train, tiny_run_flags) -> str:
     """A model from a user's file, trained from the command line by a relative path, with a
     model argument the config never had: 4 steps, then 8 (a resume)."""
     workdir = str(user_dir / "run")
@@ -123,7 +121,8 @@ def user_run(user_dir, data_dir, run_train) -> str:
         "--config.model=my_nets.py:TinyNet",
         "--config.model_kwargs.width=6",
         f"--config.data_dir={data_dir}",
-        *TINY_ARGS,
+        *tiny_run_flags,
+        "--config.log_every_steps=2",
     ]
     first = run_train(*args, "--config.num_train_steps=4", cwd=user_dir)
     assert first.returncode == 0, first.stderr[-3000:]

@@ -470,7 +470,7 @@ def test_write_pictures_writes_a_png_and_a_tensorboard_image(tmp_path):
 def test_state_round_trips_through_a_checkpoint(tmp_path):
     from flaxcnn.training.checkpointing import Checkpointer
 
-    state, _ = gan.train_step(make_state(), make_batch(), key(1))
+    state, _ = jax.jit(gan.train_step)(make_state(), make_batch(), key(1))
     checkpointer = Checkpointer(str(tmp_path), 1)
     checkpointer.save(state)
     checkpointer.close()
