@@ -88,10 +88,9 @@ def data_dir(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("tfds"))
     input_pipeline.get_builder(input_pipeline.EMBEDDED, path)
     default = default_config.get_config()
-    for config in (default, TINY_RUN):
-        for key in ("train_split", "validation_split", "test_split"):
-            if key in config:
-                input_pipeline.load_split(input_pipeline.EMBEDDED, config[key], path)
+    tiny = (TINY_RUN["validation_split"], TINY_RUN["test_split"])
+    for split in (default.train_split, default.validation_split, default.test_split, *tiny):
+        input_pipeline.load_split(input_pipeline.EMBEDDED, split, path)
     return path
 
 
