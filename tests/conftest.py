@@ -77,6 +77,15 @@ def pytest_collection_modifyitems(config, items) -> None:
             item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
 
 
+# A few steps, and evaluation splits of one batch of 500 (unoptimised programs run slowly).
+TINY_RUN = {
+    "num_train_steps": 8,
+    "eval_batch_size": 500,
+    "validation_split": "train[95%:]",
+    "test_split": "test[:500]",
+}
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> str:
     """A tfds data_dir holding the embedded dataset, prepared offline, with the splits of the
@@ -115,15 +124,6 @@ def _find_shared_tfds(root: pathlib.Path) -> str:
             pytest.fail(f"{message} (required when CI is set)")
         pytest.skip(message)
     return str(root)
-
-
-# A few steps, and evaluation splits of one batch of 500 (unoptimised programs run slowly).
-TINY_RUN = {
-    "num_train_steps": 8,
-    "eval_batch_size": 500,
-    "validation_split": "train[95%:]",
-    "test_split": "test[:500]",
-}
 
 
 @pytest.fixture(scope="session")

@@ -287,12 +287,12 @@ def test_evaluate_and_predict_of_a_normalised_run_agree_with_its_test_results(
     from flaxcnn.cli import evaluate
 
     workdir, results = normalised_training
-    split = run_files.read_json(run_files.path(workdir, run_files.CONFIG))["test_split"]
+    run = inference.load_run(workdir)
+    split = run.config.test_split
     assert evaluate.main(["--workdir", workdir, "--split", split]) == 0
-    evaluated = run_files.read_json(os.path.join(workdir, f"eval_{evaluate.file_stem(split)}.json"))
+    evaluated = run_files.read_json(evaluate.output_paths(run, split)[0])
     assert evaluated["accuracy"] == results["test_accuracy"]
     np.testing.assert_allclose(evaluated["loss"], results["test_loss"], rtol=1e-5)
-    run = inference.load_run(workdir)
     test = input_pipeline.load_split(run.config.dataset, split, data_dir)
     predicted = run.predict_proba(test.images).argmax(axis=-1)
     assert np.mean(predicted == test.labels) == results["test_accuracy"]
