@@ -86,15 +86,18 @@ def _optimisation(config: ml_collections.ConfigDict) -> None:
 def _augmentation(config: ml_collections.ConfigDict) -> None:
     """Random augmentation of the training images."""
     # Random augmentation of training images; 0 turns each off. Rotation in degrees,
-    # translation in pixels (< 1: a fraction of the size), scale a relative zoom, noise the
-    # standard deviation of added Gaussian noise; crop pads by this many pixels ("reflect":
-    # mirrored, "zero": zeros, crop_mode) and crops back to size at a random offset; the flips
-    # mirror each image left-right / upside down with probability 0.5.
+    # translation in pixels (< 1: a fraction of the size), scale a relative zoom, elastic the
+    # strength in pixels of a smooth random displacement field (smoothed over elastic_sigma
+    # pixels), noise the standard deviation of added Gaussian noise; crop pads by this many
+    # pixels ("reflect": mirrored, "zero": zeros, crop_mode) and crops back to size at a random
+    # offset; the flips mirror each image left-right / upside down with probability 0.5.
     config.augment = ml_collections.ConfigDict(
         dict(
             rotation=0.0,
             translation=0.0,
             scale=0.0,
+            elastic=0.0,
+            elastic_sigma=4.0,
             noise=0.0,
             crop=0,
             crop_mode="reflect",

@@ -1,6 +1,7 @@
 """Random data augmentation of image batches: random crop (pad, then crop back to size) and
 horizontal and vertical flips; rotation, translation and scaling as one affine transform per
-image with bilinear sampling; and additive Gaussian noise, in that order.
+image, with an elastic distortion (Simard et al., 2003) added to it, all with bilinear sampling;
+and additive Gaussian noise, in that order.
 
 Pure functions of (images, key) on a (B, H, W, C) float32 batch in [0, 1], vectorised over
 the batch, so they run inside a jitted train step. Each setting 0 (or False) turns its
@@ -22,16 +23,19 @@ import jax.numpy as jnp
 
 from flaxcnn.data import preprocess
 
-AUGMENTATIONS = ("rotation", "translation", "scale", "noise")  # Float strengths.
+AUGMENTATIONS = ("rotation", "translation", "scale", "elastic", "noise")  # Float strengths.
 SWITCHES = ("crop", "flip_horizontal", "flip_vertical")  # Off when 0 / False.
 CROP_MODES = ("reflect", "zero")
 
 
 @jax.jit
-def affine_transform(images: jax.Array, matrices: jax.Array) -> jax.Array:
+def affine_transform(
+    images: jax.Array, matrices: jax.Array, displacements: jax.Array | None = None
+) -> jax.Array:
     """Resamples each image through its (2, 3) matrix: output pixel p (centre-relative
-    (row, col)) takes the input's bilinear value at `matrices[b, :, :2] @ p + matrices[b, :, 2]`,
-    and 0 where that falls outside the image.
+    (row, col)) takes the input's bilinear value at `matrices[b, :, :2] @ p + matrices[b, :, 2]`
+    (plus `displacements[b, :, p]`, in pixels, when given: (B, 2, H, W) rows and cols), and 0
+    where that falls outside the image.
 
     Four gathers of neighbours from the image padded with a border of zeros, so that
     out-of-range neighbours read zeros without masks; channels first, so that each gather
@@ -43,6 +47,8 @@ def affine_transform(images: jax.Array, matrices: jax.Array) -> jax.Array:
     grid = jnp.stack([rows.ravel(), cols.ravel()]).astype(jnp.float32) - centre[:, None]
     matrices = matrices.astype(jnp.float32)
     source = jnp.einsum("bij,jn->bin", matrices[:, :, :2], grid) + matrices[:, :, 2:]
+    if displacements is not None:
+        source = source + displacements.reshape(batch, 2, height * width).astype(jnp.float32)
     y, x = source[:, 0] + centre[0], source[:, 1] + centre[1]  # (B, H * W) each.
     y0, x0 = jnp.floor(y), jnp.floor(x)
     wy, wx = y - y0, x - x0
@@ -77,6 +83,26 @@ def sampling_matrices(angles: jax.Array, zooms: jax.Array, shifts: jax.Array) ->
     linear = linear / jnp.asarray(zooms, jnp.float32)[:, None, None]
     offset = -jnp.einsum("bij,bj->bi", linear, jnp.asarray(shifts, jnp.float32))
     return jnp.concatenate([linear, offset[:, :, None]], axis=-1)
+
+
+def gaussian_blur_matrix(size: int, sigma: float) -> jax.Array:
+    """(size, size) rows of Gaussian weights of standard deviation `sigma` pixels, each row
+    renormalised to sum to 1 (the border sees only the weights inside the image)."""
+    positions = jnp.arange(size, dtype=jnp.float32)
+    weights = jnp.exp(-0.5 * ((positions[:, None] - positions[None, :]) / sigma) ** 2)
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+def elastic_displacements(
+    rng: jax.Array, shape: tuple[int, int, int], alpha: float, sigma: float
+) -> jax.Array:
+    """(B, 2, H, W) random displacement fields of `shape` (B, H, W) in pixels: uniform noise
+    in [-1, 1] per pixel and axis, smoothed by a Gaussian of `sigma` pixels and scaled by
+    `alpha` (Simard et al., 2003, used alpha 34 and sigma 4 on MNIST)."""
+    batch, height, width = shape
+    noise = jax.random.uniform(rng, (batch, 2, height, width), minval=-1.0, maxval=1.0)
+    rows, cols = gaussian_blur_matrix(height, sigma), gaussian_blur_matrix(width, sigma)
+    return alpha * jnp.einsum("ik,bakl,jl->baij", rows, noise, cols)
 
 
 def rotate(images: jax.Array, angles: jax.Array) -> jax.Array:
@@ -144,18 +170,22 @@ def validate(
     rotation: float = 0.0,
     translation: float = 0.0,
     scale: float = 0.0,
+    elastic: float = 0.0,
     noise: float = 0.0,
+    elastic_sigma: float = 4.0,
     crop: int = 0,
     crop_mode: str = "reflect",
     flip_horizontal: bool = False,
     flip_vertical: bool = False,
 ) -> None:
     """Raises ValueError for a setting that cannot work."""
-    for name, value in zip(AUGMENTATIONS, (rotation, translation, scale, noise)):
+    for name, value in zip(AUGMENTATIONS, (rotation, translation, scale, elastic, noise)):
         if not isinstance(value, (int, float)) or not value >= 0:
             raise ValueError(f"augment.{name} must be a number >= 0, got {value!r}")
     if scale >= 1:
         raise ValueError(f"augment.scale is a relative zoom and must be < 1, got {scale}")
+    if not isinstance(elastic_sigma, (int, float)) or not elastic_sigma > 0:
+        raise ValueError(f"augment.elastic_sigma must be a number > 0, got {elastic_sigma!r}")
     if isinstance(crop, bool) or not isinstance(crop, int) or crop < 0:
         raise ValueError(f"augment.crop must be a whole number of pixels >= 0, got {crop!r}")
     if crop_mode not in CROP_MODES:
@@ -172,7 +202,9 @@ def augment(
     rotation: float = 0.0,
     translation: float = 0.0,
     scale: float = 0.0,
+    elastic: float = 0.0,
     noise: float = 0.0,
+    elastic_sigma: float = 4.0,
     crop: int = 0,
     crop_mode: str = "reflect",
     flip_horizontal: bool = False,
@@ -190,18 +222,23 @@ def augment(
     translation: the largest shift per axis in pixels, or as a fraction of the height and
         width when below 1; each axis moves by uniform(-max, max).
     scale: the largest relative zoom; each image is zoomed by uniform(1 - scale, 1 + scale).
+    elastic: the strength (alpha, in pixels) of a smooth random displacement of each pixel
+        (`elastic_displacements`, smoothed over `elastic_sigma` pixels), added to the affine
+        transform's.
     noise: the standard deviation of Gaussian noise added to every pixel.
     mean, std: per-channel standardisation of `images` (`preprocess.to_model_input`), undone
         before and redone after augmenting; None: the images are in [0, 1].
 
-    The settings are Python values (compiled in). Rotation, translation, scale and noise
-    clip the result to [0, 1]; with every setting off it is `images` itself.
+    The settings are Python values (compiled in). Rotation, translation, scale, elastic and
+    noise clip the result to [0, 1]; with every setting off it is `images` itself.
     """
     settings = dict(
         rotation=rotation,
         translation=translation,
         scale=scale,
+        elastic=elastic,
         noise=noise,
+        elastic_sigma=elastic_sigma,
         crop=crop,
         crop_mode=crop_mode,
         flip_horizontal=flip_horizontal,
@@ -215,14 +252,18 @@ def augment(
     return images if mean is None else preprocess.to_model_input(images, mean, std)
 
 
-@functools.partial(jax.jit, static_argnames=("crop", "crop_mode") + AUGMENTATIONS + SWITCHES[1:])
+@functools.partial(
+    jax.jit, static_argnames=("crop", "crop_mode", "elastic_sigma") + AUGMENTATIONS + SWITCHES[1:]
+)
 def _augment(
     images: jax.Array,
     rng: jax.Array,
     rotation: float,
     translation: float,
     scale: float,
+    elastic: float,
     noise: float,
+    elastic_sigma: float,
     crop: int,
     crop_mode: str,
     flip_horizontal: bool,
@@ -243,14 +284,20 @@ def _augment(
         if flip_vertical:
             images = flip(images, flip_mask(vertical_rng, batch), axis=1)
     rot_rng, shift_rng, zoom_rng, noise_rng = jax.random.split(rng, 4)
-    if rotation or translation or scale:
+    if rotation or translation or scale or elastic:
         angles = jax.random.uniform(rot_rng, (batch,), minval=-1.0, maxval=1.0) * rotation
         zooms = 1.0 + jax.random.uniform(zoom_rng, (batch,), minval=-1.0, maxval=1.0) * scale
         max_shift = jnp.full((2,), translation, jnp.float32)
         if translation < 1:
             max_shift = translation * jnp.array([height, width], jnp.float32)
         shifts = jax.random.uniform(shift_rng, (batch, 2), minval=-1.0, maxval=1.0) * max_shift
-        images = affine_transform(images, sampling_matrices(angles, zooms, shifts))
+        displacements = None
+        if elastic:  # Its own subkey (folded with 2): the affine draws stay as they are.
+            elastic_rng = jax.random.fold_in(rng, 2)
+            displacements = elastic_displacements(
+                elastic_rng, (batch, height, width), elastic, elastic_sigma
+            )
+        images = affine_transform(images, sampling_matrices(angles, zooms, shifts), displacements)
         # Bilinear weights can sum to a hair over 1 in float32.
         images = jnp.clip(images, 0.0, 1.0)
     if noise:
@@ -269,7 +316,8 @@ def from_config(config: Any) -> dict[str, Any]:
     resolved `config.normalize` as `mean` and `std` (None when off). Settings missing from a
     saved config read as off."""
     augment_config = config.augment
-    settings = {name: float(augment_config[name]) for name in AUGMENTATIONS}
+    settings = {name: float(augment_config.get(name, 0.0)) for name in AUGMENTATIONS}
+    settings["elastic_sigma"] = float(augment_config.get("elastic_sigma", 4.0))
     settings["crop"] = augment_config.get("crop", 0)
     settings["crop_mode"] = augment_config.get("crop_mode", "reflect")
     for name in SWITCHES[1:]:

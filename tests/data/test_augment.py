@@ -10,7 +10,7 @@ import pytest
 from flaxcnn import default_config
 from flaxcnn.data import augment, preprocess
 
-ALL_ON = dict(rotation=15.0, translation=0.1, scale=0.1, noise=0.05)
+ALL_ON = dict(rotation=15.0, translation=0.1, scale=0.1, elastic=34.0, noise=0.05)
 
 
 def random_images(batch=8, height=28, width=28, channels=1, seed=0):
@@ -55,6 +55,38 @@ def test_turning_on_noise_keeps_the_geometric_draws():
     noisy = augment.augment(images, rng, rotation=15.0, translation=2.0, noise=0.01)
     # Only the noise differs: small everywhere, not a different rotation or shift.
     assert 0 < float(jnp.max(jnp.abs(noisy - geometric))) < 0.06
+
+
+def test_elastic_fields_are_smooth_random_displacements_of_the_strength_asked():
+    fields = augment.elastic_displacements(jax.random.key(0), (64, 28, 28), 34.0, 4.0)
+    assert fields.shape == (64, 2, 28, 28)
+    np.testing.assert_array_equal(
+        fields, augment.elastic_displacements(jax.random.key(0), (64, 28, 28), 34.0, 4.0)
+    )
+    # Uniform noise of variance 1/3 smoothed by a 2-D Gaussian of unit mass keeps
+    # 1 / (4 pi sigma^2) of it away from the border: alpha * 0.041 pixels at sigma 4.
+    inner = np.asarray(fields)[:, :, 10:18, 10:18]
+    assert np.std(inner) == pytest.approx(34.0 * np.sqrt(1 / 3 / (4 * np.pi * 16)), rel=0.25)
+    # Smooth: neighbours move alike, unlike the noise they come from.
+    steps = np.abs(np.diff(np.asarray(fields), axis=-1)).mean()
+    assert steps < 0.2 * np.abs(np.asarray(fields)).mean()
+    np.testing.assert_allclose(augment.gaussian_blur_matrix(28, 4.0).sum(axis=1), 1, rtol=1e-6)
+
+
+def test_elastic_moves_pixels_by_its_fields_and_keeps_the_affine_draws():
+    images, rng = blob_images(), jax.random.key(0)
+    affine = augment.augment(images, rng, rotation=15.0, translation=2.0)
+    both = augment.augment(images, rng, rotation=15.0, translation=2.0, elastic=2.0)
+    # A mild field moves the blob a little from where the same rotation and shift put it.
+    moved = np.abs(centre_of_mass(both) - centre_of_mass(affine))
+    assert 0 < moved.max() < 1.0
+    # A uniform field of (1, -2) pixels is a translation by (-1, 2).
+    field = jnp.broadcast_to(jnp.array([1.0, -2.0])[None, :, None, None], (4, 2, 28, 28))
+    identity = augment.sampling_matrices(jnp.zeros(4), jnp.ones(4), jnp.zeros((4, 2)))
+    shifted = augment.affine_transform(images, identity, field)
+    np.testing.assert_allclose(
+        centre_of_mass(shifted), centre_of_mass(images) + np.array([-1.0, 2.0]), atol=1e-3
+    )
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -178,6 +210,7 @@ def test_from_config_reads_the_strengths():
     off = augment.from_config(config)
     assert off == {
         **dict.fromkeys(augment.AUGMENTATIONS, 0.0),
+        "elastic_sigma": 4.0,
         "crop": 0,
         "crop_mode": "reflect",
         "flip_horizontal": False,
@@ -199,6 +232,8 @@ def test_from_config_reads_the_strengths():
         ({"rotation": -1.0}, "rotation"),
         ({"noise": -0.1}, "noise"),
         ({"scale": 1.0}, "scale"),
+        ({"elastic": -1.0}, "elastic"),
+        ({"elastic_sigma": 0.0}, "elastic_sigma"),
         ({"crop": -2}, "crop"),
         ({"crop_mode": "wrap"}, "crop_mode"),
     ],
