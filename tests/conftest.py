@@ -75,6 +75,9 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
             item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
+    # The full trainings first: xdist hands each worker the next tests in this order, so one
+    # started late would run on alone after the other worker has finished the rest.
+    items.sort(key=lambda item: item.get_closest_marker("full_training") is None)
 
 
 # A few steps, and evaluation splits of one batch of 500 (unoptimised programs run slowly).

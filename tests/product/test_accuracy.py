@@ -19,6 +19,7 @@ def load_config(name: str):
 
 
 @pytest.mark.slow
+@pytest.mark.full_training
 @pytest.mark.parametrize("name, target", [("seed_keras", 0.983), ("cnn_mnist_best", 0.996)])
 def test_config_reaches_its_accuracy(name, target, shared_tfds, tmp_path):
     """The targets that only a full run shows; the other configs' figures are benchmarks
