@@ -26,6 +26,7 @@ from flaxcnn.data import preprocess
 AUGMENTATIONS = ("rotation", "translation", "scale", "elastic", "noise")  # Float strengths.
 SWITCHES = ("crop", "flip_horizontal", "flip_vertical")  # Off when 0 / False.
 CROP_MODES = ("reflect", "zero")
+ELASTIC_SIGMA = 4.0  # Pixels: the elastic fields' smoothness unless set.
 
 
 @jax.jit
@@ -172,7 +173,7 @@ def validate(
     scale: float = 0.0,
     elastic: float = 0.0,
     noise: float = 0.0,
-    elastic_sigma: float = 4.0,
+    elastic_sigma: float = ELASTIC_SIGMA,
     crop: int = 0,
     crop_mode: str = "reflect",
     flip_horizontal: bool = False,
@@ -204,7 +205,7 @@ def augment(
     scale: float = 0.0,
     elastic: float = 0.0,
     noise: float = 0.0,
-    elastic_sigma: float = 4.0,
+    elastic_sigma: float = ELASTIC_SIGMA,
     crop: int = 0,
     crop_mode: str = "reflect",
     flip_horizontal: bool = False,
@@ -317,7 +318,7 @@ def from_config(config: Any) -> dict[str, Any]:
     saved config read as off."""
     augment_config = config.augment
     settings = {name: float(augment_config.get(name, 0.0)) for name in AUGMENTATIONS}
-    settings["elastic_sigma"] = float(augment_config.get("elastic_sigma", 4.0))
+    settings["elastic_sigma"] = float(augment_config.get("elastic_sigma", ELASTIC_SIGMA))
     settings["crop"] = augment_config.get("crop", 0)
     settings["crop_mode"] = augment_config.get("crop_mode", "reflect")
     for name in SWITCHES[1:]:
