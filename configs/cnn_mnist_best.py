@@ -1,7 +1,7 @@
 """The best single MNIST model of this project: the `CNN` with wider stages and a dense
 layer of 128, trained on all 60,000 training images with random rotations, shifts, zooms and
-mild elastic distortions, AdamW with warm-up and cosine decay, and evaluation of the parameters' moving average on
-each test image and its 1-pixel shifts.
+mild elastic distortions, AdamW with warm-up and cosine decay, and evaluation of the
+parameters' moving average on each test image and its 1-pixel shifts.
 
     TFDS_DATA_DIR=../shared/data/tfds python -m flaxcnn.main --workdir runs/cnn_best \
         --config configs/cnn_mnist_best.py
