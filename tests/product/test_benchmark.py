@@ -549,6 +549,7 @@ def check_smoke_results(results: dict) -> None:
     assert results["parameters"] == 1_972_504 - 8 * 256  # Two classes' logits, not ten.
 
 
+@pytest.mark.slow  # The peers' whole commands, as Keras's below: 15-25 s each.
 def test_torch_cifar_twin_runs_its_whole_command(tiny_cifar, tmp_path):
     if importlib.util.find_spec("torch") is None:
         from flaxcnn import bench
