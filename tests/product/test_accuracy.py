@@ -26,8 +26,8 @@ def test_config_reaches_its_accuracy(name, target, shared_tfds, tmp_path):
     (README's configs table). Measured on full MNIST: seed_keras 98.34% (seed 0), a margin
     of 4 test images. cnn_mnist_best, seeds 0, 1, 2 on a 2-core Intel VM (AVX-512): 99.62,
     99.64 and 99.73% with oneDNN's convolutions, 99.63, 99.66 and 99.67% with XLA's: mean
-    99.66%, range 99.62-99.73%; on a 2-core AMD EPYC VM (AVX2 only): seeds 0, 1: 99.64 and
-    99.70% (oneDNN), seeds 0, 1, 2: 99.60, 99.68 and 99.67% (XLA). This test's run (seed 0,
+    99.66%, range 99.62-99.73%; on a 2-core AMD EPYC VM (AVX2 only): 99.64, 99.70 and 99.70%
+    (oneDNN), 99.60, 99.68 and 99.67% (XLA): mean 99.67%. This test's run (seed 0,
     oneDNN where it loads) clears the target by 2 to 4 test images, by none with XLA's
     convolutions on AVX2; the seed-to-seed spread is about 3."""
     config = load_config(name)
